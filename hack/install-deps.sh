@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what `make test` needs and a fresh machine may lack: PostgreSQL 15 server binaries,
+# openssl, and the rustfmt/clippy components. Idempotent and quick when all is present.
+set -euo pipefail
+need_apt=()
+[[ -x /usr/lib/postgresql/15/bin/initdb && -x /usr/lib/postgresql/15/bin/pg_ctl ]] || need_apt+=(postgresql-15)
+command -v openssl >/dev/null || need_apt+=(openssl)
+if ((${#need_apt[@]})); then
+  echo "[deps] apt-get install ${need_apt[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >&2
+fi
+if command -v rustup >/dev/null; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt >&2
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy >&2
+fi
