@@ -1,4 +1,10 @@
 //! dbpool-operator: keeps PostgreSQL connection pools out of a permanent failure state.
 //!
-//! Modules: `api` (the DbPool resource), and the binary in `main.rs`.
+//! - `api`: the DbPool resource (spec, status, CRD).
+//! - `recovery`: pure, clock-injected backoff / circuit breaker / phase logic.
+//! - `probe`: the staged PostgreSQL probe and its persistent connections.
+//! - `controller`: the reconcile loop that ties them to the cluster.
 pub mod api;
+pub mod controller;
+pub mod probe;
+pub mod recovery;
