@@ -3,9 +3,11 @@
 //! Lives here: the status types and their wire format. The status is also the operator's durable
 //! memory: a restarted operator rebuilds each pool's recovery state from it, so every field the
 //! recovery engine needs to resume (breaker state and `since`, attempts, cooldown) is here.
-//! Deciding what to write, and when, is the controller's job.
+//! Deciding what to write, and when, is the controller's job. Instants the operator records are
+//! `MicroTime` (RFC 3339 with microseconds), so schedules can be read off the status exactly and
+//! survive a restart unrounded; only the standard conditions use second-precision `Time`.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -43,17 +45,17 @@ pub struct DbPoolStatus {
     pub current_backoff: Option<GoDuration>,
     /// End of the current cooldown, when maxAttempts failures in a row started one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cooldown_until: Option<Time>,
+    pub cooldown_until: Option<MicroTime>,
     /// What the last probe found. Refreshed on every visible change, and at least every few
     /// minutes in a steady state (not on every probe, to spare the apiserver).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_probe: Option<ProbeSummary>,
     /// When a probe last succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_success_time: Option<Time>,
+    pub last_success_time: Option<MicroTime>,
     /// When a probe last failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_failure_time: Option<Time>,
+    pub last_failure_time: Option<MicroTime>,
     /// The last force-reopen request acted upon (the annotation's value), so each is done once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_force_reopen: Option<ForceReopenRecord>,
@@ -91,10 +93,10 @@ pub struct BreakerStatus {
     pub state: BreakerState,
     /// When the breaker entered this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<Time>,
+    pub since: Option<MicroTime>,
     /// When the next trial probe is due (while Open).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_probe_at: Option<Time>,
+    pub next_probe_at: Option<MicroTime>,
     /// How many times the breaker has opened since the resource was created.
     #[serde(default)]
     pub open_count: i64,
@@ -131,7 +133,7 @@ impl BreakerState {
 #[serde(rename_all = "camelCase")]
 pub struct ProbeSummary {
     /// When the probe finished.
-    pub time: Time,
+    pub time: MicroTime,
     /// Success, or which kind of failure.
     pub outcome: ProbeOutcome,
     /// The stage that failed (or the last stage run, on success).
@@ -201,5 +203,5 @@ pub struct ForceReopenRecord {
     /// The value of the dbpool.io/force-reopen annotation.
     pub token: String,
     /// When the operator acted on it.
-    pub time: Time,
+    pub time: MicroTime,
 }

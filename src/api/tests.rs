@@ -76,8 +76,9 @@ fn full_spec_round_trips_through_yaml_and_json() {
 
 #[test]
 fn status_round_trips_with_every_field() {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-    let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).expect("valid"));
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+    let instant = k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).expect("valid");
+    let now = MicroTime(instant);
     let status = DbPoolStatus {
         observed_generation: Some(3),
         phase: Some(Phase::BreakerOpen),
@@ -115,7 +116,7 @@ fn status_round_trips_with_every_field() {
             status: "True".into(),
             reason: "FailureThresholdReached".into(),
             message: "5 consecutive failures".into(),
-            last_transition_time: now,
+            last_transition_time: Time(instant),
             observed_generation: Some(3),
         }],
     };

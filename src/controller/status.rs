@@ -1,0 +1,445 @@
+//! Translating between the recovery engine's state and the DbPool status.
+//!
+//! Lives here: building the status a user sees from a [`PoolState`] and the last probe
+//! ([`desired_status`]), the conditions with `lastTransitionTime` that moves only on a real change,
+//! the "is this a visible change?" rule that keeps steady-state writes rare ([`needs_write`]), and
+//! rebuilding a [`PoolState`] from a stored status after an operator restart ([`restore_state`]).
+//! No I/O and no clock reads here: the caller passes `now`.
+
+use std::time::Duration;
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time},
+    jiff::{SignedDuration, Timestamp},
+};
+
+use crate::{
+    api::{
+        BreakerMode, BreakerState, BreakerStatus, CONDITION_BREAKER_OPEN, CONDITION_DEGRADED,
+        CONDITION_READY, DbPoolStatus, ForceReopenRecord, GoDuration, Phase, ProbeOutcome,
+        ProbeSummary,
+    },
+    recovery::{self, FailureKind, Policy, PoolState},
+};
+
+/// Everything besides the engine state that goes into a status.
+pub struct StatusInputs<'a> {
+    /// metadata.generation of the object the status is for.
+    pub generation: Option<i64>,
+    /// The engine state.
+    pub state: &'a PoolState,
+    /// The policy derived from the spec.
+    pub policy: &'a Policy,
+    /// The last probe result, as shown to users.
+    pub last_probe: Option<&'a ProbeSummary>,
+    /// The last force reopen acted upon.
+    pub last_force_reopen: Option<&'a ForceReopenRecord>,
+    /// Conditions currently stored, so transition times survive when nothing changed.
+    pub previous_conditions: &'a [Condition],
+}
+
+/// The status that should be stored for these inputs at `now`.
+pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus {
+    let state = inputs.state;
+    let phase = recovery::phase(state, inputs.policy);
+    let next_probe_at = if state.breaker == BreakerState::Open {
+        recovery::next_deadline(state, inputs.policy).map(MicroTime)
+    } else {
+        None
+    };
+    let probe_message = inputs
+        .last_probe
+        .and_then(|p| p.message.clone())
+        .unwrap_or_default();
+
+    let ready = match phase {
+        Phase::Healthy | Phase::Degraded => condition(
+            CONDITION_READY,
+            true,
+            "ProbeSucceeded",
+            "the database answered the last probe",
+        ),
+        Phase::Pending => {
+            let mut c = condition(CONDITION_READY, false, "Pending", "not probed yet");
+            c.status = "Unknown".into();
+            c
+        }
+        Phase::ConfigError => condition(CONDITION_READY, false, "ConfigError", &probe_message),
+        Phase::BreakerOpen => condition(
+            CONDITION_READY,
+            false,
+            "BreakerOpen",
+            &format!("circuit breaker is {:?}: {probe_message}", state.breaker),
+        ),
+        Phase::CoolingDown => condition(
+            CONDITION_READY,
+            false,
+            "CoolingDown",
+            &format!(
+                "{} attempts failed; next cycle after the cooldown: {probe_message}",
+                inputs.policy.max_attempts
+            ),
+        ),
+        Phase::Recovering => condition(CONDITION_READY, false, "Recovering", &probe_message),
+    };
+    let degraded = if state.consecutive_failures > 0 {
+        condition(
+            CONDITION_DEGRADED,
+            true,
+            "ProbeFailures",
+            &format!("{} consecutive failed probes", state.consecutive_failures),
+        )
+    } else if state.degraded {
+        condition(CONDITION_DEGRADED, true, "PoolDoesNotFit", &probe_message)
+    } else {
+        condition(CONDITION_DEGRADED, false, "AsExpected", "no failures")
+    };
+    let breaker = match (state.breaker, inputs.policy.mode) {
+        (BreakerState::Open, BreakerMode::ForcedOpen) => condition(
+            CONDITION_BREAKER_OPEN,
+            true,
+            "ForcedOpen",
+            "breaker.mode is ForcedOpen: held open, probes continue",
+        ),
+        (BreakerState::Open, _) => condition(
+            CONDITION_BREAKER_OPEN,
+            true,
+            "FailureThresholdReached",
+            &format!(
+                "{} consecutive outage failures; trial probe after {}",
+                inputs.policy.failure_threshold,
+                GoDuration(inputs.policy.open_timeout)
+            ),
+        ),
+        (BreakerState::HalfOpen, _) => condition(
+            CONDITION_BREAKER_OPEN,
+            true,
+            "HalfOpen",
+            "trial probes decide whether the breaker closes",
+        ),
+        (BreakerState::Closed, _) => {
+            condition(CONDITION_BREAKER_OPEN, false, "Closed", "breaker is closed")
+        }
+    };
+    let conditions = [ready, degraded, breaker]
+        .into_iter()
+        .map(|mut c| {
+            c.observed_generation = inputs.generation;
+            merge_condition(c, inputs.previous_conditions, now)
+        })
+        .collect();
+
+    DbPoolStatus {
+        observed_generation: inputs.generation,
+        phase: Some(phase),
+        breaker: Some(BreakerStatus {
+            state: state.breaker,
+            since: state.breaker_since.map(MicroTime),
+            next_probe_at,
+            open_count: i64::try_from(state.open_count).unwrap_or(i64::MAX),
+            half_open_successes: clamp_i32(state.half_open_successes),
+        }),
+        consecutive_failures: clamp_i32(state.consecutive_failures),
+        recovery_attempts: clamp_i32(state.attempts),
+        current_backoff: state.current_backoff.map(GoDuration),
+        cooldown_until: state.cooldown_until.map(MicroTime),
+        last_probe: inputs.last_probe.cloned(),
+        last_success_time: state.last_success_at.map(MicroTime),
+        last_failure_time: state.last_failure_at.map(MicroTime),
+        last_force_reopen: inputs.last_force_reopen.cloned(),
+        conditions,
+    }
+}
+
+fn clamp_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+fn condition(type_: &str, status: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if status { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        last_transition_time: Time(Timestamp::UNIX_EPOCH),
+        observed_generation: None,
+    }
+}
+
+/// Keeps the stored `lastTransitionTime` unless the condition's status really changed.
+fn merge_condition(mut new: Condition, previous: &[Condition], now: Timestamp) -> Condition {
+    new.last_transition_time = match previous.iter().find(|c| c.type_ == new.type_) {
+        Some(old) if old.status == new.status => old.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    new
+}
+
+/// The status with the fields that change on every probe blanked out: what a user would notice.
+fn visible(status: &DbPoolStatus) -> DbPoolStatus {
+    let mut s = status.clone();
+    s.last_success_time = None;
+    if let Some(p) = s.last_probe.as_mut() {
+        p.time = MicroTime(Timestamp::UNIX_EPOCH);
+        p.latency_ms = 0;
+        p.connections = None;
+    }
+    s
+}
+
+/// Whether `desired` must be written, given what was last written and when.
+///
+/// Rule: write when anything visible changed (phase, breaker, counters, messages, conditions…);
+/// otherwise refresh the per-probe fields (lastProbe time and latency, lastSuccessTime) at most
+/// once per `refresh`.
+pub fn needs_write(
+    desired: &DbPoolStatus,
+    last_written: Option<&DbPoolStatus>,
+    last_written_at: Option<Timestamp>,
+    refresh: Duration,
+    now: Timestamp,
+) -> bool {
+    let Some(last) = last_written else {
+        return true;
+    };
+    if visible(desired) != visible(last) {
+        return true;
+    }
+    if desired == last {
+        return false;
+    }
+    match last_written_at {
+        Some(at) => {
+            now.duration_since(at)
+                >= SignedDuration::try_from(refresh).unwrap_or(SignedDuration::MAX)
+        }
+        None => true,
+    }
+}
+
+/// Rebuilds the engine state of a pool from its stored status (after an operator restart).
+///
+/// The breaker keeps its state and `since`; attempts, backoff and cooldown continue. The status
+/// does not store the outage streak separately: it is taken to be `consecutiveFailures` when the
+/// last failure was an outage, and 0 otherwise.
+pub fn restore_state(status: &DbPoolStatus, seed: u64) -> PoolState {
+    let mut state = PoolState::new(seed);
+    let last_failure = status.last_probe.as_ref().and_then(|p| match p.outcome {
+        ProbeOutcome::Success => None,
+        ProbeOutcome::ConfigFailure => Some(FailureKind::Config),
+        ProbeOutcome::TransientFailure | ProbeOutcome::WrongRole => Some(FailureKind::Outage),
+    });
+    let failures = u32::try_from(status.consecutive_failures.max(0)).unwrap_or(0);
+    if let Some(b) = &status.breaker {
+        state.breaker = b.state;
+        state.breaker_since = b.since.as_ref().map(|t| t.0);
+        state.open_count = u64::try_from(b.open_count.max(0)).unwrap_or(0);
+        state.half_open_successes = u32::try_from(b.half_open_successes.max(0)).unwrap_or(0);
+    }
+    state.consecutive_failures = failures;
+    state.outage_streak = if last_failure == Some(FailureKind::Outage) {
+        failures
+    } else {
+        0
+    };
+    state.attempts = u32::try_from(status.recovery_attempts.max(0)).unwrap_or(0);
+    state.current_backoff = status.current_backoff.map(|d| d.as_std());
+    state.cooldown_until = status.cooldown_until.as_ref().map(|t| t.0);
+    state.last_probe_at = status.last_probe.as_ref().map(|p| p.time.0);
+    state.last_success_at = status.last_success_time.as_ref().map(|t| t.0);
+    state.last_failure_at = status.last_failure_time.as_ref().map(|t| t.0);
+    state.last_failure = if failures > 0 { last_failure } else { None };
+    state.degraded = status.phase == Some(Phase::Degraded);
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{DbPoolSpec, ProbeStage};
+
+    fn policy() -> Policy {
+        let spec: DbPoolSpec = serde_json::from_value(serde_json::json!({
+            "database": {"host": "h", "dbname": "d", "user": "u"}
+        }))
+        .expect("spec");
+        Policy::from_spec(&spec)
+    }
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).expect("valid")
+    }
+
+    fn probe(outcome: ProbeOutcome, secs: i64, latency: i64) -> ProbeSummary {
+        ProbeSummary {
+            time: MicroTime(at(secs)),
+            outcome,
+            stage: Some(ProbeStage::Saturation),
+            latency_ms: latency,
+            message: Some("ok".into()),
+            sql_state: None,
+            server_version: Some("15.18".into()),
+            in_recovery: Some(false),
+            connections: Some(3),
+            max_connections: Some(97),
+        }
+    }
+
+    fn healthy_state(secs: i64) -> PoolState {
+        let mut s = PoolState::new(7);
+        s.last_probe_at = Some(at(secs));
+        s.last_success_at = Some(at(secs));
+        s
+    }
+
+    #[test]
+    fn steady_state_probes_are_not_written_until_the_refresh() {
+        let policy = policy();
+        let first_state = healthy_state(0);
+        let first_probe = probe(ProbeOutcome::Success, 0, 2);
+        let first = desired_status(
+            &StatusInputs {
+                generation: Some(1),
+                state: &first_state,
+                policy: &policy,
+                last_probe: Some(&first_probe),
+                last_force_reopen: None,
+                previous_conditions: &[],
+            },
+            at(0),
+        );
+        assert_eq!(first.phase, Some(Phase::Healthy));
+        let refresh = Duration::from_secs(300);
+        assert!(needs_write(&first, None, None, refresh, at(0)));
+
+        let later_state = healthy_state(30);
+        let later_probe = probe(ProbeOutcome::Success, 30, 5);
+        let later = desired_status(
+            &StatusInputs {
+                generation: Some(1),
+                state: &later_state,
+                policy: &policy,
+                last_probe: Some(&later_probe),
+                last_force_reopen: None,
+                previous_conditions: &first.conditions,
+            },
+            at(30),
+        );
+        assert_ne!(later, first, "time and latency moved");
+        assert!(!needs_write(
+            &later,
+            Some(&first),
+            Some(at(0)),
+            refresh,
+            at(30)
+        ));
+        assert!(needs_write(
+            &later,
+            Some(&first),
+            Some(at(0)),
+            refresh,
+            at(300)
+        ));
+        // Transition times did not move: nothing changed status.
+        assert_eq!(later.conditions, first.conditions);
+    }
+
+    #[test]
+    fn a_failure_is_a_visible_change_and_moves_transition_times() {
+        let policy = policy();
+        let ok_state = healthy_state(0);
+        let ok_probe = probe(ProbeOutcome::Success, 0, 2);
+        let ok = desired_status(
+            &StatusInputs {
+                generation: Some(1),
+                state: &ok_state,
+                policy: &policy,
+                last_probe: Some(&ok_probe),
+                last_force_reopen: None,
+                previous_conditions: &[],
+            },
+            at(0),
+        );
+        let mut failed_state = ok_state.clone();
+        failed_state.consecutive_failures = 1;
+        failed_state.outage_streak = 1;
+        failed_state.attempts = 1;
+        failed_state.last_failure = Some(FailureKind::Outage);
+        failed_state.last_failure_at = Some(at(30));
+        failed_state.last_probe_at = Some(at(30));
+        failed_state.current_backoff = Some(Duration::from_secs(1));
+        let failed_probe = probe(ProbeOutcome::TransientFailure, 30, 1);
+        let failed = desired_status(
+            &StatusInputs {
+                generation: Some(1),
+                state: &failed_state,
+                policy: &policy,
+                last_probe: Some(&failed_probe),
+                last_force_reopen: None,
+                previous_conditions: &ok.conditions,
+            },
+            at(30),
+        );
+        assert_eq!(failed.phase, Some(Phase::Recovering));
+        assert!(needs_write(
+            &failed,
+            Some(&ok),
+            Some(at(0)),
+            Duration::from_secs(300),
+            at(30)
+        ));
+        let ready = failed
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_READY)
+            .expect("ready");
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.last_transition_time, Time(at(30)));
+        let breaker = failed
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_BREAKER_OPEN)
+            .expect("breaker condition");
+        assert_eq!(
+            breaker.last_transition_time,
+            Time(at(0)),
+            "breaker condition did not change"
+        );
+    }
+
+    #[test]
+    fn restore_keeps_an_open_breaker_and_its_since() {
+        let policy = policy();
+        let mut state = PoolState::new(3);
+        state.breaker = BreakerState::Open;
+        state.breaker_since = Some(at(100));
+        state.open_count = 2;
+        state.consecutive_failures = 6;
+        state.outage_streak = 6;
+        state.attempts = 6;
+        state.current_backoff = Some(Duration::from_secs(32));
+        state.last_failure = Some(FailureKind::Outage);
+        state.last_failure_at = Some(at(100));
+        state.last_probe_at = Some(at(100));
+        let summary = probe(ProbeOutcome::TransientFailure, 100, 1);
+        let status = desired_status(
+            &StatusInputs {
+                generation: Some(4),
+                state: &state,
+                policy: &policy,
+                last_probe: Some(&summary),
+                last_force_reopen: None,
+                previous_conditions: &[],
+            },
+            at(100),
+        );
+        let json = serde_json::to_value(&status).expect("json");
+        let stored: DbPoolStatus = serde_json::from_value(json).expect("back");
+        let restored = restore_state(&stored, 3);
+        assert_eq!(restored, state);
+        assert_eq!(
+            recovery::next_deadline(&restored, &policy),
+            recovery::next_deadline(&state, &policy)
+        );
+    }
+}
