@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help build crd crd-check lint unit test env-up env-down controlplane
+.PHONY: help build crd crd-check lint unit test env-up env-down env-status controlplane
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -28,5 +28,14 @@ unit: ## Unit and property tests only (no control plane, no PostgreSQL)
 controlplane: ## Build (once, cached) kube-apiserver, etcd and kubectl from the Go module proxy
 	@hack/build-controlplane.sh >/dev/null
 
-test: lint crd-check ## Everything: lint, CRD drift, unit, property and integration tests
-	$(CARGO) test --lib
+env-up: ## Start etcd + kube-apiserver + PostgreSQL under .local/; use as: eval "$(make -s env-up)"
+	@hack/env.sh up
+
+env-down: ## Stop what env-up started (and delete its data; logs stay in .local/logs)
+	@hack/env.sh down
+
+env-status: ## Report whether the env-up environment runs
+	@hack/env.sh status
+
+test: lint crd-check ## Everything: lint, CRD drift, unit, property and integration tests (own control plane)
+	@CARGO="$(CARGO)" hack/test.sh

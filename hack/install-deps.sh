@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs and a fresh machine may lack: PostgreSQL 15 server binaries,
-# openssl, and the rustfmt/clippy components. Idempotent and quick when all is present.
+# openssl, curl, procps, and the rustfmt/clippy components. Idempotent and quick when all is present.
 set -euo pipefail
 need_apt=()
 [[ -x /usr/lib/postgresql/15/bin/initdb && -x /usr/lib/postgresql/15/bin/pg_ctl ]] || need_apt+=(postgresql-15)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# hack/env.sh: curl for readiness checks, ps (procps) to watch process groups.
+command -v curl >/dev/null || need_apt+=(curl)
+command -v ps >/dev/null || need_apt+=(procps)
 if ((${#need_apt[@]})); then
   echo "[deps] apt-get install ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

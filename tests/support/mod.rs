@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod kube;
+pub mod operator;
 pub mod postgres;
 pub mod proxy;
 pub mod wait;
