@@ -1,5 +1,6 @@
 //! The `dbpool-operator` command: `run` starts the operator, `crd` prints the
-//! CustomResourceDefinition. Also serves `/healthz` and `/readyz`, and handles SIGTERM/SIGINT.
+//! CustomResourceDefinition. `run` also serves `/metrics`, `/healthz` and `/readyz`, and shuts
+//! down gracefully on SIGTERM/SIGINT (releasing the leader lease, so a standby takes over at once).
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -7,7 +8,8 @@ use axum::{Router, extract::State, http::StatusCode, routing::get};
 use clap::{Parser, Subcommand, ValueEnum};
 use dbpool_operator::{
     api::GoDuration,
-    controller::{self, OperatorConfig, Readiness},
+    controller::{self, LeaderElection, OperatorConfig},
+    metrics::Metrics,
 };
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -25,7 +27,7 @@ enum Command {
     /// Print the DbPool CustomResourceDefinition as YAML (what crds/dbpool.yaml holds).
     Crd,
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -36,9 +38,24 @@ struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "DBPOOL_NAMESPACE")]
     namespace: Option<String>,
-    /// Address of the /healthz and /readyz endpoints.
-    #[arg(long, env = "DBPOOL_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
-    health_addr: SocketAddr,
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "DBPOOL_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease; only the leader probes and writes.
+    #[arg(long, env = "DBPOOL_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(long, env = "DBPOOL_LEASE_NAME", default_value = "dbpool-operator")]
+    lease_name: String,
+    /// Namespace of the leader Lease (default: $POD_NAMESPACE, else "default").
+    #[arg(long, env = "DBPOOL_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Validity of the lease after a renewal; a standby takes over this long after the leader dies.
+    #[arg(long, env = "DBPOOL_LEASE_DURATION", default_value = "15s")]
+    lease_duration: GoDuration,
+    /// The leader renews this long before the lease expires.
+    #[arg(long, env = "DBPOOL_LEASE_RENEW_GRACE", default_value = "5s")]
+    lease_renew_grace: GoDuration,
     /// Probes running at once across all pools.
     #[arg(long, env = "DBPOOL_MAX_CONCURRENT_PROBES", default_value_t = 64)]
     max_concurrent_probes: usize,
@@ -84,7 +101,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args)) {
+            match runtime.block_on(run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     error!("{err}");
@@ -127,37 +144,63 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .instance
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "dbpool-operator".to_owned());
+    let leader_election = args.leader_elect.then(|| LeaderElection {
+        lease_name: args.lease_name.clone(),
+        lease_namespace: args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".to_owned()),
+        lease_duration: args.lease_duration.as_std(),
+        renew_grace: args.lease_renew_grace.as_std(),
+    });
     let config = OperatorConfig {
         namespace: args.namespace,
         max_concurrent_probes: args.max_concurrent_probes,
         status_refresh: args.status_refresh.as_std(),
         reconnect_every: args.reconnect_every.as_std(),
         instance,
+        leader_election,
     };
-    let readiness = Arc::new(Readiness::default());
-    let listener = tokio::net::TcpListener::bind(args.health_addr)
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.health_addr))?;
-    info!(addr = %args.health_addr, "serving /healthz and /readyz");
+        .map_err(|e| format!("cannot listen on {}: {e}", args.metrics_addr))?;
+    info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
     let app = Router::new()
+        .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(readiness.clone());
+        .with_state(metrics.clone());
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
             error!("health endpoint stopped: {err}");
         }
     });
-    controller::run(client, config, readiness, shutdown_signal()).await;
+    controller::run(client, config, metrics, shutdown_signal()).await;
     Ok(())
 }
 
-async fn readyz(State(readiness): State<Arc<Readiness>>) -> (StatusCode, &'static str) {
-    if readiness.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+/// 200 once the process can do its job: the leader when its caches have synced, a standby once
+/// it is watching the lease (so a 2-replica Deployment shows both pods Ready and can roll).
+async fn readyz(State(metrics): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
+    match (metrics.is_ready(), metrics.is_leader()) {
+        (true, true) => (StatusCode::OK, "ready: leader"),
+        (true, false) => (StatusCode::OK, "ready: standby"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
     }
+}
+
+async fn metrics_text(
+    State(metrics): State<Arc<Metrics>>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -12,8 +12,6 @@ use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::GoDuration;
-
 /// Condition type: the database is reachable and usable with this spec.
 pub const CONDITION_READY: &str = "Ready";
 /// Condition type: the pool is failing or limited (failures counted, or saturation).
@@ -40,9 +38,10 @@ pub struct DbPoolStatus {
     /// Failed attempts in the current backoff cycle; reset by a success, a cooldown or a force reopen.
     #[serde(default)]
     pub recovery_attempts: i32,
-    /// Delay until the next attempt, while retrying after failures.
+    /// Delay until the next attempt, while retrying after failures (Go duration syntax, e.g.
+    /// "4s"). Plain text: unlike spec durations it may legitimately be "0s".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub current_backoff: Option<GoDuration>,
+    pub current_backoff: Option<String>,
     /// End of the current cooldown, when maxAttempts failures in a row started one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown_until: Option<MicroTime>,

@@ -91,7 +91,7 @@ fn status_round_trips_with_every_field() {
         }),
         consecutive_failures: 5,
         recovery_attempts: 5,
-        current_backoff: Some(GoDuration::from_secs(16)),
+        current_backoff: Some(GoDuration::from_secs(16).to_string()),
         cooldown_until: None,
         last_probe: Some(ProbeSummary {
             time: now.clone(),

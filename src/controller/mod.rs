@@ -17,14 +17,11 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     hash::{DefaultHasher, Hash, Hasher},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::{
     api::core::v1::Secret,
     apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -51,6 +48,7 @@ use crate::{
         BREAKER_LABEL, BreakerState, DbPool, DbPoolStatus, FORCE_REOPEN_ANNOTATION,
         ForceReopenRecord, Phase, ProbeOutcome, ProbeStage, ProbeSummary,
     },
+    metrics::{Metrics, PoolLabels},
     probe::{ProbeReport, ProbeTarget, Prober, ProberConfig},
     recovery::{self, Effect, Event, FailureKind, Policy, PoolState},
 };
@@ -71,8 +69,34 @@ pub struct OperatorConfig {
     pub status_refresh: Duration,
     /// Reopen each persistent probe connection this often, to test the full connect path.
     pub reconnect_every: Duration,
-    /// Name of this operator instance in events (e.g. the pod name).
+    /// Name of this operator instance in events and in the leader lease (e.g. the pod name).
     pub instance: String,
+    /// Lease-based leader election; None runs as the only instance.
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// Lease-based leader election settings: only the holder of the Lease probes and writes.
+#[derive(Clone, Debug)]
+pub struct LeaderElection {
+    /// Name of the coordination.k8s.io Lease.
+    pub lease_name: String,
+    /// Namespace of the Lease (the operator's own namespace).
+    pub lease_namespace: String,
+    /// How long a lease is valid after its last renewal; a standby takes over after it expires.
+    pub lease_duration: Duration,
+    /// The holder renews this long before expiry (the tolerated clock skew, too).
+    pub renew_grace: Duration,
+}
+
+impl Default for LeaderElection {
+    fn default() -> Self {
+        Self {
+            lease_name: FIELD_MANAGER.to_owned(),
+            lease_namespace: "default".to_owned(),
+            lease_duration: Duration::from_secs(15),
+            renew_grace: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Default for OperatorConfig {
@@ -83,6 +107,7 @@ impl Default for OperatorConfig {
             status_refresh: Duration::from_secs(300),
             reconnect_every: Duration::from_secs(300),
             instance: "dbpool-operator".to_owned(),
+            leader_election: None,
         }
     }
 }
@@ -125,22 +150,7 @@ struct Context {
     probe_requested: Mutex<HashSet<String>>,
     probe_slots: Semaphore,
     error_counts: Mutex<HashMap<String, u32>>,
-}
-
-/// Readiness of the operator: the caches have synced and it is reconciling.
-#[derive(Default, Debug)]
-pub struct Readiness {
-    ready: AtomicBool,
-}
-
-impl Readiness {
-    /// Whether the operator is ready.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-    fn set(&self, value: bool) {
-        self.ready.store(value, Ordering::Relaxed);
-    }
+    metrics: Arc<Metrics>,
 }
 
 fn pool_key(ns: &str, name: &str) -> String {
@@ -162,11 +172,82 @@ fn add(t: Timestamp, d: Duration) -> Timestamp {
         .unwrap_or(Timestamp::MAX)
 }
 
-/// Runs the operator until `shutdown` resolves.
+/// Runs the operator until `shutdown` resolves: directly, or (with leader election) whenever
+/// this process holds the Lease. A process that loses the Lease stops its controller and drops
+/// its in-memory state; the next leader rebuilds every pool from status.
 pub async fn run(
     client: Client,
     config: OperatorConfig,
-    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = shutdown.boxed().shared();
+    let Some(election) = config.leader_election.clone() else {
+        metrics.set_leader(true);
+        run_controller(client, config, metrics, shutdown).await;
+        return;
+    };
+    let manager =
+        kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &election.lease_name)
+            .with_namespace(&election.lease_namespace)
+            .with_identity(&config.instance)
+            .with_duration(election.lease_duration.as_secs().max(1))
+            .with_grace(election.renew_grace.as_secs().max(1))
+            .with_field_manager(format!("{FIELD_MANAGER}-lease"))
+            .build()
+            .await;
+    let manager = match manager {
+        Ok(m) => m,
+        Err(err) => {
+            warn!(error = %err, "cannot set up leader election");
+            return;
+        }
+    };
+    let (mut leader, lease_task) = manager.watch().await;
+    // A standby is ready: it is able to take over.
+    metrics.set_ready(true);
+    info!(lease = %election.lease_name, identity = %config.instance, "waiting for the leader lease");
+    loop {
+        tokio::select! {
+            _ = shutdown.clone() => break,
+            changed = leader.wait_for(|is_leader| *is_leader) => if changed.is_err() { break },
+        }
+        info!(identity = %config.instance, "acquired the leader lease");
+        metrics.set_leader(true);
+        // Stop the controller when the lease is lost or the process shuts down.
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut watch_loss = leader.clone();
+        let process_shutdown = shutdown.clone();
+        let stopper = tokio::spawn(async move {
+            tokio::select! {
+                _ = process_shutdown => {},
+                _ = watch_loss.wait_for(|is_leader| !*is_leader) => {},
+            }
+            let _ = stop_tx.send(());
+        });
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        run_controller(client.clone(), config.clone(), metrics.clone(), stop).await;
+        stopper.abort();
+        metrics.set_leader(false);
+        metrics.set_ready(true);
+        if shutdown.peek().is_some() {
+            break;
+        }
+        warn!(identity = %config.instance, "lost the leader lease; standing by");
+    }
+    // Closing the channel makes the lease task release the Lease, so a standby takes over at once.
+    drop(leader);
+    if let Ok(Err(err)) = lease_task.await {
+        warn!(error = %err, "releasing the leader lease");
+    }
+}
+
+async fn run_controller(
+    client: Client,
+    config: OperatorConfig,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (pools_api, secrets_api): (Api<DbPool>, Api<PartialObjectMeta<Secret>>) =
@@ -199,6 +280,7 @@ pub async fn run(
         pools: Mutex::new(HashMap::new()),
         probe_requested: Mutex::new(HashSet::new()),
         error_counts: Mutex::new(HashMap::new()),
+        metrics: metrics.clone(),
     });
 
     // Probe connections that die trigger their pools at once.
@@ -220,17 +302,24 @@ pub async fn run(
 
     // Only spec changes (generation), force-reopen annotations and new objects trigger a
     // reconcile; our own status and label writes do not.
+    // Ready once both caches have completed their initial list. (Noted from the streams:
+    // awaiting `Store::wait_until_ready` next to the controller's own wait can miss its wake-up.)
+    let synced = Arc::new(Synced::default());
     let forget_ctx = ctx.clone();
+    let pools_synced = synced.clone();
+    let pool_metrics = metrics.clone();
     let pool_stream = watcher(pools_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(pool_writer)
-        .inspect(move |event| {
-            if let Ok(watcher::Event::Delete(pool)) = event {
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(pool)) => {
                 forget_ctx.forget(&pool_key(
                     &pool.namespace().unwrap_or_default(),
                     &pool.name_any(),
                 ));
             }
+            Ok(watcher::Event::InitDone) => pools_synced.mark(true, &pool_metrics),
+            _ => {}
         })
         .applied_objects()
         .predicate_filter(trigger_hash, Default::default());
@@ -238,19 +327,17 @@ pub async fn run(
     // Secrets: metadata only (no data cached for Secrets we don't use); a change re-triggers the
     // pools that refer to the Secret.
     let mapper_pools = pool_reader.clone();
+    let secrets_synced = synced.clone();
+    let secret_metrics = metrics.clone();
     let secret_stream = watcher(secrets_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(secret_writer)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::InitDone) = event {
+                secrets_synced.mark(false, &secret_metrics);
+            }
+        })
         .touched_objects();
-
-    let ready_store = pool_reader.clone();
-    let ready_secrets = secret_reader.clone();
-    let ready_flag = readiness.clone();
-    tokio::spawn(async move {
-        let pools_ready = ready_store.wait_until_ready().await.is_ok();
-        let secrets_ready = ready_secrets.wait_until_ready().await.is_ok();
-        ready_flag.set(pools_ready && secrets_ready);
-    });
 
     info!(namespace = ?ctx.config.namespace, "dbpool-operator starting");
     Controller::for_stream(pool_stream, pool_reader)
@@ -275,8 +362,29 @@ pub async fn run(
             }
         })
         .await;
-    readiness.set(false);
-    info!("dbpool-operator stopped");
+    metrics.set_ready(false);
+    info!("dbpool-operator controller stopped");
+}
+
+/// Which of the two caches have completed their initial list.
+#[derive(Default)]
+struct Synced {
+    pools: std::sync::atomic::AtomicBool,
+    secrets: std::sync::atomic::AtomicBool,
+}
+
+impl Synced {
+    fn mark(&self, pools: bool, metrics: &Metrics) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if pools {
+            self.pools.store(true, SeqCst);
+        } else {
+            self.secrets.store(true, SeqCst);
+        }
+        if self.pools.load(SeqCst) && self.secrets.load(SeqCst) {
+            metrics.set_ready(true);
+        }
+    }
 }
 
 fn refers_to(pool: &DbPool, secret: &str) -> bool {
@@ -304,6 +412,12 @@ impl Context {
             set.remove(key);
         }
         self.prober.forget(key);
+        if let Some((namespace, name)) = key.split_once('/') {
+            self.metrics.forget(&PoolLabels {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            });
+        }
         debug!(pool = %key, "forgot deleted pool");
     }
 
@@ -462,7 +576,13 @@ async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error
     }
     entry.credentials_fingerprint = Some(fingerprint);
 
+    let labels = PoolLabels {
+        namespace: ns.clone(),
+        name: name.clone(),
+    };
     if entry.deadline(&policy, now) <= now {
+        let recovering =
+            entry.state.consecutive_failures > 0 || entry.state.breaker != BreakerState::Closed;
         entry.apply(Event::ProbeStarted, now, &policy, &mut effects);
         let seq = entry.state.probe_seq;
         let (summary, kind, degraded) = match credentials {
@@ -492,13 +612,23 @@ async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error
                     }
                 };
                 let degraded = report.pool_fits == Some(false);
+                ctx.metrics.probe_finished(
+                    &labels,
+                    report.outcome,
+                    recovering,
+                    &report.stage_latencies,
+                );
                 (summarize(&report, Timestamp::now()), kind, degraded)
             }
-            Err(err) if err.is_config() => (
-                credential_failure(&err, Timestamp::now()),
-                Some(FailureKind::Config),
-                false,
-            ),
+            Err(err) if err.is_config() => {
+                ctx.metrics
+                    .probe_finished(&labels, ProbeOutcome::ConfigFailure, recovering, &[]);
+                (
+                    credential_failure(&err, Timestamp::now()),
+                    Some(FailureKind::Config),
+                    false,
+                )
+            }
             Err(err) => {
                 store(&ctx, &key, entry);
                 return Err(err.into());
@@ -513,6 +643,11 @@ async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error
         entry.last_probe = Some(summary);
         entry.not_before = None;
     }
+    ctx.metrics.pool_state(
+        &labels,
+        entry.state.breaker,
+        entry.state.consecutive_failures,
+    );
 
     let now = Timestamp::now();
     let previous_conditions = entry
@@ -534,13 +669,17 @@ async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error
     );
     let api: Api<DbPool> = Api::namespaced(ctx.client.clone(), &ns);
     let mut write_result = Ok(());
-    if needs_write(
-        &desired,
-        entry.last_written.as_ref(),
-        entry.last_written_at,
-        ctx.config.status_refresh,
-        now,
-    ) {
+    // Only the leader writes: a process that just lost the Lease must not race the new leader.
+    let may_write = ctx.metrics.is_leader();
+    if may_write
+        && needs_write(
+            &desired,
+            entry.last_written.as_ref(),
+            entry.last_written_at,
+            ctx.config.status_refresh,
+            now,
+        )
+    {
         let patch = serde_json::json!({
             "apiVersion": "dbpool.io/v1alpha1",
             "kind": "DbPool",
@@ -558,13 +697,15 @@ async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error
                 debug!(pool = %key, phase = ?desired.phase, "status written");
                 entry.last_written = Some(desired.clone());
                 entry.last_written_at = Some(now);
+                ctx.metrics.status_written(&labels);
             }
             Err(err) => write_result = Err(Error::Kube(err)),
         }
     }
     let label = entry.state.breaker.label_value();
     let current_label = pool.labels().get(BREAKER_LABEL).cloned();
-    if write_result.is_ok()
+    if may_write
+        && write_result.is_ok()
         && current_label.as_deref() != Some(label)
         && entry.label_written.as_deref() != Some(label)
     {
@@ -743,6 +884,10 @@ fn error_policy(pool: Arc<DbPool>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = Duration::from_millis(500)
         .saturating_mul(1 << failures.min(7))
         .min(Duration::from_secs(60));
+    ctx.metrics.reconcile_failed(&PoolLabels {
+        namespace: pool.namespace().unwrap_or_default(),
+        name: pool.name_any(),
+    });
     warn!(pool = %key, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }

@@ -141,7 +141,7 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
         }),
         consecutive_failures: clamp_i32(state.consecutive_failures),
         recovery_attempts: clamp_i32(state.attempts),
-        current_backoff: state.current_backoff.map(GoDuration),
+        current_backoff: state.current_backoff.map(|d| GoDuration(d).to_string()),
         cooldown_until: state.cooldown_until.map(MicroTime),
         last_probe: inputs.last_probe.cloned(),
         last_success_time: state.last_success_at.map(MicroTime),
@@ -243,7 +243,11 @@ pub fn restore_state(status: &DbPoolStatus, seed: u64) -> PoolState {
         0
     };
     state.attempts = u32::try_from(status.recovery_attempts.max(0)).unwrap_or(0);
-    state.current_backoff = status.current_backoff.map(|d| d.as_std());
+    state.current_backoff = status
+        .current_backoff
+        .as_deref()
+        .and_then(|d| d.parse::<GoDuration>().ok())
+        .map(|d| d.as_std());
     state.cooldown_until = status.cooldown_until.as_ref().map(|t| t.0);
     state.last_probe_at = status.last_probe.as_ref().map(|p| p.time.0);
     state.last_success_at = status.last_success_time.as_ref().map(|t| t.0);

@@ -7,7 +7,8 @@ use std::{sync::Arc, time::Duration};
 
 use dbpool_operator::{
     api::{DbPool, DbPoolStatus},
-    controller::{self, OperatorConfig, Readiness},
+    controller::{self, OperatorConfig},
+    metrics::Metrics,
 };
 use kube::{Api, Client, api::PostParams};
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -16,8 +17,8 @@ use tokio::{sync::oneshot, task::JoinHandle};
 pub struct RunningOperator {
     handle: JoinHandle<()>,
     shutdown: Option<oneshot::Sender<()>>,
-    /// Readiness as /readyz would report it.
-    pub readiness: Arc<Readiness>,
+    /// The operator's metrics, readiness and leadership, as its HTTP endpoints would show them.
+    pub metrics: Arc<Metrics>,
 }
 
 impl RunningOperator {
@@ -36,11 +37,11 @@ impl RunningOperator {
     /// Starts an operator with the given settings.
     pub fn start_with(client: Client, config: OperatorConfig) -> Self {
         let (tx, rx) = oneshot::channel::<()>();
-        let readiness = Arc::new(Readiness::default());
+        let metrics = Arc::new(Metrics::new());
         let handle = tokio::spawn(controller::run(
             client,
             config,
-            readiness.clone(),
+            metrics.clone(),
             async move {
                 let _ = rx.await;
             },
@@ -48,7 +49,7 @@ impl RunningOperator {
         Self {
             handle,
             shutdown: Some(tx),
-            readiness,
+            metrics,
         }
     }
 

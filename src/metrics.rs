@@ -1,0 +1,283 @@
+//! Prometheus metrics of one operator process, and its readiness/leadership flags.
+//!
+//! Lives here: the metric families (names follow the incident report's `pool_*` metrics with a
+//! `dbpool_` prefix), the per-pool label set, and text encoding for `/metrics`. Must not live
+//! here: deciding what happened (the controller reports it) or serving HTTP (`main.rs`).
+//!
+//! Per-pool series are labelled `namespace` and `name` and are removed when the pool is deleted.
+//! The probe latency histogram is labelled by `stage` only: per-pool histograms would cost a dozen
+//! series per pool and stage, which does not scale to thousands of pools.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::api::{BreakerState, ProbeOutcome, ProbeStage};
+
+/// Labels of every per-pool series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// Namespace of the DbPool.
+    pub namespace: String,
+    /// Name of the DbPool.
+    pub name: String,
+}
+
+/// Breaker state as a label value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum StateLabel {
+    /// Closed.
+    closed,
+    /// Open.
+    open,
+    /// HalfOpen.
+    half_open,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    namespace: String,
+    name: String,
+    state: StateLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    namespace: String,
+    name: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: String,
+}
+
+/// The operator's metrics, readiness and leadership.
+pub struct Metrics {
+    registry: Registry,
+    recovery_attempts: Family<PoolLabels, Counter>,
+    breaker_state: Family<BreakerLabels, Gauge>,
+    consecutive_failures: Family<PoolLabels, Gauge>,
+    health_check_failures: Family<PoolLabels, Counter>,
+    probes: Family<ProbeLabels, Counter>,
+    probe_duration: Family<StageLabels, Histogram>,
+    status_writes: Family<PoolLabels, Counter>,
+    reconcile_errors: Family<PoolLabels, Counter>,
+    leader: Gauge,
+    ready: AtomicBool,
+    is_leader: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every family registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dbpool");
+        let recovery_attempts = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "recovery_attempts",
+            "Probes made while the pool was failing (each retry of the recovery schedule)",
+            recovery_attempts.clone(),
+        );
+        let breaker_state = Family::<BreakerLabels, Gauge>::default();
+        registry.register(
+            "circuit_breaker_state",
+            "Circuit breaker state: 1 for the current state, 0 for the others",
+            breaker_state.clone(),
+        );
+        let consecutive_failures = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "consecutive_failures",
+            "Failed probes in a row",
+            consecutive_failures.clone(),
+        );
+        let health_check_failures = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "health_check_failures",
+            "Failed probes (any kind of failure)",
+            health_check_failures.clone(),
+        );
+        let probes = Family::<ProbeLabels, Counter>::default();
+        registry.register("probes", "Probes run, by outcome", probes.clone());
+        let probe_duration = Family::<StageLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ])
+        });
+        registry.register(
+            "probe_duration_seconds",
+            "Duration of each probe stage that ran",
+            probe_duration.clone(),
+        );
+        let status_writes = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "status_writes",
+            "Status writes to the apiserver",
+            status_writes.clone(),
+        );
+        let reconcile_errors = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that ended in an error (apiserver or Secret access)",
+            reconcile_errors.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this process holds the leader lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            recovery_attempts,
+            breaker_state,
+            consecutive_failures,
+            health_check_failures,
+            probes,
+            probe_duration,
+            status_writes,
+            reconcile_errors,
+            leader,
+            ready: AtomicBool::new(false),
+            is_leader: AtomicBool::new(false),
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Records a finished probe of `pool`.
+    pub fn probe_finished(
+        &self,
+        pool: &PoolLabels,
+        outcome: ProbeOutcome,
+        recovering: bool,
+        stages: &[(ProbeStage, std::time::Duration)],
+    ) {
+        self.probes
+            .get_or_create(&ProbeLabels {
+                namespace: pool.namespace.clone(),
+                name: pool.name.clone(),
+                outcome: format!("{outcome:?}"),
+            })
+            .inc();
+        if outcome != ProbeOutcome::Success {
+            self.health_check_failures.get_or_create(pool).inc();
+        }
+        if recovering {
+            self.recovery_attempts.get_or_create(pool).inc();
+        }
+        for (stage, took) in stages {
+            self.probe_duration
+                .get_or_create(&StageLabels {
+                    stage: format!("{stage:?}"),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// Sets the breaker and failure gauges of `pool`.
+    pub fn pool_state(&self, pool: &PoolLabels, breaker: BreakerState, consecutive_failures: u32) {
+        for (state, label) in [
+            (BreakerState::Closed, StateLabel::closed),
+            (BreakerState::Open, StateLabel::open),
+            (BreakerState::HalfOpen, StateLabel::half_open),
+        ] {
+            self.breaker_state
+                .get_or_create(&BreakerLabels {
+                    namespace: pool.namespace.clone(),
+                    name: pool.name.clone(),
+                    state: label,
+                })
+                .set(i64::from(state == breaker));
+        }
+        self.consecutive_failures
+            .get_or_create(pool)
+            .set(i64::from(consecutive_failures));
+    }
+
+    /// Counts a status write of `pool`.
+    pub fn status_written(&self, pool: &PoolLabels) {
+        self.status_writes.get_or_create(pool).inc();
+    }
+
+    /// Counts a failed reconcile of `pool`.
+    pub fn reconcile_failed(&self, pool: &PoolLabels) {
+        self.reconcile_errors.get_or_create(pool).inc();
+    }
+
+    /// Removes every series of a deleted pool.
+    pub fn forget(&self, pool: &PoolLabels) {
+        self.recovery_attempts.remove(pool);
+        self.consecutive_failures.remove(pool);
+        self.health_check_failures.remove(pool);
+        self.status_writes.remove(pool);
+        self.reconcile_errors.remove(pool);
+        for state in [StateLabel::closed, StateLabel::open, StateLabel::half_open] {
+            self.breaker_state.remove(&BreakerLabels {
+                namespace: pool.namespace.clone(),
+                name: pool.name.clone(),
+                state,
+            });
+        }
+        for outcome in [
+            ProbeOutcome::Success,
+            ProbeOutcome::TransientFailure,
+            ProbeOutcome::ConfigFailure,
+            ProbeOutcome::WrongRole,
+        ] {
+            self.probes.remove(&ProbeLabels {
+                namespace: pool.namespace.clone(),
+                name: pool.name.clone(),
+                outcome: format!("{outcome:?}"),
+            });
+        }
+    }
+
+    /// Total probes this process has run (all pools, all outcomes).
+    pub fn probes_run(&self) -> u64 {
+        let text = self.encode();
+        text.lines()
+            .filter(|l| l.starts_with("dbpool_probes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// Marks the process ready (or not): caches synced, or a standby able to take over.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether `/readyz` should answer 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Records whether this process holds the leader lease.
+    pub fn set_leader(&self, leader: bool) {
+        self.is_leader.store(leader, Ordering::Relaxed);
+        self.leader.set(i64::from(leader));
+    }
+
+    /// Whether this process holds the leader lease (always true without leader election).
+    pub fn is_leader(&self) -> bool {
+        self.is_leader.load(Ordering::Relaxed)
+    }
+}
