@@ -858,3 +858,94 @@ async fn a_dying_connection_is_noticed_within_a_second() {
         Some(ProbeOutcome::TransientFailure)
     );
 }
+
+/// Spec changes take effect at once: shortening a 1h interval to 300ms reschedules immediately.
+#[tokio::test]
+async fn a_shorter_interval_reschedules_at_once() {
+    let t = setup().await;
+    let pg = PgServer::start().await;
+    t.secret(APP_PASSWORD).await;
+    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    let spec = pool(
+        "orders",
+        pg.port(),
+        Some((SECRET, KEY)),
+        serde_json::json!({"healthCheck": {"interval": "1h", "timeout": "1s"}}),
+    );
+    create(&t.client, t.ns(), &spec).await;
+    wait_status(
+        &t.client,
+        t.ns(),
+        "orders",
+        "Healthy",
+        Duration::from_secs(20),
+        is_ready,
+    )
+    .await;
+    let first = last_probe_query(&pg).await;
+
+    let patch =
+        serde_json::json!({"spec": {"healthCheck": {"interval": "300ms", "timeout": "200ms"}}});
+    t.api()
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("shorten the interval");
+    wait_status(
+        &t.client,
+        t.ns(),
+        "orders",
+        "generation 2 observed",
+        Duration::from_secs(10),
+        |s| s.observed_generation == Some(2),
+    )
+    .await;
+    // Probes now come every 300ms: the probe backend's last query keeps moving.
+    wait_until(
+        "probes on the new interval",
+        Duration::from_secs(10),
+        || async { last_probe_query(&pg).await >= first + 1.5 },
+    )
+    .await;
+}
+
+/// Deleting a DbPool stops its probes and closes its probe connection.
+#[tokio::test]
+async fn deleting_a_pool_stops_probing_and_frees_its_connection() {
+    let t = setup().await;
+    let pg = PgServer::start().await;
+    t.secret(APP_PASSWORD).await;
+    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    let spec = pool(
+        "orders",
+        pg.port(),
+        Some((SECRET, KEY)),
+        serde_json::json!({"healthCheck": {"interval": "300ms", "timeout": "200ms"}}),
+    );
+    create(&t.client, t.ns(), &spec).await;
+    wait_status(
+        &t.client,
+        t.ns(),
+        "orders",
+        "Healthy",
+        Duration::from_secs(20),
+        is_ready,
+    )
+    .await;
+    let backends = || async {
+        pg.query_text("SELECT count(*)::text FROM pg_stat_activity WHERE application_name = 'dbpool-operator'")
+            .await
+            .and_then(|t| t.parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
+    assert_eq!(backends().await, 1, "one persistent probe connection");
+    t.api()
+        .delete("orders", &Default::default())
+        .await
+        .expect("delete");
+    wait_until(
+        "the probe connection closed",
+        Duration::from_secs(10),
+        || async { backends().await == 0 },
+    )
+    .await;
+}
