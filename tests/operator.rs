@@ -9,8 +9,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use dbpool_operator::api::{
-    BREAKER_LABEL, BreakerState, CONDITION_READY, DbPool, FORCE_REOPEN_ANNOTATION, Phase,
-    ProbeOutcome,
+    BREAKER_LABEL, BreakerState, CONDITION_READY, DbPool, DbPoolStatus, FORCE_REOPEN_ANNOTATION,
+    Phase, ProbeOutcome,
 };
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
@@ -51,6 +51,35 @@ impl Setup {
     async fn secret(&self, value: &str) {
         create_secret(&self.client, self.ns(), SECRET, KEY, value).await;
     }
+    async fn create(&self, pool: &DbPool) {
+        create(&self.client, self.ns(), pool).await;
+    }
+    /// Creates `pool` and waits until it is Healthy.
+    async fn create_healthy(&self, pool: &DbPool) {
+        self.create(pool).await;
+        let name = pool.name_any();
+        self.wait(&name, "Healthy", Duration::from_secs(20), is_ready)
+            .await;
+    }
+    async fn status(&self, name: &str) -> Option<DbPoolStatus> {
+        status(&self.client, self.ns(), name).await
+    }
+    async fn wait(
+        &self,
+        name: &str,
+        what: &str,
+        deadline: Duration,
+        check: impl Fn(&DbPoolStatus) -> bool,
+    ) -> DbPoolStatus {
+        wait_status(&self.client, self.ns(), name, what, deadline, check).await
+    }
+    /// Waits until pool `name`'s breaker is Open.
+    async fn wait_open(&self, name: &str) -> DbPoolStatus {
+        self.wait(name, "breaker Open", Duration::from_secs(20), |s| {
+            breaker(s) == Some(BreakerState::Open)
+        })
+        .await
+    }
     async fn events(&self, reason: &str) -> Vec<K8sEvent> {
         let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), self.ns());
         api.list(&ListParams::default())
@@ -76,11 +105,11 @@ async fn last_probe_query(pg: &PgServer) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn is_ready(s: &dbpool_operator::api::DbPoolStatus) -> bool {
+fn is_ready(s: &DbPoolStatus) -> bool {
     s.phase == Some(Phase::Healthy) && condition(s, CONDITION_READY).is_some_and(|c| c.0 == "True")
 }
 
-fn breaker(s: &dbpool_operator::api::DbPoolStatus) -> Option<BreakerState> {
+fn breaker(s: &DbPoolStatus) -> Option<BreakerState> {
     s.breaker.as_ref().map(|b| b.state)
 }
 
@@ -117,7 +146,7 @@ async fn a_pool_becomes_healthy_and_kubectl_shows_it() {
         "kubectl wait: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let s = status(&t.client, t.ns(), "orders").await.expect("status");
+    let s = t.status("orders").await.expect("status");
     assert!(is_ready(&s), "{s:?}");
     let probe = s.last_probe.expect("lastProbe");
     assert_eq!(probe.outcome, ProbeOutcome::Success);
@@ -160,16 +189,7 @@ async fn outage_opens_the_breaker_on_schedule_and_recovery_closes_it() {
             "breaker": {"failureThreshold": 4, "openTimeout": "2s", "successThreshold": 2},
         }),
     );
-    create(&t.client, t.ns(), &spec).await;
-    wait_status(
-        &t.client,
-        t.ns(),
-        "flappy",
-        "Healthy",
-        Duration::from_secs(20),
-        is_ready,
-    )
-    .await;
+    t.create_healthy(&spec).await;
 
     // Watch the pool and record, for each new failure count, the failure time the operator wrote
     // (microsecond precision): the attempt times the schedule is checked against.
@@ -222,7 +242,7 @@ async fn outage_opens_the_breaker_on_schedule_and_recovery_closes_it() {
             i + 1
         );
     }
-    let s = status(&t.client, t.ns(), "flappy").await.expect("status");
+    let s = t.status("flappy").await.expect("status");
     assert_eq!(s.phase, Some(Phase::BreakerOpen));
     let b = s.breaker.clone().expect("breaker");
     assert!(
@@ -264,15 +284,9 @@ async fn outage_opens_the_breaker_on_schedule_and_recovery_closes_it() {
 
     // Recovery: half-open after openTimeout, closed after two successes.
     pg.start().await;
-    let s = wait_status(
-        &t.client,
-        t.ns(),
-        "flappy",
-        "Healthy again",
-        Duration::from_secs(30),
-        is_ready,
-    )
-    .await;
+    let s = t
+        .wait("flappy", "Healthy again", Duration::from_secs(30), is_ready)
+        .await;
     assert_eq!(breaker(&s), Some(BreakerState::Closed));
     assert_eq!(s.consecutive_failures, 0);
     for reason in ["BreakerHalfOpen", "BreakerClosed"] {
@@ -307,26 +321,9 @@ async fn force_reopen_probes_at_once_and_only_once_per_token() {
             "breaker": {"failureThreshold": 2, "openTimeout": "10m"},
         }),
     );
-    create(&t.client, t.ns(), &spec).await;
-    wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "Healthy",
-        Duration::from_secs(20),
-        is_ready,
-    )
-    .await;
+    t.create_healthy(&spec).await;
     pg.stop().await;
-    let open = wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "breaker Open",
-        Duration::from_secs(20),
-        |s| breaker(s) == Some(BreakerState::Open),
-    )
-    .await;
+    let open = t.wait_open("orders").await;
     pg.start().await;
 
     let annotate = |token: &'static str| {
@@ -342,15 +339,14 @@ async fn force_reopen_probes_at_once_and_only_once_per_token() {
     let before_probe = open.last_probe.as_ref().map(|p| p.time.clone());
     let start = Instant::now();
     annotate("first").await;
-    let s = wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "Ready after force reopen",
-        Duration::from_secs(2),
-        is_ready,
-    )
-    .await;
+    let s = t
+        .wait(
+            "orders",
+            "Ready after force reopen",
+            Duration::from_secs(2),
+            is_ready,
+        )
+        .await;
     let elapsed = start.elapsed();
     assert!(
         elapsed < Duration::from_secs(2),
@@ -369,9 +365,7 @@ async fn force_reopen_probes_at_once_and_only_once_per_token() {
     // Open again, then the same token plus a spec change (so the operator surely reconciles):
     // the token is not acted on twice and the breaker stays Open.
     pg.stop().await;
-    wait_status(
-        &t.client,
-        t.ns(),
+    t.wait(
         "orders",
         "breaker Open again",
         Duration::from_secs(20),
@@ -386,15 +380,14 @@ async fn force_reopen_probes_at_once_and_only_once_per_token() {
         .patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("same token and a spec change");
-    let s = wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "generation 2 observed",
-        Duration::from_secs(10),
-        |s| s.observed_generation == Some(2),
-    )
-    .await;
+    let s = t
+        .wait(
+            "orders",
+            "generation 2 observed",
+            Duration::from_secs(10),
+            |s| s.observed_generation == Some(2),
+        )
+        .await;
     assert_eq!(
         breaker(&s),
         Some(BreakerState::Open),
@@ -409,15 +402,14 @@ async fn force_reopen_probes_at_once_and_only_once_per_token() {
     // A new token is acted on.
     pg.start().await;
     annotate("second").await;
-    let s = wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "Ready after the second token",
-        Duration::from_secs(2),
-        is_ready,
-    )
-    .await;
+    let s = t
+        .wait(
+            "orders",
+            "Ready after the second token",
+            Duration::from_secs(2),
+            is_ready,
+        )
+        .await;
     assert_eq!(
         s.last_force_reopen.map(|r| r.token),
         Some("second".to_owned())
@@ -442,26 +434,9 @@ async fn a_restarted_operator_resumes_an_open_breaker() {
             "breaker": {"failureThreshold": 2, "openTimeout": "3s"},
         }),
     );
-    create(&t.client, t.ns(), &spec).await;
-    wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "Healthy",
-        Duration::from_secs(20),
-        is_ready,
-    )
-    .await;
+    t.create_healthy(&spec).await;
     pg.stop().await;
-    let open = wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "breaker Open",
-        Duration::from_secs(20),
-        |s| breaker(s) == Some(BreakerState::Open),
-    )
-    .await;
+    let open = t.wait_open("orders").await;
     op.kill().await;
     let since = open
         .breaker
@@ -493,15 +468,14 @@ async fn a_restarted_operator_resumes_an_open_breaker() {
 
     let _op2 = RunningOperator::start(t.client.clone(), t.ns());
     // The trial probe comes when openTimeout has passed since the original `since`.
-    let s = wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "the half-open trial",
-        Duration::from_secs(20),
-        |s| s.consecutive_failures > open.consecutive_failures,
-    )
-    .await;
+    let s = t
+        .wait(
+            "orders",
+            "the half-open trial",
+            Duration::from_secs(20),
+            |s| s.consecutive_failures > open.consecutive_failures,
+        )
+        .await;
     let trial_at = s.last_failure_time.as_ref().expect("lastFailureTime").0;
     let waited = Duration::try_from(trial_at.duration_since(since)).expect("after since");
     assert!(
@@ -516,15 +490,8 @@ async fn a_restarted_operator_resumes_an_open_breaker() {
     assert_eq!(s.breaker.as_ref().map(|b| b.open_count), Some(2));
 
     pg.start().await;
-    wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "recovered",
-        Duration::from_secs(30),
-        is_ready,
-    )
-    .await;
+    t.wait("orders", "recovered", Duration::from_secs(30), is_ready)
+        .await;
     let versions = tokio::time::timeout(Duration::from_secs(10), history)
         .await
         .expect("history complete")
@@ -563,16 +530,12 @@ async fn a_missing_secret_is_a_config_error_fixed_by_creating_it() {
         // A long backoff: only the Secret trigger can make it Healthy in time.
         serde_json::json!({"backoff": {"initialDelay": "1m", "maxDelay": "5m"}}),
     );
-    create(&t.client, t.ns(), &spec).await;
-    let s = wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "ConfigError",
-        Duration::from_secs(20),
-        |s| s.phase == Some(Phase::ConfigError),
-    )
-    .await;
+    t.create(&spec).await;
+    let s = t
+        .wait("orders", "ConfigError", Duration::from_secs(20), |s| {
+            s.phase == Some(Phase::ConfigError)
+        })
+        .await;
     let (_, reason, message) = condition(&s, CONDITION_READY).expect("Ready condition");
     assert_eq!(reason, "ConfigError");
     assert!(
@@ -587,9 +550,7 @@ async fn a_missing_secret_is_a_config_error_fixed_by_creating_it() {
 
     let start = Instant::now();
     t.secret(APP_PASSWORD).await;
-    wait_status(
-        &t.client,
-        t.ns(),
+    t.wait(
         "orders",
         "Healthy after the Secret",
         Duration::from_secs(10),
@@ -614,16 +575,15 @@ async fn a_wrong_password_is_a_config_error_that_does_not_open_the_breaker() {
         Some((SECRET, KEY)),
         serde_json::json!({"backoff": {"initialDelay": "100ms", "maxDelay": "200ms"}, "breaker": {"failureThreshold": 2}}),
     );
-    create(&t.client, t.ns(), &spec).await;
-    let s = wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "4 config failures",
-        Duration::from_secs(20),
-        |s| s.phase == Some(Phase::ConfigError) && s.consecutive_failures >= 4,
-    )
-    .await;
+    t.create(&spec).await;
+    let s = t
+        .wait(
+            "orders",
+            "4 config failures",
+            Duration::from_secs(20),
+            |s| s.phase == Some(Phase::ConfigError) && s.consecutive_failures >= 4,
+        )
+        .await;
     assert_eq!(
         s.last_probe.as_ref().and_then(|p| p.sql_state.as_deref()),
         Some("28P01")
@@ -654,9 +614,7 @@ async fn a_wrong_password_is_a_config_error_that_does_not_open_the_breaker() {
         .patch(SECRET, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("fix the Secret");
-    wait_status(
-        &t.client,
-        t.ns(),
+    t.wait(
         "orders",
         "Healthy after the fix",
         Duration::from_secs(10),
@@ -680,16 +638,7 @@ async fn steady_state_does_not_write_status_per_probe() {
         Some((SECRET, KEY)),
         serde_json::json!({"healthCheck": {"interval": "300ms", "timeout": "200ms"}}),
     );
-    create(&t.client, t.ns(), &spec).await;
-    wait_status(
-        &t.client,
-        t.ns(),
-        "steady",
-        "Healthy",
-        Duration::from_secs(20),
-        is_ready,
-    )
-    .await;
+    t.create_healthy(&spec).await;
     wait_for("the breaker label", Duration::from_secs(5), || async {
         t.api()
             .get("steady")
@@ -730,7 +679,7 @@ async fn steady_state_does_not_write_status_per_probe() {
         last_query >= window_start + 5.0 * interval.as_secs_f64(),
         "the operator kept probing during the window (last probe query {last_query}, window from {window_start})"
     );
-    let s = status(&t.client, t.ns(), "steady").await.expect("status");
+    let s = t.status("steady").await.expect("status");
     assert!(is_ready(&s));
 }
 
@@ -761,7 +710,7 @@ async fn fifty_pools_half_failing_do_not_disturb_the_healthy_half() {
             Some((SECRET, KEY)),
             serde_json::json!({"healthCheck": {"interval": "1s", "timeout": "500ms"}}),
         );
-        create(&t.client, t.ns(), &spec).await;
+        t.create(&spec).await;
     }
     let api = t.api();
     let index = |p: &DbPool| {
@@ -827,27 +776,14 @@ async fn a_dying_connection_is_noticed_within_a_second() {
         Some((SECRET, KEY)),
         serde_json::json!({"healthCheck": {"interval": "30s", "timeout": "2s"}}),
     );
-    create(&t.client, t.ns(), &spec).await;
-    wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "Healthy",
-        Duration::from_secs(20),
-        is_ready,
-    )
-    .await;
+    t.create_healthy(&spec).await;
     let start = Instant::now();
     pg.stop_immediate().await;
-    let s = wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "the first failure",
-        Duration::from_secs(5),
-        |s| s.consecutive_failures >= 1,
-    )
-    .await;
+    let s = t
+        .wait("orders", "the first failure", Duration::from_secs(5), |s| {
+            s.consecutive_failures >= 1
+        })
+        .await;
     let elapsed = start.elapsed();
     assert!(
         elapsed < Duration::from_secs(1),
@@ -872,16 +808,7 @@ async fn a_shorter_interval_reschedules_at_once() {
         Some((SECRET, KEY)),
         serde_json::json!({"healthCheck": {"interval": "1h", "timeout": "1s"}}),
     );
-    create(&t.client, t.ns(), &spec).await;
-    wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "Healthy",
-        Duration::from_secs(20),
-        is_ready,
-    )
-    .await;
+    t.create_healthy(&spec).await;
     let first = last_probe_query(&pg).await;
 
     let patch =
@@ -890,9 +817,7 @@ async fn a_shorter_interval_reschedules_at_once() {
         .patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("shorten the interval");
-    wait_status(
-        &t.client,
-        t.ns(),
+    t.wait(
         "orders",
         "generation 2 observed",
         Duration::from_secs(10),
@@ -921,16 +846,7 @@ async fn deleting_a_pool_stops_probing_and_frees_its_connection() {
         Some((SECRET, KEY)),
         serde_json::json!({"healthCheck": {"interval": "300ms", "timeout": "200ms"}}),
     );
-    create(&t.client, t.ns(), &spec).await;
-    wait_status(
-        &t.client,
-        t.ns(),
-        "orders",
-        "Healthy",
-        Duration::from_secs(20),
-        is_ready,
-    )
-    .await;
+    t.create_healthy(&spec).await;
     let backends = || async {
         pg.query_text("SELECT count(*)::text FROM pg_stat_activity WHERE application_name = 'dbpool-operator'")
             .await
