@@ -14,6 +14,9 @@ CARGO="${CARGO:-cargo}"
 RUNS="$ROOT/.local/test-runs"
 
 hack/build-controlplane.sh >/dev/null
+# helm for tests/packaging.rs and tests/rbac.rs (built once from the Go module proxy, cached).
+HELM_BIN_DIR="$(hack/build-helm.sh)"
+export PATH="$HELM_BIN_DIR:$PATH"
 # Compile first, so the environment does not idle through the build.
 # shellcheck disable=SC2086 # CARGO_TEST_ARGS is a list of words on purpose
 "$CARGO" test ${CARGO_TEST_ARGS:---all-targets} --no-run

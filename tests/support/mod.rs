@@ -4,6 +4,7 @@
 //! Every integration test file includes it with `mod support;`; not every file uses every part.
 #![allow(dead_code)]
 
+pub mod helm;
 pub mod kube;
 pub mod operator;
 pub mod postgres;
