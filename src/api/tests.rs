@@ -134,7 +134,7 @@ fn committed_crd_matches_the_types() {
     let committed = include_str!("../../crds/dbpool.yaml");
     assert!(
         generated == committed,
-        "crds/dbpool.yaml is stale: run `cargo run -- crd > crds/dbpool.yaml`"
+        "crds/dbpool.yaml is stale: run `make crd`"
     );
 }
 

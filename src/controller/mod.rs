@@ -891,3 +891,95 @@ fn error_policy(pool: Arc<DbPool>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(pool = %key, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BreakerStatus, DbPoolSpec};
+
+    fn pool_with_status(name: &str, status: Option<DbPoolStatus>) -> DbPool {
+        let spec: DbPoolSpec = serde_json::from_value(serde_json::json!({
+            "database": {"host": "h", "dbname": "d", "user": "u"}
+        }))
+        .expect("spec");
+        let mut pool = DbPool::new(name, spec);
+        pool.metadata.namespace = Some("ns".into());
+        pool.metadata.uid = Some(format!("uid-{name}"));
+        pool.metadata.generation = Some(1);
+        pool.status = status;
+        pool
+    }
+
+    fn healthy_status(at: Timestamp) -> DbPoolStatus {
+        DbPoolStatus {
+            observed_generation: Some(1),
+            phase: Some(Phase::Healthy),
+            breaker: Some(BreakerStatus {
+                state: BreakerState::Closed,
+                since: None,
+                next_probe_at: None,
+                open_count: 0,
+                half_open_successes: 0,
+            }),
+            last_probe: Some(ProbeSummary {
+                time: MicroTime(at),
+                outcome: ProbeOutcome::Success,
+                stage: Some(ProbeStage::Saturation),
+                latency_ms: 1,
+                message: None,
+                sql_state: None,
+                server_version: None,
+                in_recovery: None,
+                connections: None,
+                max_connections: None,
+            }),
+            last_success_time: Some(MicroTime(at)),
+            ..DbPoolStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_new_pool_is_probed_at_once() {
+        let now = Timestamp::now();
+        let pool = pool_with_status("fresh", None);
+        let policy = Policy::from_spec(&pool.spec);
+        let entry = PoolEntry::restore(&pool, &policy, now);
+        assert_eq!(entry.deadline(&policy, now), now);
+    }
+
+    #[test]
+    fn first_probes_after_a_restart_spread_over_one_interval() {
+        let now = Timestamp::now();
+        // Every pool was last probed long ago: all are overdue at the restart.
+        let long_ago = now
+            .checked_sub(SignedDuration::from_hours(1))
+            .expect("valid");
+        let deadlines: Vec<Timestamp> = (0..200)
+            .map(|i| {
+                let pool = pool_with_status(&format!("pool-{i}"), Some(healthy_status(long_ago)));
+                let policy = Policy::from_spec(&pool.spec);
+                PoolEntry::restore(&pool, &policy, now).deadline(&policy, now)
+            })
+            .collect();
+        let interval = SignedDuration::from_secs(30);
+        let offsets: Vec<f64> = deadlines
+            .iter()
+            .map(|d| d.duration_since(now).as_secs_f64())
+            .collect();
+        assert!(
+            offsets
+                .iter()
+                .all(|o| *o >= 0.0 && *o <= interval.as_secs_f64()),
+            "{offsets:?}"
+        );
+        // Spread, not clumped: every tenth of the interval gets some pools.
+        for slot in 0..10 {
+            let lo = f64::from(slot) * 3.0;
+            let hits = offsets
+                .iter()
+                .filter(|o| **o >= lo && **o < lo + 3.0)
+                .count();
+            assert!(hits > 0, "no first probe in [{lo}s, {}s)", lo + 3.0);
+        }
+    }
+}
