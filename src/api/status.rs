@@ -71,8 +71,7 @@ pub enum Phase {
     Pending,
     /// Last probe succeeded and the breaker is closed.
     Healthy,
-    /// Reachable but limited: the pool would not fit into the server's free connection slots, or
-    /// failures are being counted while the breaker is still closed.
+    /// Reachable but limited: pool.maxSize would not fit into the server's free connection slots.
     Degraded,
     /// Retrying on the backoff schedule after an outage failure.
     Recovering,

@@ -757,17 +757,9 @@ fn store(ctx: &Context, key: &str, entry: PoolEntry) {
     }
 }
 
-/// The user-facing summary of a probe report, saying so when the pool would not fit.
+/// The user-facing summary of a probe report.
 fn summarize(report: &ProbeReport, now: Timestamp) -> ProbeSummary {
-    let mut summary = report.to_summary(MicroTime(now));
-    if report.is_success() && report.pool_fits == Some(false) {
-        summary.message = Some(format!(
-            "{}; pool.maxSize would not fit into the {} free connection slots",
-            report.message,
-            report.free_slots.unwrap_or(0)
-        ));
-    }
-    summary
+    report.to_summary(MicroTime(now))
 }
 
 fn credential_failure(err: &CredentialError, now: Timestamp) -> ProbeSummary {

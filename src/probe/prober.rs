@@ -516,7 +516,9 @@ fn build_report(
     }
 }
 
-/// "ok: PostgreSQL 15.8, primary, 5 of 97 connection slots in use (92 free)".
+/// "ok: PostgreSQL 15.8, primary". Deliberately free of numbers that change from probe to probe
+/// (slots in use are in the report's own fields), so that an unchanged state is an unchanged
+/// message and does not cost a status write.
 fn success_message(findings: &Findings, target: &ProbeTarget) -> String {
     let mut message = String::from("ok");
     if let Some(version) = &findings.server_version {
@@ -527,17 +529,13 @@ fn success_message(findings: &Findings, target: &ProbeTarget) -> String {
         Some(false) => message.push_str(", primary"),
         None => {}
     }
-    if let Some(s) = findings.saturation {
+    if let Some(s) = findings.saturation
+        && !s.pool_fits
+    {
         message.push_str(&format!(
-            ", {} of {} connection slots in use ({} free)",
-            s.connections, s.usable, s.free
+            "; pool maxSize {} does not fit into the free connection slots",
+            target.pool_max_size
         ));
-        if !s.pool_fits {
-            message.push_str(&format!(
-                "; pool maxSize {} does not fit into the free slots",
-                target.pool_max_size
-            ));
-        }
     }
     if let Some(note) = &findings.saturation_note {
         message.push_str(&format!("; {note}"));
@@ -602,8 +600,7 @@ mod tests {
         let message = success_message(&findings, &target("x"));
         assert_eq!(
             message,
-            "ok: PostgreSQL 15.8, primary, 95 of 97 connection slots in use (2 free); \
-             pool maxSize 10 does not fit into the free slots"
+            "ok: PostgreSQL 15.8, primary; pool maxSize 10 does not fit into the free connection slots"
         );
     }
 
