@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help build crd crd-check lint unit test env-up env-down env-status controlplane
+.PHONY: help build crd crd-check lint unit test env-up env-down env-status controlplane demo
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -11,8 +11,9 @@ help: ## List the targets
 build: ## Build the operator binary
 	$(CARGO) build
 
-crd: build ## Regenerate crds/dbpool.yaml from the Rust types
+crd: build ## Regenerate crds/dbpool.yaml from the Rust types, and its copies in the chart and deploy/
 	./target/debug/dbpool-operator crd > crds/dbpool.yaml
+	deploy/render.sh
 
 crd-check: build ## Fail when crds/dbpool.yaml differs from the Rust types
 	@./target/debug/dbpool-operator crd | diff -u crds/dbpool.yaml - \
@@ -31,7 +32,10 @@ controlplane: ## Build (once, cached) kube-apiserver, etcd and kubectl from the 
 env-up: ## Start etcd + kube-apiserver + PostgreSQL under .local/; use as: eval "$(make -s env-up)"
 	@hack/env.sh up
 
-env-down: ## Stop what env-up started (and delete its data; logs stay in .local/logs)
+demo: ## Guided tour: env + operator + a DbPool through an outage (hack/demo.sh)
+	@CARGO="$(CARGO)" hack/demo.sh
+
+env-down: ## Stop what env-up (and demo) started (and delete its data; logs stay in .local/logs)
 	@hack/env.sh down
 
 env-status: ## Report whether the env-up environment runs

@@ -8,6 +8,13 @@
 #   hack/env.sh status   # report each component; exit 1 unless all are up
 #   hack/env.sh print    # print the export lines of a running environment
 #
+# For the demo (hack/demo.sh), on a running environment:
+#   hack/env.sh pg-stop                # stop PostgreSQL (fast shutdown); data and port are kept
+#   hack/env.sh pg-start               # start it again on the same port (idempotent)
+#   hack/env.sh operator-start [BIN]   # (re)start `BIN run` (default target/debug/dbpool-operator)
+#                                      # against this environment; prints its metrics URL
+#   hack/env.sh operator-stop          # stop it (`down` stops it too)
+#
 #   eval "$(hack/env.sh up)"       # or: eval "$(make -s env-up)"
 #
 # The export lines are also written to .local/env.sh. Progress and errors go to stderr, logs to
@@ -331,6 +338,13 @@ prepare_pg_dir() {
   chmod 700 "$dir/"
 }
 
+# launch_postgres DATA PORT: starts the postmaster on DATA, listening on 127.0.0.1:PORT only.
+launch_postgres() {
+  start postgres "${AS_PG[@]}" "$PG_BIN/postgres" -D "$1" -c listen_addresses=127.0.0.1 -c port="$2" \
+    -c unix_socket_directories= -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+    -c logging_collector=off -c password_encryption=scram-sha-256
+}
+
 pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$(cat "$RUN/postgres.port")" -t 2; }
 
 start_postgres() {
@@ -354,9 +368,7 @@ start_postgres() {
   for ((attempt = 1; attempt <= ATTEMPTS; attempt++)); do
     port="$(free_port)"
     echo "$port" >"$RUN/postgres.port"
-    start postgres "${AS_PG[@]}" "$PG_BIN/postgres" -D "$data" -c listen_addresses=127.0.0.1 -c port="$port" \
-      -c unix_socket_directories= -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-      -c logging_collector=off -c password_encryption=scram-sha-256
+    launch_postgres "$data" "$port"
     if wait_ready postgres "PostgreSQL" pg_ready; then
       break
     fi
@@ -398,8 +410,10 @@ all_up() {
 }
 
 do_down() {
-  # The API server first (it talks to etcd), PostgreSQL with a fast shutdown (SIGINT to the
-  # postmaster only: it stops its own children).
+  # An operator the demo started first (it talks to the API server), then the API server (it
+  # talks to etcd), PostgreSQL with a fast shutdown (SIGINT to the postmaster only: it stops its
+  # own children).
+  stop operator TERM
   stop apiserver TERM
   stop etcd TERM
   stop postgres INT leader
@@ -467,12 +481,70 @@ cmd_status() {
   return "$rc"
 }
 
+# ---------------------------------------------------------------------------------------------
+# Demo helpers: stop and start PostgreSQL on its port, run the operator binary in the background.
+
+cmd_pg_stop() {
+  [[ -s "$RUN/postgres.port" ]] || die "the environment is not up: run 'make env-up'"
+  if ! alive postgres; then
+    log "PostgreSQL is already stopped"
+    return 0
+  fi
+  stop postgres INT leader
+  log "PostgreSQL stopped; port $(cat "$RUN/postgres.port") refuses connections until 'pg-start'"
+}
+
+cmd_pg_start() {
+  local port data
+  [[ -s "$RUN/postgres.port" && -d "$(pg_dir)/data" ]] || die "the environment is not up: run 'make env-up'"
+  port="$(cat "$RUN/postgres.port")"
+  if ! alive postgres; then
+    data="$(readlink -f "$(pg_dir)")/data"
+    launch_postgres "$data" "$port"
+  fi
+  if ! wait_ready postgres "PostgreSQL" pg_ready; then
+    log_tail postgres
+    die "PostgreSQL did not start again on port $port"
+  fi
+  log "PostgreSQL accepts connections on port $port"
+}
+
+operator_ready() { curl -sf --max-time 2 "http://127.0.0.1:$(cat "$RUN/operator.port")/readyz" >/dev/null; }
+
+cmd_operator_start() {
+  local bin="${1:-$ROOT/target/debug/dbpool-operator}" attempt port
+  if [[ ! -s "$STATE/kubeconfig" ]] || ! alive apiserver; then
+    die "the environment is not up: run 'make env-up'"
+  fi
+  [[ -x "$bin" ]] || die "$bin not found: run 'cargo build'"
+  stop operator TERM
+  for ((attempt = 1; attempt <= ATTEMPTS; attempt++)); do
+    port="$(free_port)"
+    echo "$port" >"$RUN/operator.port"
+    start operator env NO_COLOR=1 "$bin" run --kubeconfig "$STATE/kubeconfig" \
+      --metrics-addr "127.0.0.1:$port"
+    if wait_ready operator "dbpool-operator" operator_ready; then
+      log "dbpool-operator ready (pid $(pid_of operator)); log $LOGS/operator.log"
+      echo "http://127.0.0.1:$port"
+      return 0
+    fi
+    stop operator
+    if port_collision operator; then
+      log "dbpool-operator: port $port collided, retrying with another"
+      continue
+    fi
+    log_tail operator
+    die "dbpool-operator exited during startup"
+  done
+  die "dbpool-operator: no free port after $ATTEMPTS attempts"
+}
+
 main() {
   local cmd="${1:-}"
   case "$cmd" in
-    up | down | status | print) ;;
+    up | down | status | print | pg-stop | pg-start | operator-start | operator-stop) ;;
     *)
-      echo "usage: $0 up|down|status|print" >&2
+      echo "usage: $0 up|down|status|print|pg-stop|pg-start|operator-start [BIN]|operator-stop" >&2
       exit 2
       ;;
   esac
@@ -494,6 +566,10 @@ main() {
       all_up || die "the environment is not up: run 'make env-up'"
       cat "$STATE/env.sh"
       ;;
+    pg-stop) cmd_pg_stop ;;
+    pg-start) cmd_pg_start ;;
+    operator-start) cmd_operator_start "${2:-}" ;;
+    operator-stop) stop operator TERM ;;
   esac
 }
 
