@@ -9,7 +9,11 @@ use std::{borrow::Cow, fmt, str::FromStr, time::Duration};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// CEL rule attached to every duration field: Go duration syntax, strictly positive.
-pub const DURATION_RULE: &str = r"self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') && duration(self) > duration('0s')";
+pub const DURATION_RULE: &str = concat!(
+    "self.matches(",
+    go_duration_pattern!(),
+    ") && duration(self) > duration('0s')"
+);
 
 /// Message the apiserver returns when [`DURATION_RULE`] fails.
 pub const DURATION_MESSAGE: &str = "must be a positive duration such as 500ms, 30s, 5m or 1h30m";

@@ -9,6 +9,13 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
+/// The CEL string literal of the Go duration syntax (a macro, so rules can be built with `concat!`).
+macro_rules! go_duration_pattern {
+    () => {
+        r"'^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$'"
+    };
+}
+
 mod duration;
 mod status;
 
@@ -201,7 +208,12 @@ impl Default for PoolSpec {
 /// Health-check timing in the healthy steady state.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("duration(self.timeout) < duration(self.interval)")
+// Cross-field duration rules only judge well-formed values: a malformed one is reported by its
+// own field's rule, without a CEL conversion error from this one.
+#[x_kube(validation = kube::core::Rule::new(concat!(
+    "!self.timeout.matches(", go_duration_pattern!(), ") || !self.interval.matches(", go_duration_pattern!(),
+    ") || duration(self.timeout) < duration(self.interval)"
+))
     .message("healthCheck.timeout must be shorter than healthCheck.interval"))]
 pub struct HealthCheckSpec {
     /// Time between probes while the pool is healthy (e.g. 30s).
@@ -226,7 +238,10 @@ impl Default for HealthCheckSpec {
 /// new cycle. There is no terminal state.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("duration(self.maxDelay) >= duration(self.initialDelay)")
+#[x_kube(validation = kube::core::Rule::new(concat!(
+    "!self.maxDelay.matches(", go_duration_pattern!(), ") || !self.initialDelay.matches(", go_duration_pattern!(),
+    ") || duration(self.maxDelay) >= duration(self.initialDelay)"
+))
     .message("backoff.maxDelay must be at least backoff.initialDelay"))]
 pub struct BackoffSpec {
     /// Delay before the first retry.
