@@ -630,7 +630,7 @@ async fn steady_state_does_not_write_status_per_probe() {
     let t = setup().await;
     let pg = PgServer::start().await;
     t.secret(APP_PASSWORD).await;
-    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    let op = RunningOperator::start(t.client.clone(), t.ns());
     let interval = Duration::from_millis(300);
     let spec = pool(
         "steady",
@@ -649,30 +649,7 @@ async fn steady_state_does_not_write_status_per_probe() {
     .await;
     let window_start = last_probe_query(&pg).await;
 
-    // Count every write the apiserver makes visible during an observation window of 10 intervals.
-    let api = t.api();
-    let window_end = tokio::time::Instant::now() + interval * 10;
-    let counter = tokio::spawn(async move {
-        let mut writes = 0usize;
-        let mut initial_list = true;
-        let mut stream = watcher(
-            api,
-            watcher::Config::default().fields("metadata.name=steady"),
-        )
-        .touched_objects()
-        .boxed();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(window_end) => return writes,
-                item = stream.next() => match item {
-                    Some(Ok(_)) if initial_list => initial_list = false,
-                    Some(Ok(_)) => writes += 1,
-                    _ => return writes,
-                }
-            }
-        }
-    });
-    let writes = counter.await.expect("counter");
+    let writes = count_writes(t.api(), "steady", interval * 10).await;
     assert_eq!(writes, 0, "no status writes in 10 healthy intervals");
     let last_query = last_probe_query(&pg).await;
     assert!(
@@ -681,6 +658,45 @@ async fn steady_state_does_not_write_status_per_probe() {
     );
     let s = t.status("steady").await.expect("status");
     assert!(is_ready(&s));
+
+    // A restart alone does not rewrite a healthy status either: the new operator resumes probing
+    // from the stored state, and the 5-minute refresh is counted from the stored lastProbe.
+    op.kill().await;
+    let _op2 = RunningOperator::start(t.client.clone(), t.ns());
+    let window_start = last_probe_query(&pg).await;
+    let writes = count_writes(t.api(), "steady", interval * 10).await;
+    assert_eq!(
+        writes, 0,
+        "no status writes in 10 intervals after a restart"
+    );
+    let last_query = last_probe_query(&pg).await;
+    assert!(
+        last_query >= window_start + 3.0 * interval.as_secs_f64(),
+        "the new operator probes (last probe query {last_query}, window from {window_start})"
+    );
+}
+
+/// Every write the apiserver makes visible for pool `name` during `window` (status, labels).
+async fn count_writes(api: Api<DbPool>, name: &str, window: Duration) -> usize {
+    let window_end = tokio::time::Instant::now() + window;
+    let mut writes = 0usize;
+    let mut initial_list = true;
+    let mut stream = watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+    )
+    .touched_objects()
+    .boxed();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(window_end) => return writes,
+            item = stream.next() => match item {
+                Some(Ok(_)) if initial_list => initial_list = false,
+                Some(Ok(_)) => writes += 1,
+                _ => return writes,
+            }
+        }
+    }
 }
 
 /// 9. 50 pools, half pointing at a stopped server: the healthy half stays Healthy and keeps

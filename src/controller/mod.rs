@@ -485,7 +485,9 @@ impl PoolEntry {
             last_probe: status.last_probe.clone(),
             last_force_reopen: status.last_force_reopen.clone(),
             last_written: Some(status.clone()),
-            last_written_at: None,
+            // The stored lastProbe was written when that probe finished: a restart alone must not
+            // make every pool refresh its status at once.
+            last_written_at: status.last_probe.as_ref().map(|p| p.time.0),
             label_written: pool.labels().get(BREAKER_LABEL).cloned(),
             credentials_fingerprint: None,
             not_before: Some(add(now, spread)),
