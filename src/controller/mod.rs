@@ -65,6 +65,10 @@ pub struct OperatorConfig {
     pub namespace: Option<String>,
     /// Probes running at once, across all pools.
     pub max_concurrent_probes: usize,
+    /// Writes (status, label, events) in flight to the apiserver at once, across all pools. Each
+    /// concurrent request holds its own connection (and TLS session) to the apiserver, so an
+    /// unbounded burst (a shared database failing under a thousand pools) would open hundreds.
+    pub max_concurrent_writes: usize,
     /// In a steady state, refresh lastProbe in status at most this often.
     pub status_refresh: Duration,
     /// Reopen each persistent probe connection this often, to test the full connect path.
@@ -104,6 +108,7 @@ impl Default for OperatorConfig {
         Self {
             namespace: None,
             max_concurrent_probes: 64,
+            max_concurrent_writes: 16,
             status_refresh: Duration::from_secs(300),
             reconnect_every: Duration::from_secs(300),
             instance: "dbpool-operator".to_owned(),
@@ -149,6 +154,7 @@ struct Context {
     pools: Mutex<HashMap<String, PoolEntry>>,
     probe_requested: Mutex<HashSet<String>>,
     probe_slots: Semaphore,
+    write_slots: Semaphore,
     error_counts: Mutex<HashMap<String, u32>>,
     metrics: Arc<Metrics>,
 }
@@ -274,6 +280,7 @@ async fn run_controller(
         client: client.clone(),
         secrets: SecretCache::new(client.clone(), secret_reader.clone()),
         probe_slots: Semaphore::new(config.max_concurrent_probes.max(1)),
+        write_slots: Semaphore::new(config.max_concurrent_writes.max(1)),
         config,
         prober,
         recorder,
@@ -436,6 +443,7 @@ impl Context {
             action: "Probe".to_owned(),
             secondary: None,
         };
+        let _slot = self.write_slots.acquire().await;
         if let Err(err) = self.recorder.publish(&event, &pool.object_ref(&())).await {
             warn!(pool = %pool.name_any(), error = %err, "cannot publish event");
         }
@@ -687,14 +695,16 @@ async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error
             "kind": "DbPool",
             "status": desired,
         });
-        match api
-            .patch_status(
+        let written = {
+            let _slot = ctx.write_slots.acquire().await;
+            api.patch_status(
                 &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&patch),
             )
             .await
-        {
+        };
+        match written {
             Ok(_) => {
                 debug!(pool = %key, phase = ?desired.phase, "status written");
                 entry.last_written = Some(desired.clone());
@@ -716,14 +726,16 @@ async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error
             "kind": "DbPool",
             "metadata": { "labels": { BREAKER_LABEL: label } },
         });
-        match api
-            .patch(
+        let labelled = {
+            let _slot = ctx.write_slots.acquire().await;
+            api.patch(
                 &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&patch),
             )
             .await
-        {
+        };
+        match labelled {
             Ok(_) => entry.label_written = Some(label.to_owned()),
             Err(err) => write_result = Err(Error::Kube(err)),
         }
