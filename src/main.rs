@@ -59,9 +59,9 @@ struct RunArgs {
     /// Probes running at once across all pools.
     #[arg(long, env = "DBPOOL_MAX_CONCURRENT_PROBES", default_value_t = 64)]
     max_concurrent_probes: usize,
-    /// Writes (status, labels, events) in flight to the apiserver at once.
-    #[arg(long, env = "DBPOOL_MAX_CONCURRENT_WRITES", default_value_t = 16)]
-    max_concurrent_writes: usize,
+    /// Requests in flight to the apiserver at once (status, label and event writes, Secret reads).
+    #[arg(long, env = "DBPOOL_MAX_CONCURRENT_API_REQUESTS", default_value_t = 16)]
+    max_concurrent_api_requests: usize,
     /// In a healthy steady state, refresh status.lastProbe at most this often.
     #[arg(long, env = "DBPOOL_STATUS_REFRESH", default_value = "5m")]
     status_refresh: GoDuration,
@@ -160,7 +160,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let config = OperatorConfig {
         namespace: args.namespace,
         max_concurrent_probes: args.max_concurrent_probes,
-        max_concurrent_writes: args.max_concurrent_writes,
+        max_concurrent_api_requests: args.max_concurrent_api_requests,
         status_refresh: args.status_refresh.as_std(),
         reconnect_every: args.reconnect_every.as_std(),
         instance,

@@ -5,7 +5,10 @@
 //! once per change, not per probe, and no other Secret in the cluster is ever read). Errors name
 //! the Secret and key to fix; they never contain a Secret's data.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -87,15 +90,22 @@ pub struct SecretCache {
     client: Client,
     meta: Store<PartialObjectMeta<Secret>>,
     cache: Mutex<HashMap<(String, String), CachedSecret>>,
+    api_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl SecretCache {
-    /// A cache over `meta`, a reflector store fed by a metadata watch on Secrets.
-    pub fn new(client: Client, meta: Store<PartialObjectMeta<Secret>>) -> Self {
+    /// A cache over `meta`, a reflector store fed by a metadata watch on Secrets; reads from the
+    /// apiserver take a permit of `api_slots`.
+    pub fn new(
+        client: Client,
+        meta: Store<PartialObjectMeta<Secret>>,
+        api_slots: Arc<tokio::sync::Semaphore>,
+    ) -> Self {
         Self {
             client,
             meta,
             cache: Mutex::new(HashMap::new()),
+            api_slots,
         }
     }
 
@@ -145,15 +155,28 @@ impl SecretCache {
             .meta
             .get(&ObjectRef::new(&r.name).within(namespace))
             .and_then(|m| m.metadata.resource_version.clone());
-        let cached = self.cache.lock().ok().and_then(|c| c.get(&id).cloned());
-        let secret = match cached {
-            Some(c) if watched_rv.is_some() && c.resource_version == watched_rv => c,
-            _ => {
-                let fetched = self.fetch(namespace, r).await?;
-                if let Ok(mut cache) = self.cache.lock() {
-                    cache.insert(id, fetched.clone());
+        let fresh = || {
+            self.cache
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&id).cloned())
+                .filter(|c| watched_rv.is_some() && c.resource_version == watched_rv)
+        };
+        let secret = match fresh() {
+            Some(c) => c,
+            None => {
+                let _slot = self.api_slots.acquire().await;
+                // Many pools may share this Secret: whoever waited for the permit finds it fetched.
+                match fresh() {
+                    Some(c) => c,
+                    None => {
+                        let fetched = self.fetch(namespace, r).await?;
+                        if let Ok(mut cache) = self.cache.lock() {
+                            cache.insert(id.clone(), fetched.clone());
+                        }
+                        fetched
+                    }
                 }
-                fetched
             }
         };
         let value =

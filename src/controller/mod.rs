@@ -65,10 +65,11 @@ pub struct OperatorConfig {
     pub namespace: Option<String>,
     /// Probes running at once, across all pools.
     pub max_concurrent_probes: usize,
-    /// Writes (status, label, events) in flight to the apiserver at once, across all pools. Each
-    /// concurrent request holds its own connection (and TLS session) to the apiserver, so an
-    /// unbounded burst (a shared database failing under a thousand pools) would open hundreds.
-    pub max_concurrent_writes: usize,
+    /// Requests (status, label and event writes, Secret reads) in flight to the apiserver at once,
+    /// across all pools. Each concurrent request holds its own connection (and TLS session) to the
+    /// apiserver, so an unbounded burst (a restart, or a shared database failing under a thousand
+    /// pools) would open hundreds.
+    pub max_concurrent_api_requests: usize,
     /// In a steady state, refresh lastProbe in status at most this often.
     pub status_refresh: Duration,
     /// Reopen each persistent probe connection this often, to test the full connect path.
@@ -108,7 +109,7 @@ impl Default for OperatorConfig {
         Self {
             namespace: None,
             max_concurrent_probes: 64,
-            max_concurrent_writes: 16,
+            max_concurrent_api_requests: 16,
             status_refresh: Duration::from_secs(300),
             reconnect_every: Duration::from_secs(300),
             instance: "dbpool-operator".to_owned(),
@@ -154,7 +155,7 @@ struct Context {
     pools: Mutex<HashMap<String, PoolEntry>>,
     probe_requested: Mutex<HashSet<String>>,
     probe_slots: Semaphore,
-    write_slots: Semaphore,
+    api_slots: Arc<Semaphore>,
     error_counts: Mutex<HashMap<String, u32>>,
     metrics: Arc<Metrics>,
 }
@@ -276,11 +277,12 @@ async fn run_controller(
             instance: Some(config.instance.clone()),
         },
     );
+    let api_slots = Arc::new(Semaphore::new(config.max_concurrent_api_requests.max(1)));
     let ctx = Arc::new(Context {
         client: client.clone(),
-        secrets: SecretCache::new(client.clone(), secret_reader.clone()),
+        secrets: SecretCache::new(client.clone(), secret_reader.clone(), api_slots.clone()),
         probe_slots: Semaphore::new(config.max_concurrent_probes.max(1)),
-        write_slots: Semaphore::new(config.max_concurrent_writes.max(1)),
+        api_slots: api_slots.clone(),
         config,
         prober,
         recorder,
@@ -443,7 +445,7 @@ impl Context {
             action: "Probe".to_owned(),
             secondary: None,
         };
-        let _slot = self.write_slots.acquire().await;
+        let _slot = self.api_slots.acquire().await;
         if let Err(err) = self.recorder.publish(&event, &pool.object_ref(&())).await {
             warn!(pool = %pool.name_any(), error = %err, "cannot publish event");
         }
@@ -696,7 +698,7 @@ async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error
             "status": desired,
         });
         let written = {
-            let _slot = ctx.write_slots.acquire().await;
+            let _slot = ctx.api_slots.acquire().await;
             api.patch_status(
                 &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
@@ -727,7 +729,7 @@ async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error
             "metadata": { "labels": { BREAKER_LABEL: label } },
         });
         let labelled = {
-            let _slot = ctx.write_slots.acquire().await;
+            let _slot = ctx.api_slots.acquire().await;
             api.patch(
                 &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
