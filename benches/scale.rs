@@ -107,6 +107,12 @@ fn main() {
         child_main();
         return;
     }
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it, and a
+    // ten-minute benchmark is not a test.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("scale is a benchmark: run it with `make bench` (cargo bench --bench scale)");
+        return;
+    }
     START.get_or_init(Instant::now);
     let settings = Settings::from_env();
     if settings.mode == Mode::InProcess {
