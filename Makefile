@@ -21,10 +21,10 @@ crd-check: build ## Fail when crds/dbpool.yaml differs from the Rust types
 
 lint: ## cargo fmt --check and clippy with warnings denied
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit: ## Unit and property tests only (no control plane, no PostgreSQL)
-	$(CARGO) test --lib
+	$(CARGO) test --workspace --lib
 
 controlplane: ## Build (once, cached) kube-apiserver, etcd and kubectl from the Go module proxy
 	@hack/build-controlplane.sh >/dev/null

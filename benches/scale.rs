@@ -34,8 +34,7 @@
 //!
 //! Not part of `make test`. Needs the environment `make bench` starts (DBPOOL_TEST_KUBECONFIG).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use dbpool_testkit as support;
 
 use std::{
     collections::HashMap,
@@ -606,7 +605,8 @@ fn child_main() {
             Arc::new(Metrics::new()),
             std::future::pending(),
         )
-        .await;
+        .await
+        .expect("operator run");
     });
 }
 
@@ -935,7 +935,8 @@ impl Operator {
                         Arc::new(Metrics::new()),
                         std::future::pending(),
                     )
-                    .await;
+                    .await
+                    .expect("operator run");
                 });
                 OperatorKind::InProcess { runtime }
             }
@@ -1345,7 +1346,7 @@ impl Run {
         } else {
             go_duration(OPEN_TIMEOUT)
         };
-        support::operator::pool(
+        support::pools::pool(
             &pool_name(i as usize),
             self.pgs[self.target_of(i)].port(),
             Some((SECRET, KEY)),
@@ -2348,7 +2349,7 @@ async fn calibrate(client: &Client) -> String {
     maps.create(&PostParams::default(), &map)
         .await
         .expect("create ConfigMap");
-    let pool = support::operator::pool(
+    let pool = support::pools::pool(
         "calibrate",
         5432,
         Some((SECRET, KEY)),

@@ -52,13 +52,14 @@ timed() {
 # Ports and processes
 
 # A TCP port on 127.0.0.1 that nothing listens on right now (and that this run has not handed out
-# yet). A process may still take it before we bind: the callers retry with new ports on a
-# collision.
+# yet), from 20000-31999: the one port policy, whose home is crates/dbpool-testkit/src/ports.rs
+# (below the kernel's ephemeral range 32768-60999). A process may still take it before we bind:
+# the callers retry with new ports on a collision.
 declare -a TAKEN_PORTS=()
 free_port() {
   local port i
   for ((i = 0; i < 200; i++)); do
-    port=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
+    port=$((20000 + (RANDOM * 32768 + RANDOM) % 12000))
     [[ " ${TAKEN_PORTS[*]-} " == *" $port "* ]] && continue
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       TAKEN_PORTS+=("$port")

@@ -5,7 +5,7 @@
 # checkout is touched), runs every cargo test target against it, and tears the environment down
 # however the tests end.
 #
-#   CARGO_TEST_ARGS="--test admission"  hack/test.sh     # a subset (default: --lib --bins --tests;
+#   CARGO_TEST_ARGS="--test admission"  hack/test.sh     # a subset (default: --workspace --lib --bins --tests;
 #                                                        # the benchmark is `make bench`)
 #   TEST_THREADS=4                      hack/test.sh     # threads per test binary
 set -euo pipefail
@@ -20,7 +20,7 @@ HELM_BIN_DIR="$(hack/build-helm.sh)"
 export PATH="$HELM_BIN_DIR:$PATH"
 # Compile first, so the environment does not idle through the build.
 # shellcheck disable=SC2086 # CARGO_TEST_ARGS is a list of words on purpose
-"$CARGO" test ${CARGO_TEST_ARGS:---lib --bins --tests} --no-run
+"$CARGO" test ${CARGO_TEST_ARGS:---workspace --lib --bins --tests} --no-run
 
 # Environments of earlier runs whose test.sh is gone (killed before its trap ran) are stopped and
 # removed; a failed run's directory stays for its logs until then.
@@ -62,4 +62,4 @@ echo "[test] kube-apiserver $(kubectl version -o json | sed -n 's/.*"gitVersion"
 threads=()
 [[ -n "${TEST_THREADS:-}" ]] && threads=(--test-threads "$TEST_THREADS")
 # shellcheck disable=SC2086 # CARGO_TEST_ARGS is a list of words on purpose
-"$CARGO" test --no-fail-fast ${CARGO_TEST_ARGS:---lib --bins --tests} -- "${threads[@]}"
+"$CARGO" test --no-fail-fast ${CARGO_TEST_ARGS:---workspace --lib --bins --tests} -- "${threads[@]}"

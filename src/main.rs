@@ -1,86 +1,19 @@
 //! The `dbpool-operator` command: `run` starts the operator, `crd` prints the
 //! CustomResourceDefinition. `run` also serves `/metrics`, `/healthz` and `/readyz`, and shuts
 //! down gracefully on SIGTERM/SIGINT (releasing the leader lease, so a standby takes over at once).
+//! Flags and defaults live in `dbpool_operator::cli`; this file only starts things.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use dbpool_operator::{
-    api::GoDuration,
-    controller::{self, LeaderElection, OperatorConfig},
+    cli::{Cli, Command, LogFormat, RunArgs},
+    controller,
     metrics::Metrics,
 };
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
-
-/// Kubernetes operator that keeps PostgreSQL connection pools out of a permanent failure state.
-#[derive(Parser, Debug)]
-#[command(name = "dbpool-operator", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Print the DbPool CustomResourceDefinition as YAML (what crds/dbpool.yaml holds).
-    Crd,
-    /// Run the operator.
-    Run(Box<RunArgs>),
-}
-
-#[derive(clap::Args, Debug)]
-struct RunArgs {
-    /// Kubeconfig file; without it, $KUBECONFIG, ~/.kube/config or the in-cluster config.
-    #[arg(long, env = "DBPOOL_KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "DBPOOL_NAMESPACE")]
-    namespace: Option<String>,
-    /// Address of the /metrics, /healthz and /readyz endpoints.
-    #[arg(long, env = "DBPOOL_METRICS_ADDR", default_value = "0.0.0.0:8080")]
-    metrics_addr: SocketAddr,
-    /// Elect a leader through a Lease; only the leader probes and writes.
-    #[arg(long, env = "DBPOOL_LEADER_ELECT")]
-    leader_elect: bool,
-    /// Name of the leader Lease.
-    #[arg(long, env = "DBPOOL_LEASE_NAME", default_value = "dbpool-operator")]
-    lease_name: String,
-    /// Namespace of the leader Lease (default: $POD_NAMESPACE, else "default").
-    #[arg(long, env = "DBPOOL_LEASE_NAMESPACE")]
-    lease_namespace: Option<String>,
-    /// Validity of the lease after a renewal; a standby takes over this long after the leader dies.
-    #[arg(long, env = "DBPOOL_LEASE_DURATION", default_value = "15s")]
-    lease_duration: GoDuration,
-    /// The leader renews this long before the lease expires.
-    #[arg(long, env = "DBPOOL_LEASE_RENEW_GRACE", default_value = "5s")]
-    lease_renew_grace: GoDuration,
-    /// Probes running at once across all pools.
-    #[arg(long, env = "DBPOOL_MAX_CONCURRENT_PROBES", default_value_t = 64)]
-    max_concurrent_probes: usize,
-    /// Requests in flight to the apiserver at once (status, label and event writes, Secret reads).
-    #[arg(long, env = "DBPOOL_MAX_CONCURRENT_API_REQUESTS", default_value_t = 16)]
-    max_concurrent_api_requests: usize,
-    /// In a healthy steady state, refresh status.lastProbe at most this often.
-    #[arg(long, env = "DBPOOL_STATUS_REFRESH", default_value = "5m")]
-    status_refresh: GoDuration,
-    /// Reopen each persistent probe connection this often (tests the full connect path).
-    #[arg(long, env = "DBPOOL_RECONNECT_EVERY", default_value = "5m")]
-    reconnect_every: GoDuration,
-    /// Log format.
-    #[arg(long, env = "DBPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Instance name shown in events (defaults to $POD_NAME or the host name).
-    #[arg(long, env = "POD_NAME")]
-    instance: Option<String>,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -143,29 +76,7 @@ async fn client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, String> {
 
 async fn run(args: RunArgs) -> Result<(), String> {
     let client = client(args.kubeconfig.as_ref()).await?;
-    let instance = args
-        .instance
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "dbpool-operator".to_owned());
-    let leader_election = args.leader_elect.then(|| LeaderElection {
-        lease_name: args.lease_name.clone(),
-        lease_namespace: args
-            .lease_namespace
-            .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "default".to_owned()),
-        lease_duration: args.lease_duration.as_std(),
-        renew_grace: args.lease_renew_grace.as_std(),
-    });
-    let config = OperatorConfig {
-        namespace: args.namespace,
-        max_concurrent_probes: args.max_concurrent_probes,
-        max_concurrent_api_requests: args.max_concurrent_api_requests,
-        status_refresh: args.status_refresh.as_std(),
-        reconnect_every: args.reconnect_every.as_std(),
-        instance,
-        leader_election,
-    };
+    let config = args.operator_config(|name| std::env::var(name).ok());
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -181,8 +92,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
             error!("health endpoint stopped: {err}");
         }
     });
-    controller::run(client, config, metrics, shutdown_signal()).await;
-    Ok(())
+    controller::run(client, config, metrics, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// 200 once the process can do its job: the leader when its caches have synced, a standby once

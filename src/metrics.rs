@@ -175,7 +175,7 @@ impl Metrics {
             .get_or_create(&ProbeLabels {
                 namespace: pool.namespace.clone(),
                 name: pool.name.clone(),
-                outcome: format!("{outcome:?}"),
+                outcome: outcome.name().to_owned(),
             })
             .inc();
         if outcome != ProbeOutcome::Success {
@@ -187,7 +187,7 @@ impl Metrics {
         for (stage, took) in stages {
             self.probe_duration
                 .get_or_create(&StageLabels {
-                    stage: format!("{stage:?}"),
+                    stage: stage.name().to_owned(),
                 })
                 .observe(took.as_secs_f64());
         }
@@ -237,27 +237,13 @@ impl Metrics {
                 state,
             });
         }
-        for outcome in [
-            ProbeOutcome::Success,
-            ProbeOutcome::TransientFailure,
-            ProbeOutcome::ConfigFailure,
-            ProbeOutcome::WrongRole,
-        ] {
+        for outcome in ProbeOutcome::ALL {
             self.probes.remove(&ProbeLabels {
                 namespace: pool.namespace.clone(),
                 name: pool.name.clone(),
-                outcome: format!("{outcome:?}"),
+                outcome: outcome.name().to_owned(),
             });
         }
-    }
-
-    /// Total probes this process has run (all pools, all outcomes).
-    pub fn probes_run(&self) -> u64 {
-        let text = self.encode();
-        text.lines()
-            .filter(|l| l.starts_with("dbpool_probes_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
     }
 
     /// Marks the process ready (or not): caches synced, or a standby able to take over.

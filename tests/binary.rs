@@ -2,7 +2,7 @@
 //! PostgreSQL, scraped over HTTP, stopped with SIGTERM, killed with SIGKILL, and run twice with
 //! leader election.
 
-mod support;
+use dbpool_testkit as support;
 
 use std::{
     process::{Child, Command, Stdio},
@@ -13,8 +13,9 @@ use dbpool_operator::api::{BreakerState, DbPool, DbPoolStatus, Phase};
 use kube::{Api, Client};
 use support::{
     kube::{TestNamespace, create_secret, install_crd, kubeconfig_path},
-    operator::{create, pool, status, wait_status},
-    postgres::{APP_PASSWORD, PgServer, free_port},
+    pools::{create, pool, status, wait_status},
+    ports::free_port,
+    postgres::{APP_PASSWORD, PgServer},
     wait::{wait_for, wait_until},
 };
 use tokio::{

@@ -4,7 +4,7 @@
 //!
 //! Needs the control plane that `make test` starts (or `eval "$(make -s env-up)"`).
 
-mod support;
+use dbpool_testkit as support;
 
 use std::time::Duration;
 

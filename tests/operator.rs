@@ -4,7 +4,8 @@
 //! only). Timings in the specs are short (300ms initial delay, 1s open timeout) so the suite stays
 //! fast; every wait has a deadline.
 
-mod support;
+use dbpool_operator::controller::RunningOperator;
+use dbpool_testkit as support;
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use kube::{
 };
 use support::{
     kube::{TestNamespace, create_secret, install_crd, kubectl},
-    operator::{RunningOperator, condition, create, pool, status, wait_status},
+    pools::{condition, create, pool, status, wait_status},
     postgres::{APP_PASSWORD, PgServer},
     wait::{wait_for, wait_until},
 };

@@ -4,7 +4,7 @@
 //! the CRD copies are identical to crds/dbpool.yaml; deploy/ is exactly the chart's defaults; the
 //! pod is hardened; and the binary accepts every argument the chart gives it.
 
-mod support;
+use dbpool_testkit as support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

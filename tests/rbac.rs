@@ -9,7 +9,8 @@
 //! in that namespace only). They run one at a time: a cluster-wide operator would otherwise also
 //! reconcile the other test's pool.
 
-mod support;
+use dbpool_operator::controller::RunningOperator;
+use dbpool_testkit as support;
 
 use std::{
     collections::BTreeSet,
@@ -39,7 +40,7 @@ use support::{
         container_args, flag, key, kubectl_stdin_ok, of_kind, one, parse_docs, template, to_yaml,
     },
     kube::{TestNamespace, client, create_secret, install_crd, kubeconfig_path, unique_name},
-    operator::{RunningOperator, condition, create, pool, wait_status},
+    pools::{condition, create, pool, wait_status},
     postgres::{APP_PASSWORD, PgServer},
     wait::{wait_for, wait_until},
 };

@@ -200,15 +200,13 @@ impl SecretCache {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         match api.get_opt(&r.name).await {
             Ok(Some(secret)) => {
-                let mut data: std::collections::BTreeMap<String, Vec<u8>> = secret
+                // stringData is write-only: the apiserver merges it into data and never returns it.
+                let data = secret
                     .data
                     .unwrap_or_default()
                     .into_iter()
                     .map(|(k, v)| (k, v.0))
                     .collect();
-                for (k, v) in secret.string_data.unwrap_or_default() {
-                    data.entry(k).or_insert_with(|| v.into_bytes());
-                }
                 Ok(CachedSecret {
                     resource_version: secret.metadata.resource_version,
                     data,

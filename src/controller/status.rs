@@ -17,7 +17,7 @@ use crate::{
     api::{
         BreakerMode, BreakerState, BreakerStatus, CONDITION_BREAKER_OPEN, CONDITION_DEGRADED,
         CONDITION_READY, DbPoolStatus, ForceReopenRecord, GoDuration, Phase, ProbeOutcome,
-        ProbeSummary,
+        ProbeSummary, reason,
     },
     recovery::{self, FailureKind, Policy, PoolState},
 };
@@ -41,7 +41,7 @@ pub struct StatusInputs<'a> {
 /// The status that should be stored for these inputs at `now`.
 pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus {
     let state = inputs.state;
-    let phase = recovery::phase(state, inputs.policy);
+    let phase = recovery::phase(state);
     let next_probe_at = if state.breaker == BreakerState::Open {
         recovery::next_deadline(state, inputs.policy).map(MicroTime)
     } else {
@@ -56,55 +56,67 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
         Phase::Healthy | Phase::Degraded => condition(
             CONDITION_READY,
             true,
-            "ProbeSucceeded",
+            reason::PROBE_SUCCEEDED,
             "the database answered the last probe",
         ),
         Phase::Pending => {
-            let mut c = condition(CONDITION_READY, false, "Pending", "not probed yet");
+            let mut c = condition(CONDITION_READY, false, reason::PENDING, "not probed yet");
             c.status = "Unknown".into();
             c
         }
-        Phase::ConfigError => condition(CONDITION_READY, false, "ConfigError", &probe_message),
+        Phase::ConfigError => {
+            condition(CONDITION_READY, false, reason::CONFIG_ERROR, &probe_message)
+        }
         Phase::BreakerOpen => condition(
             CONDITION_READY,
             false,
-            "BreakerOpen",
+            reason::BREAKER_OPEN,
             &format!("circuit breaker is {:?}: {probe_message}", state.breaker),
         ),
         Phase::CoolingDown => condition(
             CONDITION_READY,
             false,
-            "CoolingDown",
+            reason::COOLING_DOWN,
             &format!(
                 "{} attempts failed; next cycle after the cooldown: {probe_message}",
                 inputs.policy.max_attempts
             ),
         ),
-        Phase::Recovering => condition(CONDITION_READY, false, "Recovering", &probe_message),
+        Phase::Recovering => condition(CONDITION_READY, false, reason::RECOVERING, &probe_message),
     };
     let degraded = if state.consecutive_failures > 0 {
         condition(
             CONDITION_DEGRADED,
             true,
-            "ProbeFailures",
+            reason::PROBE_FAILURES,
             &format!("{} consecutive failed probes", state.consecutive_failures),
         )
     } else if state.degraded {
-        condition(CONDITION_DEGRADED, true, "PoolDoesNotFit", &probe_message)
+        condition(
+            CONDITION_DEGRADED,
+            true,
+            reason::POOL_DOES_NOT_FIT,
+            &probe_message,
+        )
     } else {
-        condition(CONDITION_DEGRADED, false, "AsExpected", "no failures")
+        condition(
+            CONDITION_DEGRADED,
+            false,
+            reason::AS_EXPECTED,
+            "no failures",
+        )
     };
     let breaker = match (state.breaker, inputs.policy.mode) {
         (BreakerState::Open, BreakerMode::ForcedOpen) => condition(
             CONDITION_BREAKER_OPEN,
             true,
-            "ForcedOpen",
+            reason::FORCED_OPEN,
             "breaker.mode is ForcedOpen: held open, probes continue",
         ),
         (BreakerState::Open, _) => condition(
             CONDITION_BREAKER_OPEN,
             true,
-            "FailureThresholdReached",
+            reason::FAILURE_THRESHOLD_REACHED,
             &format!(
                 "{} consecutive outage failures; trial probe after {}",
                 inputs.policy.failure_threshold,
@@ -114,12 +126,15 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
         (BreakerState::HalfOpen, _) => condition(
             CONDITION_BREAKER_OPEN,
             true,
-            "HalfOpen",
+            reason::HALF_OPEN,
             "trial probes decide whether the breaker closes",
         ),
-        (BreakerState::Closed, _) => {
-            condition(CONDITION_BREAKER_OPEN, false, "Closed", "breaker is closed")
-        }
+        (BreakerState::Closed, _) => condition(
+            CONDITION_BREAKER_OPEN,
+            false,
+            reason::CLOSED,
+            "breaker is closed",
+        ),
     };
     let conditions = [ready, degraded, breaker]
         .into_iter()
@@ -267,7 +282,7 @@ mod tests {
             "database": {"host": "h", "dbname": "d", "user": "u"}
         }))
         .expect("spec");
-        Policy::from_spec(&spec)
+        spec.policy()
     }
 
     fn at(secs: i64) -> Timestamp {

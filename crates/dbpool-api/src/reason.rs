@@ -1,0 +1,53 @@
+//! Condition reasons and event reasons: the machine-readable words the operator writes.
+//!
+//! Lives here: every `reason` string of a status condition or an Event, as a constant, so the
+//! controller, the tests, the docs' runbooks and tools such as `kubectl dbpool` name one value.
+//! Must not live here: messages (they carry per-pool detail and are built where they are written).
+
+// Condition reasons of `Ready`.
+/// Ready=True: the database answered the last probe.
+pub const PROBE_SUCCEEDED: &str = "ProbeSucceeded";
+/// Ready=Unknown: the pool was not probed yet.
+pub const PENDING: &str = "Pending";
+/// Ready=False: the last failure is a configuration problem. Also an event reason.
+pub const CONFIG_ERROR: &str = "ConfigError";
+/// Ready=False: the breaker is open or half-open.
+pub const BREAKER_OPEN: &str = "BreakerOpen";
+/// Ready=False: a cycle of attempts failed; waiting out the cooldown.
+pub const COOLING_DOWN: &str = "CoolingDown";
+/// Ready=False: retrying on the backoff schedule.
+pub const RECOVERING: &str = "Recovering";
+
+// Condition reasons of `Degraded`.
+/// Degraded=True: probes are failing.
+pub const PROBE_FAILURES: &str = "ProbeFailures";
+/// Degraded=True: pool.maxSize does not fit into the server's free connection slots.
+pub const POOL_DOES_NOT_FIT: &str = "PoolDoesNotFit";
+/// Degraded=False.
+pub const AS_EXPECTED: &str = "AsExpected";
+
+// Condition reasons of `BreakerOpen`.
+/// BreakerOpen=True: held open by breaker.mode ForcedOpen.
+pub const FORCED_OPEN: &str = "ForcedOpen";
+/// BreakerOpen=True: the outage streak reached the failure threshold.
+pub const FAILURE_THRESHOLD_REACHED: &str = "FailureThresholdReached";
+/// BreakerOpen=True: half-open, trial probes decide.
+pub const HALF_OPEN: &str = "HalfOpen";
+/// BreakerOpen=False.
+pub const CLOSED: &str = "Closed";
+
+// Event reasons (CONFIG_ERROR above is one too).
+/// Warning: the breaker opened.
+pub const BREAKER_OPENED: &str = "BreakerOpened";
+/// Normal: the breaker went half-open for a trial.
+pub const BREAKER_HALF_OPEN: &str = "BreakerHalfOpen";
+/// Normal: the breaker closed.
+pub const BREAKER_CLOSED: &str = "BreakerClosed";
+/// Warning: maxAttempts failed in a row; a cooldown started.
+pub const COOLDOWN_STARTED: &str = "CooldownStarted";
+/// Normal: the cooldown ended; a new cycle of attempts starts.
+pub const COOLDOWN_ENDED: &str = "CooldownEnded";
+/// Normal: the database answers again after failures.
+pub const RECOVERED: &str = "Recovered";
+/// Normal: a force-reopen token was acted upon.
+pub const FORCE_REOPEN: &str = "ForceReopen";

@@ -1,0 +1,138 @@
+//! The staged PostgreSQL probe and the persistent connections it runs on.
+//!
+//! Lives here: [`Prober`], which keeps one persistent connection per distinct target (shared by
+//! every pool that probes it) and reports their loss as [`ConnectionLost`] events the moment it
+//! happens; the probe stages (resolve, TCP, TLS, startup/auth, `SELECT 1`, role, saturation) with
+//! their timeouts; and the classification of every failure into a [`ProbeOutcome`].
+//!
+//! Must not live here: anything about Kubernetes (reading Secrets, writing status, scheduling the
+//! next probe) or recovery policy (backoff, breaker): the probe reports what it saw and the
+//! controller decides. Passwords travel only inside [`Password`], whose `Debug` is redacted; they
+//! never enter a message, a log line, a connection key or an event.
+
+mod checks;
+mod classify;
+mod connect;
+mod prober;
+mod stage;
+mod tls;
+mod types;
+
+use std::{fmt, time::Duration};
+
+pub use prober::Prober;
+pub use types::{ProbeOutcome, ProbeStage, SslMode, TargetSessionAttrs};
+
+/// A database password. `Debug` prints `<redacted>` and there is no `Display`, so it cannot end up
+/// in a message or a log line by accident; [`Password::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    /// Wraps a password read from a Secret.
+    pub fn new(password: String) -> Self {
+        Self(password)
+    }
+
+    /// The password itself, for the authentication exchange only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Everything one probe needs: where the server is, how to log in, what counts as healthy.
+#[derive(Clone, Debug)]
+pub struct ProbeTarget {
+    /// Host name or IP address of the server.
+    pub host: String,
+    /// TCP port of the server.
+    pub port: u16,
+    /// Database to connect to.
+    pub dbname: String,
+    /// Role to log in as.
+    pub user: String,
+    /// Password, when the server asks for one.
+    pub password: Option<Password>,
+    /// TLS mode (libpq's sslmode).
+    pub ssl_mode: SslMode,
+    /// PEM CA bundle for verify-ca and verify-full.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Whether a standby is acceptable.
+    pub target_session_attrs: TargetSessionAttrs,
+    /// application_name shown in pg_stat_activity.
+    pub application_name: String,
+    /// The application pool's maximum size, checked against the server's free slots.
+    pub pool_max_size: u32,
+    /// Budget for the whole probe; every stage gets what is left of it.
+    pub timeout: Duration,
+}
+
+/// What one probe saw. Never contains a password.
+#[derive(Clone, Debug)]
+pub struct ProbeReport {
+    /// Success, or which kind of failure.
+    pub outcome: ProbeOutcome,
+    /// The stage that failed, or the last stage run on success.
+    pub stage: ProbeStage,
+    /// Wall time of the whole probe.
+    pub latency: Duration,
+    /// What happened, short and for people.
+    pub message: String,
+    /// SQLSTATE of the server's error, when there was one.
+    pub sql_state: Option<String>,
+    /// `server_version` of the server.
+    pub server_version: Option<String>,
+    /// `pg_is_in_recovery()`: true on a standby.
+    pub in_recovery: Option<bool>,
+    /// Client backends open on the server.
+    pub connections: Option<i64>,
+    /// Connections ordinary roles may open: max_connections minus the reserved slots.
+    pub max_connections: Option<i64>,
+    /// `max_connections - connections`, never below zero.
+    pub free_slots: Option<i64>,
+    /// Whether `pool_max_size` more connections would fit into the free slots.
+    pub pool_fits: Option<bool>,
+    /// Whether this probe opened a new connection (false: it reused the persistent one).
+    pub fresh_connection: bool,
+    /// Wall time of each stage that ran, in order.
+    pub stage_latencies: Vec<(ProbeStage, Duration)>,
+}
+
+impl ProbeReport {
+    /// Whether the probe succeeded.
+    pub fn is_success(&self) -> bool {
+        self.outcome == ProbeOutcome::Success
+    }
+}
+
+/// Tuning of the [`Prober`].
+#[derive(Clone, Debug)]
+pub struct ProberConfig {
+    /// Age after which a healthy persistent connection is replaced by a freshly opened one, so
+    /// that what only new connections see (a changed password, a full server) is still noticed.
+    pub reconnect_every: Duration,
+}
+
+impl Default for ProberConfig {
+    fn default() -> Self {
+        Self {
+            reconnect_every: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A persistent connection ended without the prober closing it: the pools in `owners` should be
+/// probed now rather than at their next interval.
+#[derive(Clone, Debug)]
+pub struct ConnectionLost {
+    /// The pools (`namespace/name`) that were using the connection.
+    pub owners: Vec<String>,
+    /// Why the connection ended, short and for people.
+    pub reason: String,
+}

@@ -1,0 +1,117 @@
+//! The clock of one probe and the shape of a stage failure.
+//!
+//! Lives here: [`Clock`], which gives each stage what is left of the probe's budget and records
+//! how long each stage took, and [`Failure`], a classified stage failure. Must not live here: the
+//! stages themselves or the rules that classify errors (`classify`).
+
+use std::{future::Future, time::Duration};
+
+use tokio::time::Instant;
+
+use crate::{ProbeOutcome, ProbeStage};
+
+/// A stage that failed, already classified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Failure {
+    /// TransientFailure, ConfigFailure or WrongRole.
+    pub outcome: ProbeOutcome,
+    /// The stage that failed.
+    pub stage: ProbeStage,
+    /// Short, human, without any password.
+    pub message: String,
+    /// SQLSTATE of the server's error, if any.
+    pub sql_state: Option<String>,
+    /// The connection this happened on cannot be used any more (closed, reset, or a request is
+    /// still pending after a timeout).
+    pub broken: bool,
+}
+
+impl Failure {
+    /// An outage-type failure.
+    pub fn transient(stage: ProbeStage, message: impl Into<String>) -> Self {
+        Self {
+            outcome: ProbeOutcome::TransientFailure,
+            stage,
+            message: message.into(),
+            sql_state: None,
+            broken: true,
+        }
+    }
+
+    /// A configuration mistake.
+    pub fn config(stage: ProbeStage, message: impl Into<String>) -> Self {
+        Self {
+            outcome: ProbeOutcome::ConfigFailure,
+            stage,
+            message: message.into(),
+            sql_state: None,
+            broken: false,
+        }
+    }
+
+    /// The stage ran out of the probe's budget while doing `what`.
+    pub fn timeout(stage: ProbeStage, what: &str, budget: Duration) -> Self {
+        Self::transient(
+            stage,
+            format!("{what} timed out (probe timeout {budget:?})"),
+        )
+    }
+}
+
+/// The budget of one probe: a start, a deadline, and the latency of each stage run so far.
+#[derive(Debug)]
+pub(crate) struct Clock {
+    start: Instant,
+    deadline: Instant,
+    budget: Duration,
+    /// Wall time of each stage that ran, in order.
+    pub stages: Vec<(ProbeStage, Duration)>,
+}
+
+impl Clock {
+    /// Starts the clock of a probe allowed to take `budget`.
+    pub fn start(budget: Duration) -> Self {
+        let start = Instant::now();
+        Self {
+            start,
+            deadline: start + budget,
+            budget,
+            stages: Vec::new(),
+        }
+    }
+
+    /// The probe's whole budget.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    /// What is left of the budget.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Time since the probe started.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Records that `stage` took `took`.
+    pub fn record(&mut self, stage: ProbeStage, took: Duration) {
+        self.stages.push((stage, took));
+    }
+
+    /// Runs `fut` as `stage` within what is left of the budget and records its latency. On
+    /// timeout the failure says `what` timed out.
+    pub async fn stage<T, F>(&mut self, stage: ProbeStage, what: &str, fut: F) -> Result<T, Failure>
+    where
+        F: Future<Output = Result<T, Failure>>,
+    {
+        let began = Instant::now();
+        let result = tokio::time::timeout(self.remaining(), fut).await;
+        self.record(stage, began.elapsed());
+        match result {
+            Ok(inner) => inner,
+            Err(_) => Err(Failure::timeout(stage, what, self.budget)),
+        }
+    }
+}

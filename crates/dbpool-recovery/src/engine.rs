@@ -1,0 +1,266 @@
+//! The rules: how an event changes a pool's state, when the next probe is due, and which phase
+//! the state shows.
+//!
+//! Lives here: [`apply`], [`next_deadline`] and [`phase`], pure functions of their arguments
+//! (the module docs of `recovery` state the rules in prose). No clock, no I/O, no logging: the
+//! caller passes `now` in and acts on the returned effects.
+
+use jiff::Timestamp;
+use std::time::Duration;
+
+use super::backoff::backoff_delay;
+use super::policy::Policy;
+use super::state::{Effect, Event, FailureKind, PoolState};
+use crate::{BreakerMode, BreakerState, Phase};
+
+/// The state after `event` happened at `now` under `policy`, and what visibly changed.
+///
+/// A probe result whose `seq` is not `state.probe_seq` changes nothing and yields
+/// `[Effect::Ignored]`. Any other event first brings the breaker in line with the mode (see the
+/// module docs), then applies the event's own rule.
+pub fn apply(
+    state: &PoolState,
+    event: Event,
+    now: Timestamp,
+    policy: &Policy,
+) -> (PoolState, Vec<Effect>) {
+    if let Event::ProbeSucceeded { seq, .. } | Event::ProbeFailed { seq, .. } = event
+        && seq != state.probe_seq
+    {
+        return (state.clone(), vec![Effect::Ignored]);
+    }
+    let mut s = state.clone();
+    let mut fx = Vec::new();
+    enforce_mode(&mut s, now, policy, &mut fx);
+    match event {
+        Event::ProbeStarted => {
+            s.probe_seq = s.probe_seq.wrapping_add(1);
+            s.probe_requested = false;
+            end_cooldown_if_due(&mut s, now, &mut fx);
+            if policy.mode == BreakerMode::Auto
+                && s.breaker == BreakerState::Open
+                && s.breaker_since
+                    .is_none_or(|since| now >= add(since, policy.open_timeout))
+            {
+                transition(&mut s, BreakerState::HalfOpen, now, &mut fx);
+            }
+        }
+        Event::ProbeSucceeded { degraded, .. } => {
+            on_success(&mut s, degraded, now, policy, &mut fx)
+        }
+        Event::ProbeFailed { kind, .. } => on_failure(&mut s, kind, now, policy, &mut fx),
+        Event::ForceReopen => {
+            if s.cooldown_until.take().is_some() {
+                fx.push(Effect::CooldownEnded);
+            }
+            s.attempts = 0;
+            s.current_backoff = None;
+            match (policy.mode, s.breaker) {
+                (BreakerMode::Auto, BreakerState::Open) => {
+                    transition(&mut s, BreakerState::HalfOpen, now, &mut fx);
+                }
+                (BreakerMode::Auto, BreakerState::HalfOpen) => {
+                    // Restart the trial.
+                    s.breaker_since = Some(now);
+                    s.half_open_successes = 0;
+                }
+                _ => {}
+            }
+            s.probe_seq = s.probe_seq.wrapping_add(1);
+            s.probe_requested = true;
+            fx.push(Effect::ForceReopened);
+        }
+        Event::ProbeRequested => s.probe_requested = true,
+        Event::SpecChanged => {
+            s.probe_seq = s.probe_seq.wrapping_add(1);
+            if s.current_backoff.is_some() && s.attempts > 0 {
+                s.current_backoff = Some(backoff_delay(policy, s.seed, s.attempts - 1));
+            }
+            if let Some(until) = s.cooldown_until {
+                s.cooldown_until = Some(until.min(add(now, policy.cooldown)));
+            }
+        }
+    }
+    (s, fx)
+}
+
+/// When the next probe is due; `None` means now.
+///
+/// See the module docs for the rules. The result is never before `last_probe_at`.
+pub fn next_deadline(state: &PoolState, policy: &Policy) -> Option<Timestamp> {
+    if state.probe_requested {
+        return None;
+    }
+    let last_probe = state.last_probe_at?;
+    let open_auto = state.breaker == BreakerState::Open && policy.mode == BreakerMode::Auto;
+    let trial_at = state
+        .breaker_since
+        .map_or(last_probe, |since| add(since, policy.open_timeout));
+    let deadline = if let Some(until) = state.cooldown_until {
+        if open_auto {
+            until.max(trial_at)
+        } else {
+            until
+        }
+    } else if open_auto {
+        match (state.last_failure_at, state.current_backoff) {
+            (Some(at), Some(backoff)) => trial_at.max(add(at, backoff)),
+            _ => trial_at,
+        }
+    } else if state.last_failure.is_some() {
+        let backoff = state.current_backoff.unwrap_or(policy.initial_delay);
+        state
+            .last_failure_at
+            .map_or(last_probe, |at| add(at, backoff))
+    } else if state.breaker == BreakerState::HalfOpen {
+        add(last_probe, policy.initial_delay)
+    } else {
+        add(last_probe, policy.interval)
+    };
+    Some(deadline.max(last_probe))
+}
+
+/// The phase the state shows, by the first rule that matches: Pending, ConfigError, CoolingDown,
+/// BreakerOpen, Recovering, Degraded, Healthy (see the module docs).
+pub fn phase(state: &PoolState) -> Phase {
+    if state.last_probe_at.is_none() {
+        Phase::Pending
+    } else if state.last_failure == Some(FailureKind::Config) && state.consecutive_failures > 0 {
+        Phase::ConfigError
+    } else if state.cooldown_until.is_some() {
+        Phase::CoolingDown
+    } else if state.breaker != BreakerState::Closed {
+        Phase::BreakerOpen
+    } else if state.outage_streak > 0 {
+        Phase::Recovering
+    } else if state.degraded {
+        Phase::Degraded
+    } else {
+        Phase::Healthy
+    }
+}
+
+fn on_success(
+    s: &mut PoolState,
+    degraded: bool,
+    now: Timestamp,
+    policy: &Policy,
+    fx: &mut Vec<Effect>,
+) {
+    let had_failures = s.consecutive_failures > 0;
+    if s.cooldown_until.take().is_some() {
+        fx.push(Effect::CooldownEnded);
+    }
+    s.consecutive_failures = 0;
+    s.outage_streak = 0;
+    s.attempts = 0;
+    s.current_backoff = None;
+    s.last_failure = None;
+    s.last_probe_at = Some(now);
+    s.last_success_at = Some(now);
+    s.degraded = degraded;
+    if policy.mode == BreakerMode::Auto && s.breaker == BreakerState::HalfOpen {
+        s.half_open_successes = s.half_open_successes.saturating_add(1);
+        if s.half_open_successes >= policy.success_threshold {
+            transition(s, BreakerState::Closed, now, fx);
+        }
+    }
+    if had_failures {
+        fx.push(Effect::Recovered);
+    }
+}
+
+fn on_failure(
+    s: &mut PoolState,
+    kind: FailureKind,
+    now: Timestamp,
+    policy: &Policy,
+    fx: &mut Vec<Effect>,
+) {
+    // A cooldown that elapsed while the probe ran ends before this failure is counted, so the
+    // failure opens a new cycle.
+    end_cooldown_if_due(s, now, fx);
+    s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+    if kind == FailureKind::Outage {
+        s.outage_streak = s.outage_streak.saturating_add(1);
+    }
+    s.last_probe_at = Some(now);
+    s.last_failure_at = Some(now);
+    s.last_failure = Some(kind);
+    // A failure during a cooldown (a requested probe) leaves the cycle alone: the pause is fixed.
+    if s.cooldown_until.is_none() {
+        s.attempts = s.attempts.saturating_add(1);
+        if s.attempts >= policy.max_attempts {
+            let until = add(now, policy.cooldown);
+            s.cooldown_until = Some(until);
+            s.current_backoff = None;
+            fx.push(Effect::CooldownStarted { until });
+        } else {
+            s.current_backoff = Some(backoff_delay(policy, s.seed, s.attempts - 1));
+        }
+    }
+    if policy.mode == BreakerMode::Auto && kind == FailureKind::Outage {
+        let open = match s.breaker {
+            BreakerState::Closed => s.outage_streak >= policy.failure_threshold,
+            BreakerState::HalfOpen => true,
+            BreakerState::Open => false,
+        };
+        if open {
+            transition(s, BreakerState::Open, now, fx);
+        }
+    }
+}
+
+/// Brings the breaker in line with the policy: ForcedOpen holds it Open, Disabled holds it
+/// Closed, and in Auto a Closed breaker whose outage streak already reaches the threshold (or a
+/// HalfOpen one with enough successes) moves on. A no-op when state and policy agree.
+fn enforce_mode(s: &mut PoolState, now: Timestamp, policy: &Policy, fx: &mut Vec<Effect>) {
+    let target = match (policy.mode, s.breaker) {
+        (BreakerMode::ForcedOpen, _) => BreakerState::Open,
+        (BreakerMode::Disabled, _) => BreakerState::Closed,
+        (BreakerMode::Auto, BreakerState::Closed)
+            if s.outage_streak >= policy.failure_threshold =>
+        {
+            BreakerState::Open
+        }
+        (BreakerMode::Auto, BreakerState::HalfOpen)
+            if s.half_open_successes >= policy.success_threshold =>
+        {
+            BreakerState::Closed
+        }
+        (BreakerMode::Auto, current) => current,
+    };
+    transition(s, target, now, fx);
+}
+
+fn end_cooldown_if_due(s: &mut PoolState, now: Timestamp, fx: &mut Vec<Effect>) {
+    if s.cooldown_until.is_some_and(|until| now >= until) {
+        s.cooldown_until = None;
+        s.attempts = 0;
+        s.current_backoff = None;
+        fx.push(Effect::CooldownEnded);
+    }
+}
+
+/// Moves the breaker to `to` (a no-op if it is there already), restarting its clock and trial
+/// count; entering Open counts an opening.
+fn transition(s: &mut PoolState, to: BreakerState, now: Timestamp, fx: &mut Vec<Effect>) {
+    if s.breaker == to {
+        return;
+    }
+    fx.push(Effect::BreakerChanged {
+        from: s.breaker,
+        to,
+    });
+    s.breaker = to;
+    s.breaker_since = Some(now);
+    s.half_open_successes = 0;
+    if to == BreakerState::Open {
+        s.open_count = s.open_count.saturating_add(1);
+    }
+}
+
+/// `t + d`, saturating at the end of representable time.
+pub fn add(t: Timestamp, d: Duration) -> Timestamp {
+    t.saturating_add(d).unwrap_or(Timestamp::MAX)
+}

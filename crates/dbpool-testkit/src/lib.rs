@@ -1,0 +1,16 @@
+//! The test and benchmark kit: everything the operator's tests, the client's tests and the
+//! benchmark need to run against the real thing.
+//!
+//! Lives here: a real control plane client and test namespaces (`kube`), real PostgreSQL servers
+//! (`postgres`), the TCP fault proxy (`proxy`), DbPool manifests and status waits (`pools`),
+//! helm (`helm`), free loopback ports (`ports`) and condition waits with deadlines (`wait`).
+//! Must not live here: the operator itself (this kit is a dev-dependency of the operator, so it
+//! cannot depend on it), and assertions about behaviour (those belong to the tests).
+
+pub mod helm;
+pub mod kube;
+pub mod pools;
+pub mod ports;
+pub mod postgres;
+pub mod proxy;
+pub mod wait;

@@ -1,0 +1,216 @@
+//! The `dbpool-operator` command line, and the one place every operator default lives.
+//!
+//! Lives here: [`Cli`] and [`RunArgs`] (flags with their `DBPOOL_*` environment variables), the
+//! [`defaults`] they show in `--help`, and [`RunArgs::operator_config`], the only mapping from
+//! flags to [`OperatorConfig`]. `OperatorConfig::default()` is built from the same constants, so
+//! `main`, the tests, the benchmark and the chart's documented defaults cannot drift apart.
+//! Must not live here: starting anything (that is `main.rs`), or operator behaviour.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    api::GoDuration,
+    controller::{LeaderElection, OperatorConfig},
+};
+
+/// Every default of the operator process. The chart's `values.yaml` documents the same values.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    pub const METRICS_ADDR: &str = "0.0.0.0:8080";
+    /// Name of the leader Lease.
+    pub const LEASE_NAME: &str = "dbpool-operator";
+    /// Namespace of the leader Lease when neither the flag nor $POD_NAMESPACE gives one.
+    pub const LEASE_NAMESPACE: &str = "default";
+    /// Validity of the lease after a renewal.
+    pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+    /// The leader renews this long before the lease expires.
+    pub const LEASE_RENEW_GRACE: Duration = Duration::from_secs(5);
+    /// Probes running at once across all pools.
+    pub const MAX_CONCURRENT_PROBES: usize = 64;
+    /// Requests in flight to the apiserver at once.
+    pub const MAX_CONCURRENT_API_REQUESTS: usize = 16;
+    /// In a healthy steady state, refresh status.lastProbe at most this often.
+    pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
+    /// Reopen each persistent probe connection this often.
+    pub const RECONNECT_EVERY: Duration = Duration::from_secs(300);
+    /// Instance name when neither the flag, $POD_NAME nor $HOSTNAME gives one.
+    pub const INSTANCE: &str = "dbpool-operator";
+}
+
+/// Kubernetes operator that keeps PostgreSQL connection pools out of a permanent failure state.
+#[derive(Parser, Debug)]
+#[command(name = "dbpool-operator", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the DbPool CustomResourceDefinition as YAML (what crds/dbpool.yaml holds).
+    Crd,
+    /// Run the operator.
+    Run(Box<RunArgs>),
+}
+
+/// Flags of `dbpool-operator run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Kubeconfig file; without it, $KUBECONFIG, ~/.kube/config or the in-cluster config.
+    #[arg(long, env = "DBPOOL_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "DBPOOL_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "DBPOOL_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease; only the leader probes and writes.
+    #[arg(long, env = "DBPOOL_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(long, env = "DBPOOL_LEASE_NAME", default_value = defaults::LEASE_NAME)]
+    pub lease_name: String,
+    /// Namespace of the leader Lease (default: $POD_NAMESPACE, else "default").
+    #[arg(long, env = "DBPOOL_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Validity of the lease after a renewal; a standby takes over this long after the leader dies.
+    #[arg(long, env = "DBPOOL_LEASE_DURATION", default_value_t = GoDuration(defaults::LEASE_DURATION))]
+    pub lease_duration: GoDuration,
+    /// The leader renews this long before the lease expires.
+    #[arg(long, env = "DBPOOL_LEASE_RENEW_GRACE", default_value_t = GoDuration(defaults::LEASE_RENEW_GRACE))]
+    pub lease_renew_grace: GoDuration,
+    /// Probes running at once across all pools.
+    #[arg(long, env = "DBPOOL_MAX_CONCURRENT_PROBES", default_value_t = defaults::MAX_CONCURRENT_PROBES)]
+    pub max_concurrent_probes: usize,
+    /// Requests in flight to the apiserver at once (status, label and event writes, Secret reads).
+    #[arg(long, env = "DBPOOL_MAX_CONCURRENT_API_REQUESTS", default_value_t = defaults::MAX_CONCURRENT_API_REQUESTS)]
+    pub max_concurrent_api_requests: usize,
+    /// In a healthy steady state, refresh status.lastProbe at most this often.
+    #[arg(long, env = "DBPOOL_STATUS_REFRESH", default_value_t = GoDuration(defaults::STATUS_REFRESH))]
+    pub status_refresh: GoDuration,
+    /// Reopen each persistent probe connection this often (tests the full connect path).
+    #[arg(long, env = "DBPOOL_RECONNECT_EVERY", default_value_t = GoDuration(defaults::RECONNECT_EVERY))]
+    pub reconnect_every: GoDuration,
+    /// Log format.
+    #[arg(long, env = "DBPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Instance name shown in events and the lease (defaults to $POD_NAME or the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub instance: Option<String>,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl RunArgs {
+    /// The operator settings these flags ask for. `env` looks up the environment variables that
+    /// fill gaps ($HOSTNAME for the instance, $POD_NAMESPACE for the lease namespace), so the
+    /// mapping is testable without touching the process environment.
+    pub fn operator_config(&self, env: impl Fn(&str) -> Option<String>) -> OperatorConfig {
+        let instance = self
+            .instance
+            .clone()
+            .or_else(|| env("HOSTNAME"))
+            .unwrap_or_else(|| defaults::INSTANCE.to_owned());
+        let leader_election = self.leader_elect.then(|| LeaderElection {
+            lease_name: self.lease_name.clone(),
+            lease_namespace: self
+                .lease_namespace
+                .clone()
+                .or_else(|| env("POD_NAMESPACE"))
+                .unwrap_or_else(|| defaults::LEASE_NAMESPACE.to_owned()),
+            lease_duration: self.lease_duration.as_std(),
+            renew_grace: self.lease_renew_grace.as_std(),
+        });
+        OperatorConfig {
+            namespace: self.namespace.clone(),
+            max_concurrent_probes: self.max_concurrent_probes,
+            max_concurrent_api_requests: self.max_concurrent_api_requests,
+            status_refresh: self.status_refresh.as_std(),
+            reconnect_every: self.reconnect_every.as_std(),
+            instance,
+            leader_election,
+        }
+    }
+}
+
+impl Default for OperatorConfig {
+    /// The settings of `dbpool-operator run` with no flags, no environment and no leader
+    /// election.
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            max_concurrent_probes: defaults::MAX_CONCURRENT_PROBES,
+            max_concurrent_api_requests: defaults::MAX_CONCURRENT_API_REQUESTS,
+            status_refresh: defaults::STATUS_REFRESH,
+            reconnect_every: defaults::RECONNECT_EVERY,
+            instance: defaults::INSTANCE.to_owned(),
+            leader_election: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> RunArgs {
+        let cli =
+            Cli::try_parse_from(std::iter::once("dbpool-operator").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("{e}"));
+        match cli.command {
+            Command::Run(args) => *args,
+            Command::Crd => panic!("expected run"),
+        }
+    }
+
+    #[test]
+    fn no_flags_give_the_default_config() {
+        let config = parse(&["run"]).operator_config(|_| None);
+        let default = OperatorConfig::default();
+        assert_eq!(config.namespace, default.namespace);
+        assert_eq!(config.max_concurrent_probes, default.max_concurrent_probes);
+        assert_eq!(
+            config.max_concurrent_api_requests,
+            default.max_concurrent_api_requests
+        );
+        assert_eq!(config.status_refresh, default.status_refresh);
+        assert_eq!(config.reconnect_every, default.reconnect_every);
+        assert_eq!(config.instance, default.instance);
+        assert!(config.leader_election.is_none());
+    }
+
+    #[test]
+    fn leader_election_takes_the_flags_then_the_environment() {
+        let args = parse(&["run", "--leader-elect", "--lease-duration", "3s"]);
+        let env = |name: &str| match name {
+            "POD_NAMESPACE" => Some("ops".to_owned()),
+            "HOSTNAME" => Some("pod-a".to_owned()),
+            _ => None,
+        };
+        let config = args.operator_config(env);
+        let election = config
+            .leader_election
+            .unwrap_or_else(|| panic!("leader election on"));
+        assert_eq!(election.lease_namespace, "ops");
+        assert_eq!(election.lease_name, defaults::LEASE_NAME);
+        assert_eq!(election.lease_duration, Duration::from_secs(3));
+        assert_eq!(election.renew_grace, defaults::LEASE_RENEW_GRACE);
+        assert_eq!(config.instance, "pod-a");
+    }
+}

@@ -1,0 +1,137 @@
+//! Kubernetes Events for what a person should notice: breaker changes, cooldowns, recoveries,
+//! force reopens and configuration errors.
+//!
+//! Lives here: the wording of every event ([`publish_events`]) and sending one through the
+//! request budget ([`publish`]), only while this process leads. Must not live here: deciding
+//! what happened (the engine's effects say it) or the reasons' spelling (`dbpool_api::reason`).
+
+use kube::{
+    Resource, ResourceExt,
+    runtime::events::{Event as KubeEvent, EventType},
+};
+use tracing::warn;
+
+use super::context::{Context, PoolMemory};
+use crate::{
+    api::{BreakerState, DbPool, Phase, reason},
+    recovery::{Effect, Policy},
+};
+
+/// Publishes the events of one reconcile: one per effect, plus ConfigError on entering that
+/// phase.
+pub(super) async fn publish_events(
+    ctx: &Context,
+    pool: &DbPool,
+    memory: &PoolMemory,
+    policy: &Policy,
+    effects: &[Effect],
+    before: Option<Phase>,
+    after: Option<Phase>,
+) {
+    let last_message = memory
+        .last_probe
+        .as_ref()
+        .and_then(|p| p.message.clone())
+        .unwrap_or_default();
+    for effect in effects {
+        if let Some((type_, reason, note)) = describe(effect, memory, policy, &last_message) {
+            publish(ctx, pool, type_, reason, note).await;
+        }
+    }
+    if after == Some(Phase::ConfigError) && before != Some(Phase::ConfigError) {
+        publish(
+            ctx,
+            pool,
+            EventType::Warning,
+            reason::CONFIG_ERROR,
+            last_message,
+        )
+        .await;
+    }
+}
+
+/// The event an effect deserves, if any: (type, reason, note).
+fn describe(
+    effect: &Effect,
+    memory: &PoolMemory,
+    policy: &Policy,
+    last_message: &str,
+) -> Option<(EventType, &'static str, String)> {
+    Some(match effect {
+        Effect::BreakerChanged { from, to } => match to {
+            BreakerState::Open => (
+                EventType::Warning,
+                reason::BREAKER_OPENED,
+                format!(
+                    "circuit breaker opened ({from:?} -> Open) after {} consecutive failures: {last_message}",
+                    memory.state.consecutive_failures
+                ),
+            ),
+            BreakerState::HalfOpen => (
+                EventType::Normal,
+                reason::BREAKER_HALF_OPEN,
+                "circuit breaker half-open: trial probe".to_owned(),
+            ),
+            BreakerState::Closed => (
+                EventType::Normal,
+                reason::BREAKER_CLOSED,
+                format!("circuit breaker closed ({from:?} -> Closed): database answered"),
+            ),
+        },
+        Effect::CooldownStarted { until } => (
+            EventType::Warning,
+            reason::COOLDOWN_STARTED,
+            format!(
+                "{} attempts failed in a row; cooling down until {until}: {last_message}",
+                policy.max_attempts
+            ),
+        ),
+        Effect::CooldownEnded => (
+            EventType::Normal,
+            reason::COOLDOWN_ENDED,
+            "new cycle of attempts".to_owned(),
+        ),
+        Effect::Recovered => (
+            EventType::Normal,
+            reason::RECOVERED,
+            "the database answers again".to_owned(),
+        ),
+        Effect::ForceReopened => {
+            let token = memory
+                .last_force_reopen
+                .as_ref()
+                .map(|r| r.token.clone())
+                .unwrap_or_default();
+            (
+                EventType::Normal,
+                reason::FORCE_REOPEN,
+                format!("force-reopen {token:?}: backoff and cooldown reset, probing now"),
+            )
+        }
+        Effect::Ignored => return None,
+    })
+}
+
+/// Sends one event about `pool`, unless this process has stopped leading.
+pub(super) async fn publish(
+    ctx: &Context,
+    pool: &DbPool,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    if !ctx.metrics.is_leader() {
+        return;
+    }
+    let event = KubeEvent {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Probe".to_owned(),
+        secondary: None,
+    };
+    let _slot = ctx.api_slots.acquire().await;
+    if let Err(err) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+        warn!(pool = %pool.name_any(), error = %err, "cannot publish event");
+    }
+}

@@ -1,0 +1,43 @@
+//! A typed window into what the controller did, for the benchmark and tests.
+//!
+//! Lives here: the [`Observer`] trait that [`super::run_observed`] accepts, and what it is told.
+//! Observers learn facts as values, never by parsing log text, so renaming a log field cannot
+//! silently break a measurement. Must not live here: anything that changes behaviour; an
+//! observer is called inline on the reconcile path and must return at once (push to a channel).
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
+
+use crate::api::{DbPool, Phase, ProbeOutcome};
+
+/// A probe the controller ran for one pool.
+#[derive(Clone, Debug)]
+pub struct ProbeObservation<'a> {
+    /// The pool probed.
+    pub pool: &'a ObjectRef<DbPool>,
+    /// When the probe's result reached the controller (host wall clock).
+    pub finished: Timestamp,
+    /// Wall time of the probe itself.
+    pub latency: Duration,
+    /// How it ended.
+    pub outcome: ProbeOutcome,
+    /// Whether it opened a new connection (false: it ran on the persistent one).
+    pub fresh_connection: bool,
+}
+
+/// Told about the controller's probes and acknowledged status writes. Every method has an empty
+/// default, so an observer implements only what it needs.
+pub trait Observer: Send + Sync + 'static {
+    /// A probe finished.
+    fn probe_finished(&self, _probe: &ProbeObservation<'_>) {}
+    /// The apiserver acknowledged a status write of `pool` at `at`, with this phase.
+    fn status_written(&self, _pool: &ObjectRef<DbPool>, _at: Timestamp, _phase: Option<Phase>) {}
+}
+
+/// The observer of a production operator: ignores everything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoObserver;
+
+impl Observer for NoObserver {}

@@ -1,0 +1,307 @@
+//! One reconcile of one pool, as a pipeline of short steps.
+//!
+//! Lives here: [`reconcile`] and its steps: recall the pool's memory, load its credentials,
+//! apply the [`triggers`](super::triggers), probe when due, record metrics, write what a user
+//! would see changed, publish events, store the memory and requeue at the engine's next
+//! deadline; and [`error_policy`]. Must not live here: the engine's rules (`dbpool-recovery`),
+//! the shape of the status (`status`), the wording of events (`events`) or the writes
+//! themselves (`write`).
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
+use kube::{
+    ResourceExt,
+    runtime::{controller::Action, reflector::ObjectRef},
+};
+use tracing::warn;
+
+use super::{
+    Error,
+    context::{Context, PoolMemory, owner_key, pool_labels},
+    credentials::{CredentialError, Credentials},
+    events::publish_events,
+    observer::ProbeObservation,
+    status::{StatusInputs, desired_status},
+    triggers::{Observed, Trigger, triggers},
+    write::write_visible_changes,
+};
+use crate::{
+    api::{
+        BreakerState, DbPool, FORCE_REOPEN_ANNOTATION, ForceReopenRecord, ProbeOutcome, ProbeStage,
+        ProbeSummary,
+    },
+    probe::ProbeTarget,
+    recovery::{Effect, Event, FailureKind, Policy, add},
+};
+
+/// What one reconcile works on: the pool's memory and the effects gathered so far.
+struct Run {
+    key: ObjectRef<DbPool>,
+    policy: Policy,
+    memory: PoolMemory,
+    effects: Vec<Effect>,
+}
+
+/// Reconciles one pool: see the module comment for the steps.
+pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let (mut run, connection_lost) = Run::recall(&pool, &ctx);
+    let credentials = load_credentials(&pool, &ctx).await;
+    run.apply_triggers(&pool, connection_lost, &credentials);
+    if run.probe_due()
+        && let Err(err) = run.probe(&pool, &ctx, credentials).await
+    {
+        ctx.store_memory(&run.key, run.memory, false);
+        return Err(err);
+    }
+    ctx.metrics.pool_state(
+        &pool_labels(&run.key),
+        run.memory.state.breaker,
+        run.memory.state.consecutive_failures,
+    );
+    let written = run.write(&pool, &ctx).await;
+    let requeue = run.memory.requeue_after(&run.policy);
+    ctx.store_memory(&run.key, run.memory, written.is_ok());
+    written?;
+    Ok(Action::requeue(requeue))
+}
+
+/// Reads the Secrets the pool refers to (through the cache).
+async fn load_credentials(pool: &DbPool, ctx: &Context) -> Result<Credentials, CredentialError> {
+    let db = &pool.spec.database;
+    ctx.secrets
+        .load(
+            &pool.namespace().unwrap_or_default(),
+            db.password_secret_ref.as_ref(),
+            db.ca_secret_ref.as_ref(),
+        )
+        .await
+}
+
+impl Run {
+    /// Step 1: the pool's memory in this process, or a new one rebuilt from its status; and
+    /// whether its probe connection was lost since the last reconcile.
+    fn recall(pool: &DbPool, ctx: &Context) -> (Self, bool) {
+        let key = ObjectRef::from_obj(pool);
+        let policy = pool.spec.policy();
+        let (memory, connection_lost) = ctx.take_memory(pool, &key);
+        let memory = memory.unwrap_or_else(|| PoolMemory::restore(pool, &policy, Timestamp::now()));
+        let run = Self {
+            key,
+            policy,
+            memory,
+            effects: Vec::new(),
+        };
+        (run, connection_lost)
+    }
+
+    /// Step 2: feed the engine what changed since the last reconcile.
+    fn apply_triggers(
+        &mut self,
+        pool: &DbPool,
+        connection_lost: bool,
+        credentials: &Result<Credentials, CredentialError>,
+    ) {
+        let now = Timestamp::now();
+        let fingerprint = match credentials {
+            Ok(c) => c.fingerprint.clone(),
+            Err(e) => format!("error: {e}"),
+        };
+        let token = pool.annotations().get(FORCE_REOPEN_ANNOTATION).cloned();
+        let observed = Observed {
+            known_generation: self.memory.generation,
+            generation: pool.metadata.generation,
+            force_reopen_token: token.as_deref(),
+            handled_token: self
+                .memory
+                .last_force_reopen
+                .as_ref()
+                .map(|r| r.token.as_str()),
+            connection_lost,
+            failing: self.memory.state.consecutive_failures > 0,
+            known_fingerprint: self.memory.credentials_fingerprint.as_deref(),
+            fingerprint: &fingerprint,
+        };
+        let fired = triggers(&observed);
+        for trigger in fired {
+            self.memory
+                .apply(trigger.event(), now, &self.policy, &mut self.effects);
+            self.memory.not_before = match trigger {
+                // A connection that dies right after every probe must not become a probe loop.
+                Trigger::ConnectionLost => self
+                    .memory
+                    .state
+                    .last_probe_at
+                    .map(|t| add(t, self.policy.initial_delay)),
+                Trigger::SpecChanged | Trigger::ForceReopen | Trigger::CredentialsChanged => None,
+            };
+            match trigger {
+                Trigger::SpecChanged => self.memory.generation = pool.metadata.generation,
+                Trigger::ForceReopen => {
+                    self.memory.last_force_reopen = token.clone().map(|token| ForceReopenRecord {
+                        token,
+                        time: MicroTime(now),
+                    });
+                }
+                Trigger::ConnectionLost | Trigger::CredentialsChanged => {}
+            }
+        }
+        self.memory.credentials_fingerprint = Some(fingerprint);
+    }
+
+    /// Whether the engine's deadline (or the rate limit) says probe now.
+    fn probe_due(&self) -> bool {
+        let now = Timestamp::now();
+        self.memory.deadline(&self.policy, now) <= now
+    }
+
+    /// Step 3: probe (or report the credentials' config error) and feed the result to the engine.
+    /// An apiserver error reading a Secret ends the reconcile with an error instead.
+    async fn probe(
+        &mut self,
+        pool: &DbPool,
+        ctx: &Context,
+        credentials: Result<Credentials, CredentialError>,
+    ) -> Result<(), Error> {
+        let recovering = self.memory.state.consecutive_failures > 0
+            || self.memory.state.breaker != BreakerState::Closed;
+        self.memory.apply(
+            Event::ProbeStarted,
+            Timestamp::now(),
+            &self.policy,
+            &mut self.effects,
+        );
+        let seq = self.memory.state.probe_seq;
+        let labels = pool_labels(&self.key);
+        let (summary, kind, degraded) = match credentials {
+            Ok(creds) => {
+                let target = probe_target(pool, creds);
+                let report = {
+                    let _slot = ctx.probe_slots.acquire().await;
+                    ctx.prober.probe(&owner_key(&self.key), &target).await
+                };
+                let finished = Timestamp::now();
+                ctx.observer.probe_finished(&ProbeObservation {
+                    pool: &self.key,
+                    finished,
+                    latency: report.latency,
+                    outcome: report.outcome,
+                    fresh_connection: report.fresh_connection,
+                });
+                ctx.metrics.probe_finished(
+                    &labels,
+                    report.outcome,
+                    recovering,
+                    &report.stage_latencies,
+                );
+                let summary = ProbeSummary::from_report(&report, MicroTime(finished));
+                (
+                    summary,
+                    report.outcome.failure_kind(),
+                    report.pool_fits == Some(false),
+                )
+            }
+            Err(err) if err.is_config() => {
+                ctx.metrics
+                    .probe_finished(&labels, ProbeOutcome::ConfigFailure, recovering, &[]);
+                (
+                    credential_failure(&err, Timestamp::now()),
+                    Some(FailureKind::Config),
+                    false,
+                )
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let event = match kind {
+            None => Event::ProbeSucceeded { seq, degraded },
+            Some(kind) => Event::ProbeFailed { seq, kind },
+        };
+        self.memory
+            .apply(event, Timestamp::now(), &self.policy, &mut self.effects);
+        self.memory.last_probe = Some(summary);
+        self.memory.not_before = None;
+        Ok(())
+    }
+
+    /// Step 4: write the status and label a user would see changed, then publish the events of
+    /// this reconcile's effects.
+    async fn write(&mut self, pool: &DbPool, ctx: &Context) -> Result<(), Error> {
+        let before_phase = self.memory.last_written.as_ref().and_then(|s| s.phase);
+        let previous_conditions = self
+            .memory
+            .last_written
+            .as_ref()
+            .or(pool.status.as_ref())
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let desired = desired_status(
+            &StatusInputs {
+                generation: pool.metadata.generation,
+                state: &self.memory.state,
+                policy: &self.policy,
+                last_probe: self.memory.last_probe.as_ref(),
+                last_force_reopen: self.memory.last_force_reopen.as_ref(),
+                previous_conditions: &previous_conditions,
+            },
+            Timestamp::now(),
+        );
+        let written = write_visible_changes(ctx, pool, &self.key, &mut self.memory, &desired).await;
+        publish_events(
+            ctx,
+            pool,
+            &self.memory,
+            &self.policy,
+            &self.effects,
+            before_phase,
+            desired.phase,
+        )
+        .await;
+        written
+    }
+}
+
+/// What the probe needs from the spec and the Secrets.
+fn probe_target(pool: &DbPool, creds: Credentials) -> ProbeTarget {
+    let db = &pool.spec.database;
+    ProbeTarget {
+        host: db.host.clone(),
+        port: u16::try_from(db.port).unwrap_or(5432),
+        dbname: db.dbname.clone(),
+        user: db.user.clone(),
+        password: creds.password,
+        ssl_mode: db.ssl_mode,
+        ca_pem: creds.ca_pem,
+        target_session_attrs: db.target_session_attrs,
+        application_name: db.application_name.clone(),
+        pool_max_size: u32::try_from(pool.spec.pool.max_size).unwrap_or(0),
+        timeout: pool.spec.health_check.timeout.as_std(),
+    }
+}
+
+/// The status's lastProbe for credentials that could not be used.
+fn credential_failure(err: &CredentialError, now: Timestamp) -> ProbeSummary {
+    ProbeSummary {
+        time: MicroTime(now),
+        outcome: ProbeOutcome::ConfigFailure,
+        stage: Some(ProbeStage::Credentials),
+        latency_ms: 0,
+        message: Some(err.to_string()),
+        sql_state: None,
+        server_version: None,
+        in_recovery: None,
+        connections: None,
+        max_connections: None,
+    }
+}
+
+/// A failed reconcile is retried after 1s, 2s, 4s … up to 60s.
+pub(super) fn error_policy(pool: Arc<DbPool>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = ObjectRef::from_obj(pool.as_ref());
+    let failures = ctx.count_error(&key);
+    let delay = Duration::from_millis(500)
+        .saturating_mul(1 << failures.min(7))
+        .min(Duration::from_secs(60));
+    ctx.metrics.reconcile_failed(&pool_labels(&key));
+    warn!(pool = %key, error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}

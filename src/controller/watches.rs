@@ -1,0 +1,211 @@
+//! The watches that drive reconciles, and the controller's life from start to stop.
+//!
+//! Lives here: [`run_controller`] (builds the [`Context`], the DbPool and Secret watches, the
+//! connection-lost trigger, and runs kube-runtime's controller until `shutdown`), readiness
+//! (both caches synced), and which changes trigger a reconcile. Must not live here: the lease
+//! (`leadership`), reconcile steps (`reconcile`).
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering::SeqCst},
+    },
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Client, ResourceExt,
+    core::PartialObjectMeta,
+    runtime::{
+        Controller, WatchStreamExt,
+        events::{Recorder, Reporter},
+        reflector,
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use tokio::sync::Semaphore;
+use tracing::{debug, info};
+
+use super::{
+    FIELD_MANAGER, OperatorConfig,
+    context::Context,
+    credentials::SecretCache,
+    observer::Observer,
+    reconcile::{error_policy, reconcile},
+};
+use crate::{
+    api::{DbPool, FORCE_REOPEN_ANNOTATION},
+    metrics::Metrics,
+    probe::{Prober, ProberConfig},
+};
+
+/// Runs the controller until `shutdown` resolves; its context (probe connections, caches, pool
+/// map) is dropped when this returns.
+pub(super) async fn run_controller(
+    client: Client,
+    config: OperatorConfig,
+    metrics: Arc<Metrics>,
+    observer: Arc<dyn Observer>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (pools_api, secrets_api): (Api<DbPool>, Api<PartialObjectMeta<Secret>>) =
+        match &config.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let (prober, mut lost_rx) = Prober::new(ProberConfig {
+        reconnect_every: config.reconnect_every,
+    });
+    let (secret_reader, secret_writer) = reflector::store();
+    let (pool_reader, pool_writer) = reflector::store();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: Some(config.instance.clone()),
+        },
+    );
+    let api_slots = Arc::new(Semaphore::new(config.max_concurrent_api_requests.max(1)));
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        secrets: SecretCache::new(client.clone(), secret_reader.clone(), api_slots.clone()),
+        probe_slots: Semaphore::new(config.max_concurrent_probes.max(1)),
+        api_slots,
+        config,
+        prober,
+        recorder,
+        pools: Mutex::new(HashMap::new()),
+        metrics: metrics.clone(),
+        observer,
+    });
+
+    // Probe connections that die trigger their pools at once. The task holds only a weak
+    // reference, so it never keeps a stopped controller's context alive.
+    let (lost_tx, lost_refs) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<DbPool>>();
+    let lost_ctx = Arc::downgrade(&ctx);
+    let lost_task = tokio::spawn(async move {
+        while let Some(lost) = lost_rx.recv().await {
+            let Some(ctx) = lost_ctx.upgrade() else { break };
+            for owner in lost.owners {
+                debug!(pool = %owner, reason = %lost.reason, "probe connection lost");
+                if let Some((ns, name)) = owner.split_once('/') {
+                    let pool = ObjectRef::new(name).within(ns);
+                    ctx.request_probe(&pool);
+                    let _ = lost_tx.send(pool);
+                }
+            }
+        }
+    });
+
+    // Only spec changes (generation), force-reopen annotations and new objects trigger a
+    // reconcile; our own status and label writes do not.
+    // Ready once both caches have completed their initial list. (Noted from the streams:
+    // awaiting `Store::wait_until_ready` next to the controller's own wait can miss its wake-up.)
+    let synced = Arc::new(Synced::default());
+    let forget_ctx = Arc::downgrade(&ctx);
+    let pools_synced = synced.clone();
+    let pool_metrics = metrics.clone();
+    let pool_stream = watcher(pools_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(pool_writer)
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(pool)) => {
+                if let Some(ctx) = forget_ctx.upgrade() {
+                    ctx.forget(&ObjectRef::from_obj(pool));
+                }
+            }
+            Ok(watcher::Event::InitDone) => pools_synced.mark(true, &pool_metrics),
+            _ => {}
+        })
+        .applied_objects()
+        .predicate_filter(trigger_hash, Default::default());
+
+    // Secrets: metadata only (no data cached for Secrets we don't use); a change re-triggers the
+    // pools that refer to the Secret.
+    let mapper_pools = pool_reader.clone();
+    let secrets_synced = synced.clone();
+    let secret_metrics = metrics.clone();
+    let secret_stream = watcher(secrets_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(secret_writer)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::InitDone) = event {
+                secrets_synced.mark(false, &secret_metrics);
+            }
+        })
+        .touched_objects();
+
+    info!(namespace = ?ctx.config.namespace, "dbpool-operator starting");
+    Controller::for_stream(pool_stream, pool_reader)
+        .watches_stream(secret_stream, move |secret| {
+            let ns = secret.namespace().unwrap_or_default();
+            let name = secret.name_any();
+            mapper_pools
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && refers_to(p, &name))
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            lost_refs,
+        ))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                debug!(error = %err, "reconcile loop");
+            }
+        })
+        .await;
+    lost_task.abort();
+    metrics.set_ready(false);
+    info!("dbpool-operator controller stopped");
+}
+
+/// Which of the two caches have completed their initial list.
+#[derive(Default)]
+struct Synced {
+    pools: AtomicBool,
+    secrets: AtomicBool,
+}
+
+impl Synced {
+    fn mark(&self, pools: bool, metrics: &Metrics) {
+        if pools {
+            self.pools.store(true, SeqCst);
+        } else {
+            self.secrets.store(true, SeqCst);
+        }
+        if self.pools.load(SeqCst) && self.secrets.load(SeqCst) {
+            metrics.set_ready(true);
+        }
+    }
+}
+
+/// Whether `pool` reads Secret `secret` (same namespace assumed).
+fn refers_to(pool: &DbPool, secret: &str) -> bool {
+    let db = &pool.spec.database;
+    db.password_secret_ref
+        .as_ref()
+        .is_some_and(|r| r.name == secret)
+        || db.ca_secret_ref.as_ref().is_some_and(|r| r.name == secret)
+}
+
+/// What makes a DbPool change worth a reconcile: generation, force-reopen token, identity.
+/// (A process-local hash: it is only compared within this process.)
+fn trigger_hash(pool: &DbPool) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    pool.metadata.generation.hash(&mut h);
+    pool.annotations().get(FORCE_REOPEN_ANNOTATION).hash(&mut h);
+    pool.metadata.uid.hash(&mut h);
+    Some(h.finish())
+}
