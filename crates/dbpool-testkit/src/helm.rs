@@ -15,9 +15,10 @@ use tokio::io::AsyncWriteExt;
 
 use crate::kube::kubeconfig_path;
 
-/// Root of the repository.
+/// Root of the repository (this crate lives in `crates/dbpool-testkit`).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let kit = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    kit.join("../..").canonicalize().unwrap_or(kit)
 }
 
 /// The chart's directory.
