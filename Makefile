@@ -19,9 +19,10 @@ crd-check: build ## Fail when crds/dbpool.yaml differs from the Rust types
 	@./target/debug/dbpool-operator crd | diff -u crds/dbpool.yaml - \
 	  || { echo "crds/dbpool.yaml is stale: run 'make crd'"; exit 1; }
 
-lint: ## cargo fmt --check and clippy with warnings denied
+lint: ## cargo fmt --check, clippy with warnings denied, and the crate graph's rules
 	$(CARGO) fmt --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	CARGO="$(CARGO)" hack/check-crate-graph.sh
 
 unit: ## Unit and property tests only (no control plane, no PostgreSQL)
 	$(CARGO) test --workspace --lib

@@ -267,3 +267,35 @@ impl Metrics {
         self.is_leader.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Label values come from explicit names and keep the strings dashboards and alerts use.
+    #[test]
+    fn label_values_keep_their_spelling() {
+        let metrics = Metrics::new();
+        let pool = PoolLabels {
+            namespace: "shop".into(),
+            name: "orders".into(),
+        };
+        metrics.probe_finished(
+            &pool,
+            ProbeOutcome::TransientFailure,
+            true,
+            &[(ProbeStage::Connect, Duration::from_millis(3))],
+        );
+        metrics.pool_state(&pool, BreakerState::HalfOpen, 2);
+        let text = metrics.encode();
+        for expected in [
+            r#"dbpool_probes_total{namespace="shop",name="orders",outcome="TransientFailure"} 1"#,
+            r#"stage="Connect""#,
+            r#"dbpool_circuit_breaker_state{namespace="shop",name="orders",state="half_open"} 1"#,
+        ] {
+            assert!(text.contains(expected), "{expected} not in:\n{text}");
+        }
+    }
+}

@@ -339,3 +339,25 @@ async fn a_standby_takes_over_from_a_killed_leader() {
     assert!(status(&client, ns.name(), "orders").await.is_some());
     drop(api);
 }
+
+/// A process that cannot set up leader election (its Lease namespace does not exist) exits with
+/// a non-zero code instead of idling as a process that will never lead.
+#[tokio::test]
+async fn a_lease_setup_failure_exits_non_zero() {
+    let (_client, ns) = setup().await;
+    let mut op = OperatorProcess::start(
+        ns.name(),
+        "no-lease",
+        &[
+            "--leader-elect",
+            "--lease-namespace",
+            "dbpool-no-such-namespace",
+        ],
+    );
+    let status = wait_for("the operator to exit", Duration::from_secs(30), || {
+        let exited = op.child.try_wait().ok().flatten();
+        async move { exited }
+    })
+    .await;
+    assert!(!status.success(), "exit status {status:?}");
+}

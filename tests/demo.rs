@@ -2,6 +2,7 @@
 //! a private environment (its own `DBPOOL_ENV_DIR`, separate from the one `make test` runs the
 //! other tests against), run twice in a row. The environment is torn down however the test ends.
 
+use dbpool_operator::api::reason as reasons;
 use std::{
     fs::File,
     os::unix::process::CommandExt,
@@ -143,8 +144,8 @@ fn assert_story(output: &str, run: u32) {
     expect(r#"dbpool_circuit_breaker_state{namespace="default",name="demo",state="open"} 1"#);
     // The database returns: half-open, then closed.
     expect("hack/env.sh pg-start");
-    expect("BreakerHalfOpen");
-    expect("BreakerClosed");
+    expect(reasons::BREAKER_HALF_OPEN);
+    expect(reasons::BREAKER_CLOSED);
     // The force reopen is acted on: status and event.
     expect("$ kubectl annotate dbpool demo dbpool.io/force-reopen=demo-");
     expect(r#"{"time":"#);

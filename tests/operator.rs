@@ -4,6 +4,7 @@
 //! only). Timings in the specs are short (300ms initial delay, 1s open timeout) so the suite stays
 //! fast; every wait has a deadline.
 
+use dbpool_operator::api::reason as reasons;
 use dbpool_operator::controller::RunningOperator;
 use dbpool_testkit as support;
 
@@ -279,7 +280,7 @@ async fn outage_opens_the_breaker_on_schedule_and_recovery_closes_it() {
         "dbpool.dbpool.io/flappy"
     );
     wait_until("a BreakerOpened event", Duration::from_secs(10), || async {
-        !t.events("BreakerOpened").await.is_empty()
+        !t.events(reasons::BREAKER_OPENED).await.is_empty()
     })
     .await;
 
@@ -290,14 +291,14 @@ async fn outage_opens_the_breaker_on_schedule_and_recovery_closes_it() {
         .await;
     assert_eq!(breaker(&s), Some(BreakerState::Closed));
     assert_eq!(s.consecutive_failures, 0);
-    for reason in ["BreakerHalfOpen", "BreakerClosed"] {
+    for reason in [reasons::BREAKER_HALF_OPEN, reasons::BREAKER_CLOSED] {
         wait_until(reason, Duration::from_secs(10), || async {
             !t.events(reason).await.is_empty()
         })
         .await;
     }
     // Exactly one BreakerOpened event (with count 1): transitions, not probes, make events.
-    let opened = t.events("BreakerOpened").await;
+    let opened = t.events(reasons::BREAKER_OPENED).await;
     assert_eq!(opened.len(), 1);
     assert!(
         opened[0].series.is_none(),
@@ -359,7 +360,7 @@ async fn force_reopen_probes_at_once_and_only_once_per_token() {
         Some("first")
     );
     wait_until("a ForceReopen event", Duration::from_secs(5), || async {
-        t.events("ForceReopen").await.len() == 1
+        t.events(reasons::FORCE_REOPEN).await.len() == 1
     })
     .await;
 
@@ -395,7 +396,7 @@ async fn force_reopen_probes_at_once_and_only_once_per_token() {
         "the same token did nothing: {s:?}"
     );
     assert_eq!(
-        t.events("ForceReopen").await.len(),
+        t.events(reasons::FORCE_REOPEN).await.len(),
         1,
         "one ForceReopen event for one token"
     );
@@ -538,7 +539,7 @@ async fn a_missing_secret_is_a_config_error_fixed_by_creating_it() {
         })
         .await;
     let (_, reason, message) = condition(&s, CONDITION_READY).expect("Ready condition");
-    assert_eq!(reason, "ConfigError");
+    assert_eq!(reason, reasons::CONFIG_ERROR);
     assert!(
         message.contains(SECRET) && message.contains(KEY),
         "{message}"
@@ -596,7 +597,7 @@ async fn a_wrong_password_is_a_config_error_that_does_not_open_the_breaker() {
     );
     let text = serde_json::to_string(&s).expect("json");
     assert!(!text.contains(wrong), "password leaked into status");
-    let events = t.events("ConfigError").await;
+    let events = t.events(reasons::CONFIG_ERROR).await;
     assert_eq!(
         events.len(),
         1,

@@ -9,6 +9,7 @@
 //! in that namespace only). They run one at a time: a cluster-wide operator would otherwise also
 //! reconcile the other test's pool.
 
+use dbpool_operator::api::reason as reasons;
 use dbpool_operator::controller::RunningOperator;
 use dbpool_testkit as support;
 
@@ -428,7 +429,10 @@ async fn operator_works_with_only_the_charts_rbac(namespace_mode: bool) {
     })
     .await;
     let config_error = wait_for("a ConfigError event", DEADLINE, || async {
-        events(&admin, a, "ConfigError").await.into_iter().next()
+        events(&admin, a, reasons::CONFIG_ERROR)
+            .await
+            .into_iter()
+            .next()
     })
     .await;
     assert_eq!(
@@ -473,7 +477,7 @@ async fn operator_works_with_only_the_charts_rbac(namespace_mode: bool) {
         "the ForceReopen event patched into a series of 2",
         DEADLINE,
         || async {
-            let found = events(&admin, a, "ForceReopen").await;
+            let found = events(&admin, a, reasons::FORCE_REOPEN).await;
             found.len() == 1 && found[0].series.as_ref().is_some_and(|s| s.count >= 2)
         },
     )

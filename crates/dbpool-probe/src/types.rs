@@ -103,6 +103,18 @@ impl ProbeOutcome {
 }
 
 impl ProbeStage {
+    /// Every stage, in the order a probe runs them.
+    pub const ALL: [Self; 8] = [
+        Self::Credentials,
+        Self::Resolve,
+        Self::Connect,
+        Self::Tls,
+        Self::Auth,
+        Self::Query,
+        Self::Role,
+        Self::Saturation,
+    ];
+
     /// The stage's name as the API and the metrics' `stage` label spell it.
     pub fn name(self) -> &'static str {
         match self {
@@ -129,16 +141,7 @@ mod tests {
             let wire = serde_json::to_value(outcome).unwrap_or_default();
             assert_eq!(wire, outcome.name());
         }
-        for stage in [
-            ProbeStage::Credentials,
-            ProbeStage::Resolve,
-            ProbeStage::Connect,
-            ProbeStage::Tls,
-            ProbeStage::Auth,
-            ProbeStage::Query,
-            ProbeStage::Role,
-            ProbeStage::Saturation,
-        ] {
+        for stage in ProbeStage::ALL {
             let wire = serde_json::to_value(stage).unwrap_or_default();
             assert_eq!(wire, stage.name());
         }
