@@ -223,6 +223,18 @@ impl Metrics {
         self.reconcile_errors.get_or_create(pool).inc();
     }
 
+    /// Removes every per-pool series (this process stopped leading: a standby exports none, so a
+    /// stale breaker state can neither fire nor hide an alert).
+    pub fn forget_all_pools(&self) {
+        self.recovery_attempts.clear();
+        self.breaker_state.clear();
+        self.consecutive_failures.clear();
+        self.health_check_failures.clear();
+        self.probes.clear();
+        self.status_writes.clear();
+        self.reconcile_errors.clear();
+    }
+
     /// Removes every series of a deleted pool.
     pub fn forget(&self, pool: &PoolLabels) {
         self.recovery_attempts.remove(pool);

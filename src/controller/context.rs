@@ -22,7 +22,10 @@ use kube::{
 use tokio::sync::Semaphore;
 use tracing::debug;
 
-use super::{OperatorConfig, credentials::SecretCache, observer::Observer, status::restore_state};
+use super::{
+    OperatorConfig, credentials::SecretCache, leadership::WriteGate, observer::Observer,
+    status::restore_state,
+};
 use crate::{
     api::{BREAKER_LABEL, BreakerState, DbPool, DbPoolStatus, ForceReopenRecord, ProbeSummary},
     metrics::{Metrics, PoolLabels},
@@ -48,6 +51,8 @@ pub(super) struct Context {
     pub api_slots: Arc<Semaphore>,
     pub metrics: Arc<Metrics>,
     pub observer: Arc<dyn Observer>,
+    /// Leadership as of now: every write checks it right before sending.
+    pub gate: WriteGate,
 }
 
 /// Everything this process remembers about one pool.
@@ -72,6 +77,7 @@ pub(super) struct PoolMemory {
     pub last_written: Option<DbPoolStatus>,
     pub last_written_at: Option<Timestamp>,
     pub label_written: Option<String>,
+    pub label_written_at: Option<Timestamp>,
     pub credentials_fingerprint: Option<String>,
     /// No probe before this instant (restart spreading, rate limit of loss-triggered probes).
     pub not_before: Option<Timestamp>,
@@ -182,6 +188,7 @@ impl PoolMemory {
                 last_written: None,
                 last_written_at: None,
                 label_written: None,
+                label_written_at: None,
                 credentials_fingerprint: None,
                 not_before: None,
             };
@@ -211,6 +218,7 @@ impl PoolMemory {
             // make every pool refresh its status at once.
             last_written_at: status.last_probe.as_ref().map(|p| p.time.0),
             label_written: pool.labels().get(BREAKER_LABEL).cloned(),
+            label_written_at: None,
             credentials_fingerprint: None,
             not_before: Some(add(now, spread)),
         }

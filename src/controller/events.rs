@@ -11,7 +11,10 @@ use kube::{
 };
 use tracing::warn;
 
-use super::context::{Context, PoolMemory};
+use super::{
+    context::{Context, PoolMemory},
+    write::fenced,
+};
 use crate::{
     api::{BreakerState, DbPool, Phase, reason},
     recovery::{Effect, Policy},
@@ -112,7 +115,9 @@ fn describe(
     })
 }
 
-/// Sends one event about `pool`, unless this process has stopped leading.
+/// Sends one event about `pool`, unless this process has stopped leading. An event carries no
+/// precondition: the window in which a deposed leader can still publish one is the time between
+/// the gate check and the apiserver receiving the request, bounded by the rest of its term.
 pub(super) async fn publish(
     ctx: &Context,
     pool: &DbPool,
@@ -120,9 +125,6 @@ pub(super) async fn publish(
     reason: &str,
     note: String,
 ) {
-    if !ctx.metrics.is_leader() {
-        return;
-    }
     let event = KubeEvent {
         type_,
         reason: reason.to_owned(),
@@ -130,8 +132,8 @@ pub(super) async fn publish(
         action: "Probe".to_owned(),
         secondary: None,
     };
-    let _slot = ctx.api_slots.acquire().await;
-    if let Err(err) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+    let reference = pool.object_ref(&());
+    if let Err(err) = fenced(ctx, ctx.recorder.publish(&event, &reference)).await {
         warn!(pool = %pool.name_any(), error = %err, "cannot publish event");
     }
 }

@@ -1,25 +1,330 @@
-//! Leader election: run the controller only while this process holds the Lease.
+//! Leader election with fencing: the controller runs, and writes, only while this process
+//! provably holds the Lease.
 //!
-//! Lives here: [`run_with_election`], the loop that waits for the Lease, runs the controller
-//! while it is held, stops it when the Lease is lost, and releases the Lease on shutdown. Must
-//! not live here: what the controller does (`watches`, `reconcile`).
+//! Lives here: [`WriteGate`] (the leadership watch channel every write checks right before
+//! sending), the [`Elector`] that acquires, renews and releases the coordination.k8s.io Lease
+//! with optimistic concurrency, and [`run_with_election`], which runs the controller for each
+//! term. Must not live here: what the controller does (`watches`, `reconcile`), or the writes
+//! themselves (`write`, `events`).
+//!
+//! **Validity** is judged on this process's monotonic clock: a renewal whose request was sent at
+//! `t` makes the term valid until `t + duration − grace`. A standby takes the Lease only after it
+//! has seen the same Lease record unchanged for `duration` on its own monotonic clock, and the
+//! holder's last successful renewal was sent before the standby saw that record, so the holder's
+//! validity always ends before the standby's term begins (with `grace` to spare for clock-rate
+//! differences). A frozen process (SIGSTOP) finds its term expired the moment it thaws, because
+//! the monotonic clock kept running.
+//!
+//! **Epoch.** Each term carries the Lease's `leaseTransitions` after acquisition; status writes
+//! carry it as `status.writerEpoch`, and the CRD refuses a status whose epoch goes back. So a
+//! write that passed the gate just before its term ended still fails at the apiserver once the new
+//! leader has written that pool.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use futures::future::{BoxFuture, Shared};
-use kube::Client;
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{PostParams, ResourceExt},
+};
+use tokio::{
+    sync::watch,
+    time::{Instant, timeout},
+};
 use tracing::{info, warn};
 
-use super::{
-    Error, FIELD_MANAGER, LeaderElection, OperatorConfig, observer::Observer,
-    watches::run_controller,
-};
+use super::{Error, LeaderElection, OperatorConfig, observer::Observer, watches::run_controller};
 use crate::metrics::Metrics;
 
-/// Waits for the Lease and runs the controller whenever this process holds it, until
-/// `shutdown`. A process that loses the Lease stops its controller and drops its in-memory
-/// state; the next leader rebuilds every pool from status. Fails only when the lease manager
-/// cannot be set up at all.
+/// Whether this process may write, and under which term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leadership {
+    /// Not the leader: no writes.
+    Standby,
+    /// The leader until `valid_until` (monotonic), under lease epoch `epoch` (None: no election).
+    Leading {
+        /// The Lease's leaseTransitions of this term.
+        epoch: Option<i64>,
+        /// End of the term unless renewed.
+        valid_until: Instant,
+    },
+}
+
+/// The receiving end of the leadership channel: what every write consults right before sending.
+#[derive(Clone, Debug)]
+pub struct WriteGate(watch::Receiver<Leadership>);
+
+impl WriteGate {
+    /// A gate that is always open (a single instance without leader election).
+    pub fn always_open() -> Self {
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let (_tx, rx) = watch::channel(Leadership::Leading {
+            epoch: None,
+            valid_until: far,
+        });
+        Self(rx)
+    }
+
+    /// How long the current term still runs; None when not leading (or expired).
+    pub fn remaining(&self) -> Option<Duration> {
+        match *self.0.borrow() {
+            Leadership::Leading { valid_until, .. } => {
+                let left = valid_until.saturating_duration_since(Instant::now());
+                (!left.is_zero()).then_some(left)
+            }
+            Leadership::Standby => None,
+        }
+    }
+
+    /// Whether a write may be sent now.
+    pub fn may_write(&self) -> bool {
+        self.remaining().is_some()
+    }
+
+    /// The epoch of the current term, stamped on status writes.
+    pub fn epoch(&self) -> Option<i64> {
+        match *self.0.borrow() {
+            Leadership::Leading { epoch, .. } => epoch,
+            Leadership::Standby => None,
+        }
+    }
+
+    /// Resolves when this process is no longer leading (channel says Standby, or the term ran out).
+    pub async fn lost(&mut self) {
+        loop {
+            let until = match *self.0.borrow_and_update() {
+                Leadership::Standby => return,
+                Leadership::Leading { valid_until, .. } => valid_until,
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => {
+                    if !self.may_write() {
+                        return;
+                    }
+                }
+                changed = self.0.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+}
+
+/// Acquires, renews and releases the Lease. Every request has a timeout.
+struct Elector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+    grace: Duration,
+    /// The Lease record last seen from another holder, and when it was first seen unchanged.
+    observed: Option<(String, Instant)>,
+}
+
+/// What one attempt to lead found.
+enum Attempt {
+    /// This process leads until the instant, under the epoch.
+    Leading(i64, Instant),
+    /// Another holder's term runs.
+    Held,
+}
+
+impl Elector {
+    fn new(client: Client, election: &LeaderElection, identity: String) -> Self {
+        Self {
+            api: Api::namespaced(client, &election.lease_namespace),
+            name: election.lease_name.clone(),
+            identity,
+            duration: election.lease_duration,
+            grace: election.renew_grace,
+            observed: None,
+        }
+    }
+
+    /// How often the holder renews and a standby retries: a third of the validity window.
+    fn period(&self) -> Duration {
+        (self.duration.saturating_sub(self.grace) / 3).max(Duration::from_millis(100))
+    }
+
+    /// One attempt to acquire or renew, bounded by `budget`.
+    async fn attempt(&mut self, budget: Duration) -> Result<Attempt, Error> {
+        match timeout(budget, self.attempt_unbounded()).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::LeaderElection(format!(
+                "lease request took longer than {budget:?}"
+            ))),
+        }
+    }
+
+    async fn attempt_unbounded(&mut self) -> Result<Attempt, Error> {
+        let Some(lease) = self.api.get_opt(&self.name).await? else {
+            return self.create().await;
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        let mine = holder == self.identity;
+        if !mine && !holder.is_empty() && !self.expired(&lease) {
+            return Ok(Attempt::Held);
+        }
+        let now = MicroTime(Timestamp::now());
+        let transitions = spec.lease_transitions.unwrap_or(0);
+        let epoch = if mine {
+            transitions
+        } else {
+            transitions.saturating_add(1)
+        };
+        let mut next = lease.clone();
+        next.spec = Some(LeaseSpec {
+            holder_identity: Some(self.identity.clone()),
+            lease_duration_seconds: Some(self.duration_seconds()),
+            acquire_time: if mine {
+                spec.acquire_time
+            } else {
+                Some(now.clone())
+            },
+            renew_time: Some(now),
+            lease_transitions: Some(epoch),
+            ..spec
+        });
+        let sent = Instant::now();
+        // resourceVersion in `next` makes this a compare-and-swap: a racing standby loses.
+        self.api
+            .replace(&self.name, &PostParams::default(), &next)
+            .await?;
+        self.observed = None;
+        Ok(Attempt::Leading(i64::from(epoch), sent + self.validity()))
+    }
+
+    async fn create(&mut self) -> Result<Attempt, Error> {
+        let now = MicroTime(Timestamp::now());
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.identity.clone()),
+                lease_duration_seconds: Some(self.duration_seconds()),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_transitions: Some(0),
+                ..LeaseSpec::default()
+            }),
+        };
+        let sent = Instant::now();
+        self.api.create(&PostParams::default(), &lease).await?;
+        Ok(Attempt::Leading(0, sent + self.validity()))
+    }
+
+    /// Whether another holder's record has stood unchanged for a whole lease duration, measured
+    /// on this process's monotonic clock from when it was first seen.
+    fn expired(&mut self, lease: &Lease) -> bool {
+        let version = lease.resource_version().unwrap_or_default();
+        match &self.observed {
+            Some((seen, since)) if *seen == version => since.elapsed() >= self.duration,
+            _ => {
+                self.observed = Some((version, Instant::now()));
+                false
+            }
+        }
+    }
+
+    /// Gives the Lease up (best effort, bounded): a standby takes over at once.
+    async fn release(&self) {
+        let release = async {
+            let mut lease = self.api.get(&self.name).await?;
+            let Some(spec) = lease.spec.as_mut() else {
+                return Ok(());
+            };
+            if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+                return Ok(());
+            }
+            spec.holder_identity = None;
+            spec.renew_time = None;
+            spec.acquire_time = None;
+            self.api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await
+                .map(|_| ())
+        };
+        match timeout(self.period(), release).await {
+            Ok(Ok(())) => info!(identity = %self.identity, "released the leader lease"),
+            Ok(Err(err)) => warn!(error = %err, "releasing the leader lease"),
+            Err(_) => warn!("releasing the leader lease timed out"),
+        }
+    }
+
+    fn validity(&self) -> Duration {
+        self.duration.saturating_sub(self.grace)
+    }
+
+    fn duration_seconds(&self) -> i32 {
+        i32::try_from(self.duration.as_secs().max(1)).unwrap_or(i32::MAX)
+    }
+}
+
+/// Keeps the leadership channel true until `shutdown`: acquires, renews every period, steps
+/// down (Standby) the moment a term runs out unrenewed, and releases the Lease at the end.
+async fn elect(
+    mut elector: Elector,
+    tx: watch::Sender<Leadership>,
+    shutdown: Shared<BoxFuture<'static, ()>>,
+) {
+    let mut ticker = tokio::time::interval(elector.period());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            () = shutdown.clone() => break,
+            _ = ticker.tick() => {},
+        }
+        let current = *tx.borrow();
+        let budget = match current {
+            Leadership::Leading { valid_until, .. } => valid_until
+                .saturating_duration_since(Instant::now())
+                .min(elector.period())
+                .max(Duration::from_millis(1)),
+            Leadership::Standby => elector.period(),
+        };
+        match elector.attempt(budget).await {
+            Ok(Attempt::Leading(epoch, valid_until)) => {
+                warned = false;
+                if !matches!(current, Leadership::Leading { epoch: Some(e), .. } if e == epoch) {
+                    info!(identity = %elector.identity, epoch, "acquired the leader lease");
+                }
+                tx.send_replace(Leadership::Leading {
+                    epoch: Some(epoch),
+                    valid_until,
+                });
+            }
+            Ok(Attempt::Held) => {
+                tx.send_replace(Leadership::Standby);
+            }
+            Err(err) => {
+                if !warned {
+                    warn!(error = %err, "cannot renew or acquire the leader lease");
+                    warned = true;
+                }
+                if let Leadership::Leading { valid_until, .. } = current
+                    && Instant::now() >= valid_until
+                {
+                    warn!(identity = %elector.identity, "leader lease not renewed in time; standing by");
+                    tx.send_replace(Leadership::Standby);
+                }
+            }
+        }
+    }
+    tx.send_replace(Leadership::Standby);
+    elector.release().await;
+}
+
+/// Waits for the Lease and runs the controller for each term this process holds it, until
+/// `shutdown`. When a term ends the controller is stopped, its context (probe connections,
+/// caches, pool map) dropped and its per-pool series removed; the next leader rebuilds every pool
+/// from status. Fails only when the Lease cannot be read at all at start-up.
 pub(super) async fn run_with_election(
     client: Client,
     config: OperatorConfig,
@@ -28,61 +333,98 @@ pub(super) async fn run_with_election(
     observer: Arc<dyn Observer>,
     shutdown: Shared<BoxFuture<'static, ()>>,
 ) -> Result<(), Error> {
-    let manager =
-        kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &election.lease_name)
-            .with_namespace(&election.lease_namespace)
-            .with_identity(&config.instance)
-            .with_duration(election.lease_duration.as_secs().max(1))
-            .with_grace(election.renew_grace.as_secs().max(1))
-            .with_field_manager(format!("{FIELD_MANAGER}-lease"))
-            .build()
-            .await
-            .map_err(|err| Error::LeaderElection(err.to_string()))?;
-    let (mut leader, lease_task) = manager.watch().await;
-    // A standby is ready: it is able to take over.
+    // A unique identity per process, even when two replicas share a pod name (a restarted
+    // container): never two holders that both believe they lead.
+    let identity = format!("{}_{:08x}", config.instance, rand_suffix());
+    let mut elector = Elector::new(client.clone(), &election, identity.clone());
+    // The first attempt decides whether the Lease can be used at all: a missing namespace or a
+    // missing permission is an error, not a standby that can never lead.
+    let initial = match elector
+        .attempt(elector.period().max(Duration::from_secs(5)))
+        .await
+    {
+        Ok(Attempt::Leading(epoch, valid_until)) => Leadership::Leading {
+            epoch: Some(epoch),
+            valid_until,
+        },
+        Ok(Attempt::Held) => Leadership::Standby,
+        Err(Error::Kube(kube::Error::Api(status))) if matches!(status.code, 401 | 403 | 404) => {
+            return Err(Error::LeaderElection(format!(
+                "lease {}/{}: {}",
+                election.lease_namespace, election.lease_name, status.message
+            )));
+        }
+        Err(err) => {
+            warn!(error = %err, "first attempt at the leader lease failed; retrying");
+            Leadership::Standby
+        }
+    };
+    let (tx, rx) = watch::channel(initial);
+    let elect_task = tokio::spawn(elect(elector, tx, shutdown.clone()));
     metrics.set_ready(true);
-    info!(lease = %election.lease_name, identity = %config.instance, "waiting for the leader lease");
+    info!(lease = %election.lease_name, %identity, "waiting for the leader lease");
+    let mut gate = WriteGate(rx);
     loop {
         tokio::select! {
-            _ = shutdown.clone() => break,
-            changed = leader.wait_for(|is_leader| *is_leader) => if changed.is_err() { break },
+            () = shutdown.clone() => break,
+            led = wait_leading(&mut gate) => if !led { break },
         }
-        info!(identity = %config.instance, "acquired the leader lease");
         metrics.set_leader(true);
-        // Stop the controller when the lease is lost or the process shuts down.
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut watch_loss = leader.clone();
+        let mut watch_loss = gate.clone();
+        let leader_metrics = metrics.clone();
         let process_shutdown = shutdown.clone();
-        let stopper = tokio::spawn(async move {
-            tokio::select! {
-                _ = process_shutdown => {},
-                _ = watch_loss.wait_for(|is_leader| !*is_leader) => {},
-            }
-            let _ = stop_tx.send(());
-        });
+        // Stop when the term ends or the process shuts down; the moment the term ends the process
+        // reports standby and exports no pool series, even while in-flight reconciles drain.
         let stop = async move {
-            let _ = stop_rx.await;
+            tokio::select! {
+                () = process_shutdown => {},
+                () = watch_loss.lost() => {},
+            }
+            leader_metrics.set_leader(false);
+            leader_metrics.forget_all_pools();
         };
         run_controller(
             client.clone(),
             config.clone(),
             metrics.clone(),
             observer.clone(),
+            gate.clone(),
             stop,
         )
         .await;
-        stopper.abort();
         metrics.set_leader(false);
+        metrics.forget_all_pools();
         metrics.set_ready(true);
         if shutdown.peek().is_some() {
             break;
         }
-        warn!(identity = %config.instance, "lost the leader lease; standing by");
+        warn!(%identity, "lost the leader lease; standing by");
     }
-    // Closing the channel makes the lease task release the Lease, so a standby takes over at once.
-    drop(leader);
-    if let Ok(Err(err)) = lease_task.await {
-        warn!(error = %err, "releasing the leader lease");
+    if let Err(err) = elect_task.await {
+        warn!(error = %err, "leader election task");
     }
     Ok(())
+}
+
+/// Resolves true once leading, false if the channel closed.
+async fn wait_leading(gate: &mut WriteGate) -> bool {
+    loop {
+        if gate.may_write() {
+            return true;
+        }
+        if gate.0.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// 32 bits that differ between processes started in the same instant.
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, RandomState};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let hash = RandomState::new().hash_one((nanos, std::process::id()));
+    (hash & 0xffff_ffff) as u32
 }

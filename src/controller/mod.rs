@@ -4,7 +4,7 @@
 //!
 //! Lives here, one concern per module:
 //! - `config`: [`OperatorConfig`], [`LeaderElection`] (defaults live in `crate::cli`);
-//! - `leadership`: the Lease loop that runs the controller only while leading;
+//! - `leadership`: the Lease elector, the write gate (fencing) and the per-term controller loop;
 //! - `watches`: the DbPool and Secret watches, the connection-lost trigger, readiness;
 //! - `context`: the shared state and the one per-pool map entry;
 //! - `triggers`: which events a reconcile feeds the engine (pure, unit-tested);
@@ -40,6 +40,7 @@ use futures::FutureExt;
 use kube::Client;
 
 pub use config::{FIELD_MANAGER, LeaderElection, OperatorConfig};
+pub use leadership::{Leadership, WriteGate};
 pub use observer::{NoObserver, Observer, ProbeObservation};
 pub use running::RunningOperator;
 
@@ -55,6 +56,9 @@ pub enum Error {
     /// A Secret could not be read for a reason other than the user's configuration.
     #[error("{0}")]
     Credentials(#[from] CredentialError),
+    /// A write did not complete within its deadline (the rest of the term, at most 10s).
+    #[error("apiserver write took longer than {0:?}")]
+    WriteTimeout(std::time::Duration),
     /// Leader election could not be set up (the process cannot safely run).
     #[error("cannot set up leader election: {0}")]
     LeaderElection(String),
@@ -83,7 +87,8 @@ pub async fn run_observed(
     match config.leader_election.clone() {
         None => {
             metrics.set_leader(true);
-            watches::run_controller(client, config, metrics, observer, shutdown).await;
+            let gate = leadership::WriteGate::always_open();
+            watches::run_controller(client, config, metrics, observer, gate, shutdown).await;
             Ok(())
         }
         Some(election) => {

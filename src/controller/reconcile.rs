@@ -54,11 +54,14 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
         ctx.store_memory(&run.key, run.memory, false);
         return Err(err);
     }
-    ctx.metrics.pool_state(
-        &pool_labels(&run.key),
-        run.memory.state.breaker,
-        run.memory.state.consecutive_failures,
-    );
+    // Only a leader exports per-pool series (a deposed one must not keep a stale breaker).
+    if ctx.gate.may_write() {
+        ctx.metrics.pool_state(
+            &pool_labels(&run.key),
+            run.memory.state.breaker,
+            run.memory.state.consecutive_failures,
+        );
+    }
     let written = run.write(&pool, &ctx).await;
     let requeue = run.memory.requeue_after(&run.policy);
     ctx.store_memory(&run.key, run.memory, written.is_ok());
@@ -188,12 +191,14 @@ impl Run {
                     outcome: report.outcome,
                     fresh_connection: report.fresh_connection,
                 });
-                ctx.metrics.probe_finished(
-                    &labels,
-                    report.outcome,
-                    recovering,
-                    &report.stage_latencies,
-                );
+                if ctx.gate.may_write() {
+                    ctx.metrics.probe_finished(
+                        &labels,
+                        report.outcome,
+                        recovering,
+                        &report.stage_latencies,
+                    );
+                }
                 let summary = ProbeSummary::from_report(&report, MicroTime(finished));
                 (
                     summary,
@@ -236,6 +241,7 @@ impl Run {
             .unwrap_or_default();
         let desired = desired_status(
             &StatusInputs {
+                writer_epoch: ctx.gate.epoch(),
                 generation: pool.metadata.generation,
                 state: &self.memory.state,
                 policy: &self.policy,
@@ -245,7 +251,15 @@ impl Run {
             },
             Timestamp::now(),
         );
-        let written = write_visible_changes(ctx, pool, &self.key, &mut self.memory, &desired).await;
+        let written = write_visible_changes(
+            ctx,
+            pool,
+            &self.key,
+            &mut self.memory,
+            &desired,
+            self.policy.interval,
+        )
+        .await;
         publish_events(
             ctx,
             pool,
@@ -301,7 +315,9 @@ pub(super) fn error_policy(pool: Arc<DbPool>, error: &Error, ctx: Arc<Context>) 
     let delay = Duration::from_millis(500)
         .saturating_mul(1 << failures.min(7))
         .min(Duration::from_secs(60));
-    ctx.metrics.reconcile_failed(&pool_labels(&key));
+    if ctx.gate.may_write() {
+        ctx.metrics.reconcile_failed(&pool_labels(&key));
+    }
     warn!(pool = %key, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }

@@ -16,14 +16,15 @@ use k8s_openapi::{
 use crate::{
     api::{
         BreakerMode, BreakerState, BreakerStatus, CONDITION_BREAKER_OPEN, CONDITION_DEGRADED,
-        CONDITION_READY, DbPoolStatus, ForceReopenRecord, GoDuration, Phase, ProbeOutcome,
-        ProbeSummary, reason,
+        CONDITION_READY, DbPoolStatus, ForceReopenRecord, GoDuration, Phase, ProbeSummary, reason,
     },
     recovery::{self, FailureKind, Policy, PoolState},
 };
 
 /// Everything besides the engine state that goes into a status.
 pub struct StatusInputs<'a> {
+    /// The leader term of this writer (None without leader election).
+    pub writer_epoch: Option<i64>,
     /// metadata.generation of the object the status is for.
     pub generation: Option<i64>,
     /// The engine state.
@@ -145,6 +146,7 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
         .collect();
 
     DbPoolStatus {
+        writer_epoch: inputs.writer_epoch,
         observed_generation: inputs.generation,
         phase: Some(phase),
         breaker: Some(BreakerStatus {
@@ -193,6 +195,9 @@ fn merge_condition(mut new: Condition, previous: &[Condition], now: Timestamp) -
 /// The status with the fields that change on every probe blanked out: what a user would notice.
 fn visible(status: &DbPoolStatus) -> DbPoolStatus {
     let mut s = status.clone();
+    // The writer's leader term fences stale writes; it alone is no reason to write (a failover
+    // would otherwise rewrite every pool's status at once).
+    s.writer_epoch = None;
     s.last_success_time = None;
     if let Some(p) = s.last_probe.as_mut() {
         p.time = MicroTime(Timestamp::UNIX_EPOCH);
@@ -239,11 +244,10 @@ pub fn needs_write(
 /// last failure was an outage, and 0 otherwise.
 pub fn restore_state(status: &DbPoolStatus, seed: u64) -> PoolState {
     let mut state = PoolState::new(seed);
-    let last_failure = status.last_probe.as_ref().and_then(|p| match p.outcome {
-        ProbeOutcome::Success => None,
-        ProbeOutcome::ConfigFailure => Some(FailureKind::Config),
-        ProbeOutcome::TransientFailure | ProbeOutcome::WrongRole => Some(FailureKind::Outage),
-    });
+    let last_failure = status
+        .last_probe
+        .as_ref()
+        .and_then(|p| p.outcome.failure_kind());
     let failures = u32::try_from(status.consecutive_failures.max(0)).unwrap_or(0);
     if let Some(b) = &status.breaker {
         state.breaker = b.state;
@@ -275,7 +279,7 @@ pub fn restore_state(status: &DbPoolStatus, seed: u64) -> PoolState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{DbPoolSpec, ProbeStage};
+    use crate::api::{DbPoolSpec, ProbeOutcome, ProbeStage};
 
     fn policy() -> Policy {
         let spec: DbPoolSpec = serde_json::from_value(serde_json::json!({
@@ -318,6 +322,7 @@ mod tests {
         let first_probe = probe(ProbeOutcome::Success, 0, 2);
         let first = desired_status(
             &StatusInputs {
+                writer_epoch: None,
                 generation: Some(1),
                 state: &first_state,
                 policy: &policy,
@@ -335,6 +340,7 @@ mod tests {
         let later_probe = probe(ProbeOutcome::Success, 30, 5);
         let later = desired_status(
             &StatusInputs {
+                writer_epoch: None,
                 generation: Some(1),
                 state: &later_state,
                 policy: &policy,
@@ -370,6 +376,7 @@ mod tests {
         let ok_probe = probe(ProbeOutcome::Success, 0, 2);
         let ok = desired_status(
             &StatusInputs {
+                writer_epoch: None,
                 generation: Some(1),
                 state: &ok_state,
                 policy: &policy,
@@ -390,6 +397,7 @@ mod tests {
         let failed_probe = probe(ProbeOutcome::TransientFailure, 30, 1);
         let failed = desired_status(
             &StatusInputs {
+                writer_epoch: None,
                 generation: Some(1),
                 state: &failed_state,
                 policy: &policy,
@@ -443,6 +451,7 @@ mod tests {
         let summary = probe(ProbeOutcome::TransientFailure, 100, 1);
         let status = desired_status(
             &StatusInputs {
+                writer_epoch: None,
                 generation: Some(4),
                 state: &state,
                 policy: &policy,

@@ -35,6 +35,7 @@ use super::{
     FIELD_MANAGER, OperatorConfig,
     context::Context,
     credentials::SecretCache,
+    leadership::WriteGate,
     observer::Observer,
     reconcile::{error_policy, reconcile},
 };
@@ -51,6 +52,7 @@ pub(super) async fn run_controller(
     config: OperatorConfig,
     metrics: Arc<Metrics>,
     observer: Arc<dyn Observer>,
+    gate: WriteGate,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (pools_api, secrets_api): (Api<DbPool>, Api<PartialObjectMeta<Secret>>) =
@@ -85,6 +87,7 @@ pub(super) async fn run_controller(
         pools: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
         observer,
+        gate,
     });
 
     // Probe connections that die trigger their pools at once. The task holds only a weak

@@ -5,7 +5,9 @@
 //! the apiserver request budget and only while this process leads. Must not live here: deciding
 //! the status (`status`), events (`events`).
 
-use k8s_openapi::jiff::Timestamp;
+use std::{future::Future, time::Duration};
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
@@ -21,18 +23,16 @@ use super::{
 use crate::api::{BREAKER_LABEL, DbPool, DbPoolStatus};
 
 /// Patches the status (if a user would see a change) and the breaker label (if it differs),
-/// recording what was written in `memory`. Writes nothing unless this process leads.
+/// recording what was written in `memory`. Writes nothing unless this process leads (see
+/// [`fenced`]).
 pub(super) async fn write_visible_changes(
     ctx: &Context,
     pool: &DbPool,
     key: &ObjectRef<DbPool>,
     memory: &mut PoolMemory,
     desired: &DbPoolStatus,
+    interval: Duration,
 ) -> Result<(), Error> {
-    // Only the leader writes: a process that just lost the Lease must not race the new leader.
-    if !ctx.metrics.is_leader() {
-        return Ok(());
-    }
     let api: Api<DbPool> =
         Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
     let now = Timestamp::now();
@@ -48,14 +48,11 @@ pub(super) async fn write_visible_changes(
             "kind": "DbPool",
             "status": desired,
         });
-        {
-            let _slot = ctx.api_slots.acquire().await;
-            api.patch_status(
-                &pool.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
+        let name = pool.name_any();
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let sent = fenced(ctx, api.patch_status(&name, &params, &Patch::Apply(&patch))).await?;
+        if !sent {
+            return Ok(());
         }
         let acknowledged = Timestamp::now();
         debug!(pool = %key, phase = ?desired.phase, "status written");
@@ -67,20 +64,44 @@ pub(super) async fn write_visible_changes(
     }
     let label = memory.state.breaker.label_value();
     let current_label = pool.labels().get(BREAKER_LABEL).map(String::as_str);
-    if current_label != Some(label) && memory.label_written.as_deref() != Some(label) {
+    // The object may lag our own write by a moment; a label changed by hand is put back once the
+    // last write is a probe interval old, so drift lasts at most about one interval.
+    let settled = memory.label_written_at.is_none_or(|at| {
+        now.duration_since(at) >= SignedDuration::try_from(interval).unwrap_or(SignedDuration::MAX)
+    });
+    if current_label != Some(label) && (memory.label_written.as_deref() != Some(label) || settled) {
         let patch = serde_json::json!({
             "apiVersion": "dbpool.io/v1alpha1",
             "kind": "DbPool",
             "metadata": { "labels": { BREAKER_LABEL: label } },
         });
-        let _slot = ctx.api_slots.acquire().await;
-        api.patch(
-            &pool.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-        memory.label_written = Some(label.to_owned());
+        let name = pool.name_any();
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        if fenced(ctx, api.patch(&name, &params, &Patch::Apply(&patch))).await? {
+            memory.label_written = Some(label.to_owned());
+            memory.label_written_at = Some(now);
+        }
     }
     Ok(())
 }
+
+/// Sends one write through the request budget, only if this process still leads right before
+/// sending, and bounded by what is left of its term. Ok(false): not sent (not leading). A term
+/// that ends while the request is in flight cancels it; one that the apiserver already applied
+/// is fenced by `status.writerEpoch` (see `leadership`).
+pub(super) async fn fenced<T>(
+    ctx: &Context,
+    request: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<bool, Error> {
+    let _slot = ctx.api_slots.acquire().await;
+    let Some(budget) = ctx.gate.remaining() else {
+        return Ok(false);
+    };
+    match tokio::time::timeout(budget.min(WRITE_TIMEOUT), request).await {
+        Ok(result) => result.map(|_| true).map_err(Error::Kube),
+        Err(_) => Err(Error::WriteTimeout(budget.min(WRITE_TIMEOUT))),
+    }
+}
+
+/// The longest any single write may take.
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -21,10 +21,22 @@ pub const CONDITION_DEGRADED: &str = "Degraded";
 /// Condition type: the circuit breaker is open (or half-open, trying to close).
 pub const CONDITION_BREAKER_OPEN: &str = "BreakerOpen";
 
+/// The fencing rule on the status: a write may drop writerEpoch (an operator without leader
+/// election) but never lower it.
+pub const WRITER_EPOCH_RULE: &str = "!has(oldSelf.writerEpoch) || !has(self.writerEpoch) || self.writerEpoch >= oldSelf.writerEpoch";
+/// What the apiserver answers a fenced-off (stale) status write.
+pub const WRITER_EPOCH_MESSAGE: &str = "status.writerEpoch must not decrease: the write comes from an operator that lost its leader lease";
+
 /// Observed state of a DbPool, written only by the operator.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(WRITER_EPOCH_RULE).message(WRITER_EPOCH_MESSAGE))]
 pub struct DbPoolStatus {
+    /// The leader term (the Lease's leaseTransitions when its holder acquired it) of the operator
+    /// that wrote this status. The apiserver refuses a status whose writerEpoch goes back, so a
+    /// replica that lost the Lease cannot overwrite what the new leader wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_epoch: Option<i64>,
     /// The metadata.generation this status was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -80,6 +80,7 @@ fn status_round_trips_with_every_field() {
     let instant = k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).expect("valid");
     let now = MicroTime(instant);
     let status = DbPoolStatus {
+        writer_epoch: Some(3),
         observed_generation: Some(3),
         phase: Some(Phase::BreakerOpen),
         breaker: Some(BreakerStatus {
