@@ -37,6 +37,8 @@ pub mod defaults {
     pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
     /// Reopen each persistent probe connection this often.
     pub const RECONNECT_EVERY: Duration = Duration::from_secs(300);
+    /// /healthz fails once the watches have failed this long without a success.
+    pub const WATCH_FAILURE_TIMEOUT: Duration = Duration::from_secs(120);
     /// Instance name when neither the flag, $POD_NAME nor $HOSTNAME gives one.
     pub const INSTANCE: &str = "dbpool-operator";
 }
@@ -98,6 +100,10 @@ pub struct RunArgs {
     /// Reopen each persistent probe connection this often (tests the full connect path).
     #[arg(long, env = "DBPOOL_RECONNECT_EVERY", default_value_t = GoDuration(defaults::RECONNECT_EVERY))]
     pub reconnect_every: GoDuration,
+    /// /healthz answers 503 once the watches have failed this long without a success, so a
+    /// wedged process is restarted by its liveness probe.
+    #[arg(long, env = "DBPOOL_WATCH_FAILURE_TIMEOUT", default_value_t = GoDuration(defaults::WATCH_FAILURE_TIMEOUT))]
+    pub watch_failure_timeout: GoDuration,
     /// Log format.
     #[arg(long, env = "DBPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -82,11 +82,19 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.metrics_addr))?;
     info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+    let health = Health {
+        metrics: metrics.clone(),
+        watch_failure_timeout: args.watch_failure_timeout.as_std(),
+    };
     let app = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(metrics.clone());
+        .with_state(metrics.clone())
+        .merge(
+            Router::new()
+                .route("/healthz", get(healthz))
+                .with_state(health),
+        );
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
             error!("health endpoint stopped: {err}");
@@ -95,6 +103,25 @@ async fn run(args: RunArgs) -> Result<(), String> {
     controller::run(client, config, metrics, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// What `/healthz` judges.
+#[derive(Clone)]
+struct Health {
+    metrics: Arc<Metrics>,
+    watch_failure_timeout: std::time::Duration,
+}
+
+/// 200 while the process works; 503 once its watches have failed for longer than the timeout
+/// (a wedged process, which the kubelet should restart).
+async fn healthz(State(health): State<Health>) -> (StatusCode, String) {
+    match health.metrics.watches_failing_for() {
+        Some(failing) if failing > health.watch_failure_timeout => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("watches failing for {}s", failing.as_secs()),
+        ),
+        _ => (StatusCode::OK, "ok".to_owned()),
+    }
 }
 
 /// 200 once the process can do its job: the leader when its caches have synced, a standby once

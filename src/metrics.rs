@@ -8,7 +8,13 @@
 //! The probe latency histogram is labelled by `stage` only: per-pool histograms would cost a dozen
 //! series per pool and stage, which does not scale to thousands of pools.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::{
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
@@ -70,8 +76,11 @@ pub struct Metrics {
     status_writes: Family<PoolLabels, Counter>,
     reconcile_errors: Family<PoolLabels, Counter>,
     leader: Gauge,
+    controller_contexts: Gauge,
     ready: AtomicBool,
     is_leader: AtomicBool,
+    /// Since when the watches have failed without a success in between.
+    watch_failing_since: Mutex<Option<Instant>>,
 }
 
 impl Default for Metrics {
@@ -138,6 +147,12 @@ impl Metrics {
             "1 while this process holds the leader lease",
             leader.clone(),
         );
+        let controller_contexts = Gauge::default();
+        registry.register(
+            "controller_contexts",
+            "Live controller contexts (probe connections, caches, pool map): 1 while leading, else 0",
+            controller_contexts.clone(),
+        );
         Self {
             registry,
             recovery_attempts,
@@ -149,8 +164,10 @@ impl Metrics {
             status_writes,
             reconcile_errors,
             leader,
+            controller_contexts,
             ready: AtomicBool::new(false),
             is_leader: AtomicBool::new(false),
+            watch_failing_since: Mutex::new(None),
         }
     }
 
@@ -256,6 +273,41 @@ impl Metrics {
                 outcome: outcome.name().to_owned(),
             });
         }
+    }
+
+    /// Counts a controller context created (+1) or dropped (-1).
+    pub fn controller_context(&self, delta: i64) {
+        self.controller_contexts.inc_by(delta);
+    }
+
+    /// Live controller contexts in this process.
+    pub fn controller_contexts(&self) -> i64 {
+        self.controller_contexts.get()
+    }
+
+    /// A watch request failed; the failing streak starts now unless it already runs.
+    pub fn watch_failed(&self) {
+        let mut since = self
+            .watch_failing_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        since.get_or_insert_with(Instant::now);
+    }
+
+    /// A watch delivered an event: the failing streak (if any) is over.
+    pub fn watch_succeeded(&self) {
+        *self
+            .watch_failing_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// How long the watches have been failing without a success, if they are.
+    pub fn watches_failing_for(&self) -> Option<Duration> {
+        self.watch_failing_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|since| since.elapsed())
     }
 
     /// Marks the process ready (or not): caches synced, or a standby able to take over.

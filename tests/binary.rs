@@ -4,102 +4,22 @@
 
 use dbpool_testkit as support;
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use dbpool_operator::api::{BreakerState, DbPool, DbPoolStatus, Phase};
 use kube::{Api, Client};
 use support::{
-    kube::{TestNamespace, create_secret, install_crd, kubeconfig_path},
+    kube::{TestNamespace, create_secret, install_crd},
     pools::{create, pool, status, wait_status},
-    ports::free_port,
     postgres::{APP_PASSWORD, PgServer},
+    process::{OperatorProcess, sample},
     wait::{wait_for, wait_until},
-};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
 };
 
 const SECRET: &str = "db-credentials";
 const KEY: &str = "password";
 
-/// A `dbpool-operator run` process, killed when dropped.
-struct OperatorProcess {
-    child: Child,
-    port: u16,
-    name: String,
-}
-
-impl OperatorProcess {
-    fn start(namespace: &str, name: &str, extra: &[&str]) -> Self {
-        let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dbpool-operator"));
-        cmd.arg("run")
-            .arg("--kubeconfig")
-            .arg(kubeconfig_path())
-            .args(["--namespace", namespace])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--log-format", "json"])
-            .args(extra)
-            .env("POD_NAME", name)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd.spawn().expect("start dbpool-operator");
-        Self {
-            child,
-            port,
-            name: name.to_owned(),
-        }
-    }
-
-    /// GET `path` on the metrics port: (status code, body), or None if nothing answers.
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        let code = response.split_whitespace().nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-        Some((code, body))
-    }
-
-    async fn metrics(&self) -> String {
-        self.get("/metrics")
-            .await
-            .map(|(_, body)| body)
-            .unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OperatorProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The value of the first sample of `metric` whose labels contain every `labels` pair.
-fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
+const BINARY: &str = env!("CARGO_BIN_EXE_dbpool-operator");
 
 fn breaker(s: &DbPoolStatus) -> Option<BreakerState> {
     s.breaker.as_ref().map(|b| b.state)
@@ -123,7 +43,7 @@ async fn setup() -> (Client, TestNamespace) {
 async fn metrics_show_an_outage_and_sigterm_stops_the_process() {
     let (client, ns) = setup().await;
     let mut pg = PgServer::start().await;
-    let mut op = OperatorProcess::start(ns.name(), "solo", &[]);
+    let mut op = OperatorProcess::start(BINARY, ns.name(), "solo", &[]);
     let spec = pool(
         "orders",
         pg.port(),
@@ -191,12 +111,7 @@ async fn metrics_show_an_outage_and_sigterm_stops_the_process() {
     );
 
     // SIGTERM: a clean, prompt exit.
-    let pid = i32::try_from(op.child.id()).expect("pid");
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    op.signal("TERM");
     let start = Instant::now();
     let code = wait_for("exit after SIGTERM", Duration::from_secs(10), || {
         let exited = op.child.try_wait().ok().flatten();
@@ -225,8 +140,8 @@ async fn a_standby_takes_over_from_a_killed_leader() {
         "--lease-renew-grace",
         "1s",
     ];
-    let a = OperatorProcess::start(ns.name(), "replica-a", &lease);
-    let b = OperatorProcess::start(ns.name(), "replica-b", &lease);
+    let a = OperatorProcess::start(BINARY, ns.name(), "replica-a", &lease);
+    let b = OperatorProcess::start(BINARY, ns.name(), "replica-b", &lease);
     let spec = pool(
         "orders",
         pg.port(),
@@ -346,6 +261,7 @@ async fn a_standby_takes_over_from_a_killed_leader() {
 async fn a_lease_setup_failure_exits_non_zero() {
     let (_client, ns) = setup().await;
     let mut op = OperatorProcess::start(
+        BINARY,
         ns.name(),
         "no-lease",
         &[

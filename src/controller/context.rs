@@ -17,7 +17,10 @@ use std::{
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     Client, ResourceExt,
-    runtime::{events::Recorder, reflector::ObjectRef},
+    runtime::{
+        events::Recorder,
+        reflector::{ObjectRef, Store},
+    },
 };
 use tokio::sync::Semaphore;
 use tracing::debug;
@@ -53,6 +56,8 @@ pub(super) struct Context {
     pub observer: Arc<dyn Observer>,
     /// Leadership as of now: every write checks it right before sending.
     pub gate: WriteGate,
+    /// The watch's cache of DbPools: what exists now.
+    pub store: Store<DbPool>,
 }
 
 /// Everything this process remembers about one pool.
@@ -119,7 +124,34 @@ pub(super) fn stable_seed(pool: &DbPool) -> u64 {
     hash
 }
 
+impl Drop for Context {
+    fn drop(&mut self) {
+        self.metrics.controller_context(-1);
+        debug!("controller context dropped");
+    }
+}
+
 impl Context {
+    /// Whether the pool (this very object, by uid) still exists in the watch's cache.
+    pub fn exists(&self, pool: &DbPool, key: &ObjectRef<DbPool>) -> bool {
+        self.store
+            .get(key)
+            .is_some_and(|cached| cached.metadata.uid == pool.metadata.uid)
+    }
+
+    /// Forgets every pool the watch's cache no longer has (deleted while the watch re-listed,
+    /// so no Delete event came).
+    pub fn forget_vanished(&self) {
+        let vanished: Vec<ObjectRef<DbPool>> = lock(&self.pools)
+            .keys()
+            .filter(|key| self.store.get(key).is_none())
+            .cloned()
+            .collect();
+        for key in vanished {
+            self.forget(&key);
+        }
+    }
+
     /// Forgets everything about a pool: its slot, its probe connection share, its series.
     pub fn forget(&self, pool: &ObjectRef<DbPool>) {
         lock(&self.pools).remove(pool);

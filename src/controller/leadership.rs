@@ -266,6 +266,46 @@ impl Elector {
     }
 }
 
+/// This instant on the host's monotonic clock (CLOCK_MONOTONIC), in nanoseconds: comparable
+/// across processes on one host, so tests can check that no two terms overlap.
+fn monotonic_ns(at: Instant) -> u128 {
+    let now = Instant::now();
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let now_ns = u128::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u128::try_from(ts.tv_nsec).unwrap_or(0);
+    if at <= now {
+        now_ns.saturating_sub(now.duration_since(at).as_nanos())
+    } else {
+        now_ns + at.duration_since(now).as_nanos()
+    }
+}
+
+/// Publishes a new leadership state and logs every term's start and end, stamped on the host's
+/// monotonic clock. A term ends at the earlier of the moment it is given up and its validity.
+fn publish(tx: &watch::Sender<Leadership>, next: Leadership, identity: &str) {
+    let previous = tx.send_replace(next);
+    match (previous, next) {
+        (Leadership::Standby, Leadership::Leading { epoch, .. }) => {
+            info!(
+                identity,
+                epoch,
+                mono_ns = monotonic_ns(Instant::now()) as u64,
+                "leadership: term started"
+            );
+        }
+        (Leadership::Leading { epoch, valid_until }, Leadership::Standby) => {
+            let ended = Instant::now().min(valid_until);
+            info!(
+                identity,
+                epoch,
+                mono_ns = monotonic_ns(ended) as u64,
+                "leadership: term ended"
+            );
+        }
+        _ => {}
+    }
+}
+
 /// Keeps the leadership channel true until `shutdown`: acquires, renews every period, steps
 /// down (Standby) the moment a term runs out unrenewed, and releases the Lease at the end.
 async fn elect(
@@ -292,18 +332,18 @@ async fn elect(
         match elector.attempt(budget).await {
             Ok(Attempt::Leading(epoch, valid_until)) => {
                 warned = false;
-                if !matches!(current, Leadership::Leading { epoch: Some(e), .. } if e == epoch) {
-                    info!(identity = %elector.identity, epoch, "acquired the leader lease");
-                }
-                tx.send_replace(Leadership::Leading {
+                let next = Leadership::Leading {
                     epoch: Some(epoch),
                     valid_until,
-                });
+                };
+                publish(&tx, next, &elector.identity);
             }
             Ok(Attempt::Held) => {
-                tx.send_replace(Leadership::Standby);
+                tracing::debug!(identity = %elector.identity, "lease held by another process");
+                publish(&tx, Leadership::Standby, &elector.identity);
             }
             Err(err) => {
+                tracing::debug!(identity = %elector.identity, error = %err, "lease attempt failed");
                 if !warned {
                     warn!(error = %err, "cannot renew or acquire the leader lease");
                     warned = true;
@@ -312,12 +352,12 @@ async fn elect(
                     && Instant::now() >= valid_until
                 {
                     warn!(identity = %elector.identity, "leader lease not renewed in time; standing by");
-                    tx.send_replace(Leadership::Standby);
+                    publish(&tx, Leadership::Standby, &elector.identity);
                 }
             }
         }
     }
-    tx.send_replace(Leadership::Standby);
+    publish(&tx, Leadership::Standby, &elector.identity);
     elector.release().await;
 }
 
@@ -359,7 +399,8 @@ pub(super) async fn run_with_election(
             Leadership::Standby
         }
     };
-    let (tx, rx) = watch::channel(initial);
+    let (tx, rx) = watch::channel(Leadership::Standby);
+    publish(&tx, initial, &identity);
     let elect_task = tokio::spawn(elect(elector, tx, shutdown.clone()));
     metrics.set_ready(true);
     info!(lease = %election.lease_name, %identity, "waiting for the leader lease");

@@ -6,6 +6,7 @@
 //! - `config`: [`OperatorConfig`], [`LeaderElection`] (defaults live in `crate::cli`);
 //! - `leadership`: the Lease elector, the write gate (fencing) and the per-term controller loop;
 //! - `watches`: the DbPool and Secret watches, the connection-lost trigger, readiness;
+//! - `liveness`: watch errors (rate-limited logs) and the failing streak `/healthz` judges;
 //! - `context`: the shared state and the one per-pool map entry;
 //! - `triggers`: which events a reconcile feeds the engine (pure, unit-tested);
 //! - `reconcile`: the reconcile pipeline and the error policy;
@@ -26,6 +27,7 @@ mod context;
 mod credentials;
 mod events;
 mod leadership;
+mod liveness;
 mod observer;
 mod reconcile;
 mod running;
@@ -59,6 +61,9 @@ pub enum Error {
     /// A write did not complete within its deadline (the rest of the term, at most 10s).
     #[error("apiserver write took longer than {0:?}")]
     WriteTimeout(std::time::Duration),
+    /// The pool was deleted while its reconcile ran (never surfaces: the reconcile forgets it).
+    #[error("the DbPool was deleted")]
+    Deleted,
     /// Leader election could not be set up (the process cannot safely run).
     #[error("cannot set up leader election: {0}")]
     LeaderElection(String),

@@ -51,6 +51,10 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
     if run.probe_due()
         && let Err(err) = run.probe(&pool, &ctx, credentials).await
     {
+        if matches!(err, Error::Deleted) || !ctx.exists(&pool, &run.key) {
+            ctx.forget(&run.key);
+            return Ok(Action::await_change());
+        }
         ctx.store_memory(&run.key, run.memory, false);
         return Err(err);
     }
@@ -64,6 +68,11 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
     }
     let written = run.write(&pool, &ctx).await;
     let requeue = run.memory.requeue_after(&run.policy);
+    // Deleted while this reconcile ran: remember nothing (no entry, series or probe connection).
+    if !ctx.exists(&pool, &run.key) {
+        ctx.forget(&run.key);
+        return Ok(Action::await_change());
+    }
     ctx.store_memory(&run.key, run.memory, written.is_ok());
     written?;
     Ok(Action::requeue(requeue))
@@ -181,6 +190,10 @@ impl Run {
                 let target = probe_target(pool, creds);
                 let report = {
                     let _slot = ctx.probe_slots.acquire().await;
+                    // Deleted while queued for a slot: open no connection for it.
+                    if !ctx.exists(pool, &self.key) {
+                        return Err(Error::Deleted);
+                    }
                     ctx.prober.probe(&owner_key(&self.key), &target).await
                 };
                 let finished = Timestamp::now();
@@ -311,6 +324,10 @@ fn credential_failure(err: &CredentialError, now: Timestamp) -> ProbeSummary {
 /// A failed reconcile is retried after 1s, 2s, 4s … up to 60s.
 pub(super) fn error_policy(pool: Arc<DbPool>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = ObjectRef::from_obj(pool.as_ref());
+    if !ctx.exists(&pool, &key) {
+        ctx.forget(&key);
+        return Action::await_change();
+    }
     let failures = ctx.count_error(&key);
     let delay = Duration::from_millis(500)
         .saturating_mul(1 << failures.min(7))

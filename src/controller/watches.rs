@@ -13,9 +13,10 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering::SeqCst},
     },
+    time::Duration,
 };
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, ResourceExt,
@@ -29,13 +30,14 @@ use kube::{
     },
 };
 use tokio::sync::Semaphore;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{
     FIELD_MANAGER, OperatorConfig,
     context::Context,
     credentials::SecretCache,
     leadership::WriteGate,
+    liveness::WatchHealth,
     observer::Observer,
     reconcile::{error_policy, reconcile},
 };
@@ -44,6 +46,9 @@ use crate::{
     metrics::Metrics,
     probe::{Prober, ProberConfig},
 };
+
+/// How long a stopping controller may take to finish its in-flight reconciles.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the controller until `shutdown` resolves; its context (probe connections, caches, pool
 /// map) is dropped when this returns.
@@ -88,7 +93,9 @@ pub(super) async fn run_controller(
         metrics: metrics.clone(),
         observer,
         gate,
+        store: pool_reader.clone(),
     });
+    metrics.controller_context(1);
 
     // Probe connections that die trigger their pools at once. The task holds only a weak
     // reference, so it never keeps a stopped controller's context alive.
@@ -116,16 +123,24 @@ pub(super) async fn run_controller(
     let forget_ctx = Arc::downgrade(&ctx);
     let pools_synced = synced.clone();
     let pool_metrics = metrics.clone();
+    let pool_health = WatchHealth::new("DbPools", metrics.clone());
     let pool_stream = watcher(pools_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(pool_writer)
+        .inspect(move |event| pool_health.note(event))
         .inspect(move |event| match event {
             Ok(watcher::Event::Delete(pool)) => {
                 if let Some(ctx) = forget_ctx.upgrade() {
                     ctx.forget(&ObjectRef::from_obj(pool));
                 }
             }
-            Ok(watcher::Event::InitDone) => pools_synced.mark(true, &pool_metrics),
+            Ok(watcher::Event::InitDone) => {
+                pools_synced.mark(true, &pool_metrics);
+                // A re-list replaced the cache: pools deleted meanwhile sent no Delete event.
+                if let Some(ctx) = forget_ctx.upgrade() {
+                    ctx.forget_vanished();
+                }
+            }
             _ => {}
         })
         .applied_objects()
@@ -136,9 +151,11 @@ pub(super) async fn run_controller(
     let mapper_pools = pool_reader.clone();
     let secrets_synced = synced.clone();
     let secret_metrics = metrics.clone();
+    let secret_health = WatchHealth::new("Secrets", metrics.clone());
     let secret_stream = watcher(secrets_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(secret_writer)
+        .inspect(move |event| secret_health.note(event))
         .inspect(move |event| {
             if let Ok(watcher::Event::InitDone) = event {
                 secrets_synced.mark(false, &secret_metrics);
@@ -147,7 +164,8 @@ pub(super) async fn run_controller(
         .touched_objects();
 
     info!(namespace = ?ctx.config.namespace, "dbpool-operator starting");
-    Controller::for_stream(pool_stream, pool_reader)
+    let shutdown = shutdown.boxed().shared();
+    let controller = Controller::for_stream(pool_stream, pool_reader)
         .watches_stream(secret_stream, move |secret| {
             let ns = secret.namespace().unwrap_or_default();
             let name = secret.name_any();
@@ -161,14 +179,23 @@ pub(super) async fn run_controller(
         .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
             lost_refs,
         ))
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(err) = result {
                 debug!(error = %err, "reconcile loop");
             }
-        })
-        .await;
+        });
+    // A graceful stop waits for in-flight reconciles (and, before the first list completes,
+    // never starts); after the grace the controller, with whatever it still runs, is dropped.
+    let deadline = async {
+        shutdown.clone().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        () = controller => {},
+        () = deadline => warn!(grace = ?SHUTDOWN_GRACE, "controller did not stop in time; dropped"),
+    }
     lost_task.abort();
     metrics.set_ready(false);
     info!("dbpool-operator controller stopped");

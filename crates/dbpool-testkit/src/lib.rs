@@ -3,7 +3,7 @@
 //!
 //! Lives here: a real control plane client and test namespaces (`kube`), real PostgreSQL servers
 //! (`postgres`), the TCP fault proxy (`proxy`), DbPool manifests and status waits (`pools`),
-//! helm (`helm`), free loopback ports (`ports`) and condition waits with deadlines (`wait`).
+//! helm (`helm`), free loopback ports (`ports`), the operator as a process (`process`) and condition waits with deadlines (`wait`).
 //! Must not live here: the operator itself (this kit is a dev-dependency of the operator, so it
 //! cannot depend on it), and assertions about behaviour (those belong to the tests).
 
@@ -12,5 +12,6 @@ pub mod kube;
 pub mod pools;
 pub mod ports;
 pub mod postgres;
+pub mod process;
 pub mod proxy;
 pub mod wait;
