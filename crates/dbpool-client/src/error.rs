@@ -53,7 +53,8 @@ impl fmt::Display for Cause {
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum PoolError {
     /// The circuit breaker is Open (or HalfOpen, trial running): returned at once.
-    #[error("circuit breaker {state:?} since {since:?}, next trial at {next_trial:?}{}: {}",
+    #[error("circuit breaker {state:?} since {}, next trial {}{}: {}",
+        at(.since), next(.next_trial),
         if *.forced { " (held open: breaker.mode ForcedOpen)" } else { "" },
         .cause.as_ref().map_or_else(|| "no failure recorded".to_owned(), ToString::to_string))]
     BreakerOpen {
@@ -116,4 +117,12 @@ impl PoolError {
     pub fn is_breaker_open(&self) -> bool {
         matches!(self, Self::BreakerOpen { .. })
     }
+}
+
+fn at(t: &Option<Timestamp>) -> String {
+    t.map_or_else(|| "start".to_owned(), |t| t.to_string())
+}
+
+fn next(t: &Option<Timestamp>) -> String {
+    t.map_or_else(|| "now".to_owned(), |t| format!("at {t}"))
 }

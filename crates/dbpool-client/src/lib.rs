@@ -1,7 +1,8 @@
 //! dbpool-client: a self-healing tokio-postgres pool for applications.
 //!
 //! Lives here: the public API ([`Pool`], [`PooledClient`], [`PoolConfig`], [`PoolOptions`],
-//! [`PoolError`], [`Cause`], [`PoolStatus`], [`HealthReport`], [`ClientMetrics`]) and the modules behind it. Recovery decisions are the `dbpool-recovery`
+//! [`PoolError`], [`Cause`], [`PoolStatus`], [`HealthReport`], [`ClientMetrics`],
+//! [`from_dbpool`]) and the modules behind it. Recovery decisions are the `dbpool-recovery`
 //! engine's (the same rules as the operator's); connecting, TLS and error classification are
 //! `dbpool-probe`'s (one copy). Must not live here: a second copy of either, or the operator.
 //!
@@ -18,12 +19,14 @@
 //! ```
 
 mod config;
+mod dbpool;
 mod error;
 mod metrics;
 mod pool;
 mod report;
 
 pub use config::{PoolConfig, PoolOptions};
+pub use dbpool::{FromDbPoolError, from_dbpool, from_dbpool_with};
 pub use dbpool_probe::{ProbeOutcome, ProbeStage, SslMode};
 pub use dbpool_recovery::{BreakerMode, BreakerState, Phase, Policy};
 pub use error::{Cause, PoolError};

@@ -90,7 +90,6 @@ struct Shared {
     ramp_started: Option<Instant>,
     /// The DbPool's breaker as last seen, and its force-reopen token.
     hint_breaker: Option<BreakerState>,
-    #[allow(dead_code)] // the DbPool follower's, next commit
     hint_token: Option<String>,
     closed: bool,
 }
@@ -357,14 +356,20 @@ impl Pool {
 
     /// Applies a new configuration while running (from a changed DbPool spec): a changed target
     /// purges every connection; the engine sees `SpecChanged`.
-    #[allow(dead_code)] // the DbPool follower's, next commit
-    pub(crate) fn reconfigure(&self, target: ProbeTarget, policy: Policy, max_size: usize) {
+    pub(crate) fn reconfigure(
+        &self,
+        target: ProbeTarget,
+        policy: Policy,
+        max_size: usize,
+        min_idle: usize,
+    ) {
         let mut s = self.inner.lock();
         let target_changed = !same_target(&s.target, &target);
         s.target = target;
+        s.target.timeout = policy.timeout;
         s.policy = policy;
         s.options.max_size = max_size.max(1);
-        s.options.min_idle = s.options.min_idle.min(s.options.max_size);
+        s.options.min_idle = min_idle.min(s.options.max_size);
         self.inner.event(&mut s, Event::SpecChanged);
         if target_changed {
             self.inner.purge(&mut s, "DbPool target changed");
@@ -379,8 +384,12 @@ impl Pool {
     /// opens the local breaker and purges idle connections (the local trial still runs after
     /// `openTimeout`, and its success serves: local evidence wins); DbPool leaving Open, or a
     /// new token, makes the pool probe now.
-    #[allow(dead_code)] // the DbPool follower's, next commit
-    pub(crate) fn observe_dbpool(&self, breaker: Option<BreakerState>, token: Option<String>) {
+    pub(crate) fn observe_dbpool(
+        &self,
+        breaker: Option<BreakerState>,
+        token: Option<String>,
+        operator_cause: Option<Cause>,
+    ) {
         let inner = &self.inner;
         let mut s = inner.lock();
         let before = s.hint_breaker.replace(breaker.unwrap_or_default());
@@ -396,6 +405,9 @@ impl Pool {
                 s.engine.half_open_successes = 0;
                 s.engine.open_count += 1;
                 warn!(pool = %inner.name, "DbPool breaker is Open: local breaker opened, idle connections purged");
+            }
+            if s.last_error.is_none() {
+                s.last_error = operator_cause;
             }
             inner.purge(&mut s, "DbPool breaker opened");
             inner.publish(&s);
@@ -422,6 +434,27 @@ impl Pool {
         if wake {
             inner.wake.notify_one();
         }
+    }
+}
+
+/// A handle that does not keep the pool alive (for the DbPool follower).
+pub(crate) struct WeakPool(Weak<Inner>);
+
+impl WeakPool {
+    /// The pool, while someone still holds it.
+    pub(crate) fn upgrade(&self) -> Option<Pool> {
+        self.0.upgrade().map(|inner| Pool { inner })
+    }
+}
+
+impl Pool {
+    pub(crate) fn downgrade(&self) -> WeakPool {
+        WeakPool(Arc::downgrade(&self.inner))
+    }
+
+    /// The target now (for the follower's Secret re-read).
+    pub(crate) fn target(&self) -> ProbeTarget {
+        self.inner.lock().target.clone()
     }
 }
 
@@ -583,7 +616,7 @@ impl Inner {
             let me = Arc::clone(self);
             tokio::spawn(
                 async move {
-                    let result = open_session(&target).await;
+                    let result = connect(target).await;
                     me.fill_done(result, generation);
                 }
                 .instrument(info_span!("dbpool_client.connect", pool = %self.name)),
@@ -876,7 +909,7 @@ impl Inner {
                 s.connecting += 1;
                 self.connects.fetch_add(1, Ordering::Relaxed);
             }
-            ProbeResult::Opened(open_session(&target).await)
+            ProbeResult::Opened(connect(target).await)
         }
         .instrument(span)
         .await;
@@ -941,12 +974,27 @@ enum ProbeResult {
     Opened(Result<dbpool_probe::Session, SessionError>),
 }
 
+/// Opens a session on the blocking pool, driving it there with the runtime's handle: the
+/// SCRAM exchange (PBKDF2, thousands of HMAC rounds, synchronous inside tokio-postgres) then
+/// never stalls the application's worker threads, which would delay every waiter's deadline.
+async fn connect(target: ProbeTarget) -> Result<dbpool_probe::Session, SessionError> {
+    let handle = tokio::runtime::Handle::current();
+    match tokio::task::spawn_blocking(move || handle.block_on(open_session(&target))).await {
+        Ok(result) => result,
+        Err(e) => Err(SessionError {
+            outcome: ProbeOutcome::TransientFailure,
+            stage: ProbeStage::Connect,
+            message: format!("connect task failed: {e}"),
+            sql_state: None,
+        }),
+    }
+}
+
 /// Time from now until `t`, zero if past.
 fn until(t: Timestamp) -> Duration {
     Duration::try_from(t.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO)
 }
 
-#[allow(dead_code)] // the DbPool follower's, next commit
 fn same_target(a: &ProbeTarget, b: &ProbeTarget) -> bool {
     a.host == b.host
         && a.port == b.port
