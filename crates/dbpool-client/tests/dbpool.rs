@@ -27,7 +27,8 @@ use tokio::time::Instant;
 
 const SA: &str = "orders-app";
 
-/// The Role of the README: get/list/watch on dbpools, get on secrets, bound to `SA`.
+/// The Role of the README (examples/client-service/rbac.yaml): get/list/watch on dbpools, get
+/// on the one Secret, bound to `SA`.
 async fn app_role(admin: &Client, ns: &str) {
     let sa: ServiceAccount =
         serde_json::from_value(json!({ "metadata": { "name": SA } })).expect("sa");
@@ -39,7 +40,7 @@ async fn app_role(admin: &Client, ns: &str) {
         "metadata": { "name": "dbpool-client" },
         "rules": [
             { "apiGroups": ["dbpool.io"], "resources": ["dbpools"], "verbs": ["get", "list", "watch"] },
-            { "apiGroups": [""], "resources": ["secrets"], "verbs": ["get"] },
+            { "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["db"], "verbs": ["get"] },
         ],
     }))
     .expect("role");
