@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! dbpool-client: a self-healing tokio-postgres pool for applications.
 //!
 //! Lives here: the public API ([`Pool`], [`PooledClient`], [`PoolConfig`], [`PoolOptions`],

@@ -490,3 +490,32 @@ async fn metrics_are_registered_with_a_pool_label() {
     }
     assert!(!text.contains("wrong\""), "no password in metrics");
 }
+
+/// Every connection in use: get() waits acquire_timeout and says so (not a database error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_connections_in_use_is_exhausted_after_acquire_timeout() {
+    let pg = PgServer::start().await;
+    let mut cfg = config("small", pg.port(), APP_PASSWORD);
+    cfg.options.max_size = 2;
+    let pool = Pool::new(cfg, None);
+    let held = wait_for("two connections", Duration::from_secs(10), || async {
+        let a = pool.get().await.ok()?;
+        let b = pool.get().await.ok()?;
+        Some((a, b))
+    })
+    .await;
+    let t = Instant::now();
+    let err = pool.get().await.expect_err("pool exhausted");
+    let took = t.elapsed();
+    assert!(
+        matches!(err, PoolError::Exhausted { max_size: 2, .. }),
+        "{err:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(490) && took <= Duration::from_millis(600),
+        "{took:?}"
+    );
+    drop(held);
+    select_one(&pool).await.expect("connections came back");
+    assert_eq!(sessions(&pg, "small").await, 2);
+}
