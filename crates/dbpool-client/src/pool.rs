@@ -198,6 +198,14 @@ impl Pool {
         if let Some(m) = &inner.metrics {
             m.set_state(&inner.name, BreakerState::Closed, 0);
         }
+        {
+            // A mode other than Auto applies from the first call (ForcedOpen: held open), not
+            // from the first probe's result.
+            let mut s = inner.lock();
+            if s.policy.mode != BreakerMode::Auto {
+                inner.event(&mut s, Event::SpecChanged);
+            }
+        }
         let span = info_span!("dbpool_client.supervisor", pool = %inner.name);
         tokio::spawn(supervise(Arc::downgrade(&inner), Arc::clone(&inner.wake)).instrument(span));
         Pool { inner }
@@ -243,6 +251,10 @@ impl Pool {
                 }
                 step
             };
+            if matches!(step, Step::Wait) && Instant::now() >= deadline {
+                let s = inner.lock();
+                return Err(inner.timeout_error(&s, started));
+            }
             match step {
                 Step::Fail(e) => return Err(e),
                 Step::Got(conn, check) => {
@@ -944,7 +956,10 @@ impl Inner {
                 }
                 debug!(pool = %self.name, ?effects, "probe connected");
                 let conn = self.adopt(session, s.generation);
+                // Still Open (held by ForcedOpen, or more trials to go): the probe's connection
+                // is closed, not kept where no caller may use it.
                 if !s.closed
+                    && s.engine.breaker == BreakerState::Closed
                     && conn.generation == generation.max(s.generation)
                     && s.idle.len() + s.in_use + s.connecting < s.options.max_size
                 {

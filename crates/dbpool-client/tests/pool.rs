@@ -274,17 +274,18 @@ async fn outage_and_restart() {
     for t in tasks {
         t.await.expect("task panicked");
     }
-    // What get() itself reports (measured inside it) must not pass acquire_timeout beyond
-    // timer precision; the callers' wall clock also counts the time their task waited for a
-    // CPU (2 shared cores running PostgreSQL, the test and other builds).
+    // get() gives up by a timer at acquire_timeout; what it reports (measured inside it) and
+    // the callers' wall clock add the time a woken task waits for a CPU. Typically 1-20 ms;
+    // on 2 shared cores at load ~6 (PostgreSQL, parallel tests, other builds) up to ~50 ms was
+    // seen, so the bounds allow scheduler latency, not a second wait.
     let worst_waited = Duration::from_nanos(worst_waited_ns.load(Ordering::Relaxed));
     assert!(
-        worst_waited <= acquire_timeout + Duration::from_millis(25),
+        worst_waited <= acquire_timeout + Duration::from_millis(100),
         "get() waited {worst_waited:?} (acquire_timeout {acquire_timeout:?})"
     );
     let worst = Duration::from_nanos(worst_ns.load(Ordering::Relaxed));
     assert!(
-        worst <= acquire_timeout + Duration::from_millis(100),
+        worst <= acquire_timeout + Duration::from_millis(150),
         "a caller waited {worst:?} (acquire_timeout {acquire_timeout:?})"
     );
     eprintln!(
@@ -518,4 +519,34 @@ async fn all_connections_in_use_is_exhausted_after_acquire_timeout() {
     drop(held);
     select_one(&pool).await.expect("connections came back");
     assert_eq!(sessions(&pg, "small").await, 2);
+}
+
+/// breaker.mode ForcedOpen holds the pool open from its first call, although the database
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_open_mode_holds_from_the_first_call() {
+    let pg = PgServer::start().await;
+    let mut cfg = config("held", pg.port(), APP_PASSWORD);
+    cfg.policy.mode = dbpool_client::BreakerMode::ForcedOpen;
+    let pool = Pool::new(cfg, None);
+    let t = Instant::now();
+    let err = pool.get().await.expect_err("held open");
+    assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    assert!(
+        matches!(err, PoolError::BreakerOpen { forced: true, .. }),
+        "{err:?}"
+    );
+    // Probes go on while held, but keep no connection.
+    wait_until("a probe while held", Duration::from_secs(10), || async {
+        pool.status().last_success.is_some()
+    })
+    .await;
+    wait_until(
+        "no sessions kept while held",
+        Duration::from_secs(5),
+        || async { sessions(&pg, "held").await == 0 },
+    )
+    .await;
+    assert_eq!(pool.status().idle, 0);
+    assert!(pool.get().await.is_err(), "still held");
 }
