@@ -3,7 +3,9 @@
 //! Lives here: [`Prober`], which keeps one persistent connection per distinct target (shared by
 //! every pool that probes it) and reports their loss as [`ConnectionLost`] events the moment it
 //! happens; the probe stages (resolve, TCP, TLS, startup/auth, `SELECT 1`, role, saturation) with
-//! their timeouts; and the classification of every failure into a [`ProbeOutcome`].
+//! their timeouts; the classification of every failure into a [`ProbeOutcome`]; and
+//! [`open_session`], the same connect path handing a usable session to application pools
+//! (`dbpool-client`), so there is one copy of connect, TLS and classification.
 //!
 //! Must not live here: anything about Kubernetes (reading Secrets, writing status, scheduling the
 //! next probe) or recovery policy (backoff, breaker): the probe reports what it saw and the
@@ -14,6 +16,7 @@ mod checks;
 mod classify;
 mod connect;
 mod prober;
+mod session;
 mod stage;
 mod tls;
 mod types;
@@ -21,6 +24,7 @@ mod types;
 use std::{fmt, time::Duration};
 
 pub use prober::Prober;
+pub use session::{Session, SessionConnection, SessionError, classify_error, open_session};
 pub use types::{ProbeOutcome, ProbeStage, SslMode, TargetSessionAttrs};
 
 /// A database password. `Debug` prints `<redacted>` and there is no `Display`, so it cannot end up

@@ -51,6 +51,8 @@ struct Shared {
     cut: watch::Sender<u64>,
     live: watch::Sender<BTreeSet<u64>>,
     next_id: AtomicU64,
+    /// Most connections alive at once since the last `reset_peak`.
+    peak: AtomicU64,
 }
 
 /// A running fault proxy. Dropping it closes the listener and every connection.
@@ -77,6 +79,7 @@ impl FaultProxy {
             cut: watch::Sender::new(0),
             live: watch::Sender::new(BTreeSet::new()),
             next_id: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
         });
         let (control, control_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(accept_loop(
@@ -127,6 +130,23 @@ impl FaultProxy {
     /// Number of live proxied connections.
     pub fn live_connections(&self) -> usize {
         self.shared.live.borrow().len()
+    }
+
+    /// Connections accepted since the proxy started (each client connect attempt that reached
+    /// it, whether or not the upstream answered): a server-side count of connect attempts.
+    pub fn accepted_total(&self) -> u64 {
+        self.shared.next_id.load(Ordering::Relaxed)
+    }
+
+    /// Most connections alive at once since the last [`FaultProxy::reset_peak`] (or the start).
+    pub fn peak_live(&self) -> u64 {
+        self.shared.peak.load(Ordering::Relaxed)
+    }
+
+    /// Restarts the peak count from the connections alive now.
+    pub fn reset_peak(&self) {
+        let now = self.live_connections() as u64;
+        self.shared.peak.store(now, Ordering::Relaxed);
     }
 
     /// Resets (RST) every live connection on both sides and waits until they are gone.
@@ -192,6 +212,8 @@ async fn accept_loop(
                 if let Ok(client) = accepted {
                     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                     shared.live.send_modify(|live| { live.insert(id); });
+                    let now_live = shared.live.borrow().len() as u64;
+                    shared.peak.fetch_max(now_live, Ordering::Relaxed);
                     let shared = Arc::clone(&shared);
                     connections.spawn(async move {
                         handle(client, upstream, &shared).await;
