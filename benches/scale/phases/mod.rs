@@ -1,0 +1,24 @@
+//! The phases of a run, in the order `Run::execute` calls them; each adds rows to the run's
+//! report.
+//!
+//! Lives here, one phase per module, each an `impl Run` block:
+//! - `setup`: create N pools, wait until all are Healthy;
+//! - `steady`: the long interval: CPU, RSS, schedule fidelity, status writes;
+//! - `fast`: every pool patched to the short interval, a quiet window; `churn`: a window with
+//!   connection churn on every server;
+//! - `fault`: stop servers, time to Open and detection overhead, start them, time to Closed;
+//! - `force_reopen`: the annotation on the sample (breaker Open, database up);
+//! - `restart`: SIGKILL into a new operator, resume spread, writes and memory;
+//! - `coalescing`: shared connections against one connection per pool.
+//!
+//! Must not live here: helpers more than one phase uses (`run`), formatting (`report`), /proc
+//! (`procfs`).
+
+mod churn;
+mod coalescing;
+mod fast;
+mod fault;
+mod force_reopen;
+mod restart;
+mod setup;
+mod steady;
