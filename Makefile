@@ -67,3 +67,8 @@ bench: ## Scale and latency benchmark on a private control plane (BENCH_N="100 1
 	trap 'exit 143' TERM; \
 	eval "$$(hack/env.sh up)"; \
 	DBPOOL_TEST_KUBECONFIG="$$KUBECONFIG" $(CARGO) bench --bench scale
+
+.PHONY: alerts
+alerts: ## promtool check and unit tests of the chart's alert rules (tests/alerts)
+	@hack/test-alerts.sh
+test: alerts
