@@ -72,3 +72,8 @@ bench: ## Scale and latency benchmark on a private control plane (BENCH_N="100 1
 alerts: ## promtool check and unit tests of the chart's alert rules (tests/alerts)
 	@hack/test-alerts.sh
 test: alerts
+
+.PHONY: dashboard
+dashboard: ## Static checks of the Grafana dashboard: JSON, metric names, PromQL (promtool), chart
+	@hack/test-dashboard.sh
+test: dashboard
