@@ -77,3 +77,8 @@ test: alerts
 dashboard: ## Static checks of the Grafana dashboard: JSON, metric names, PromQL (promtool), chart
 	@hack/test-dashboard.sh
 test: dashboard
+
+.PHONY: argocd-health
+argocd-health: ## The Argo CD health check (docs/argocd-health.lua) in gopher-lua, every phase
+	@cd hack/luahealth && GOFLAGS="-mod=mod -buildvcs=false" GOSUMDB="$${GOSUMDB:-off}" go test -count=1 ./...
+test: argocd-health
