@@ -36,6 +36,13 @@ pub const HALF_OPEN: &str = "HalfOpen";
 /// BreakerOpen=False.
 pub const CLOSED: &str = "Closed";
 
+// Condition reasons of the kstatus conditions `Reconciling` and `Stalled` (True: PENDING and
+// CONFIG_ERROR above).
+/// Reconciling=False: the pool was probed; the operator acts on the current spec.
+pub const RECONCILED: &str = "Reconciled";
+/// Stalled=False: nothing blocks progress (AS_EXPECTED is Degraded=False's reason too).
+pub const NOT_STALLED: &str = AS_EXPECTED;
+
 // Event reasons (CONFIG_ERROR above is one too).
 /// Warning: the breaker opened.
 pub const BREAKER_OPENED: &str = "BreakerOpened";
