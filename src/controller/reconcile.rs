@@ -85,7 +85,11 @@ impl Run {
         let key = ObjectRef::from_obj(pool);
         let policy = pool.spec.policy();
         let (memory, connection_lost) = ctx.take_memory(pool, &key);
-        let memory = memory.unwrap_or_else(|| PoolMemory::restore(pool, &policy, Timestamp::now()));
+        let memory = memory.unwrap_or_else(|| {
+            // First reconcile of this pool in this process: its series start at 0.
+            ctx.metrics.pool_seen(&pool_labels(&key));
+            PoolMemory::restore(pool, &policy, Timestamp::now())
+        });
         let run = Self {
             key,
             policy,
