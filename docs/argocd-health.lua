@@ -79,6 +79,9 @@ elseif phase == "BreakerOpen" then
   local breaker = condition("BreakerOpen")
   local reason = breaker and breaker.reason or ""
   local mode = obj.spec and obj.spec.breaker and obj.spec.breaker.mode or "Auto"
+  if reason == "Held" then
+    return result("Suspended", "Circuit breaker " .. (breaker.message or "held") .. " (dbpool.io/hold)")
+  end
   if reason == "ForcedOpen" or mode == "ForcedOpen" then
     return result("Suspended", "Circuit breaker held open (breaker.mode ForcedOpen): " .. detail("maintenance"))
   end

@@ -111,6 +111,7 @@ func TestEveryPhase(t *testing.T) {
 		{"recovering", health{"Degraded", "Recovering after 2 failed probes: " + refused}},
 		{"breaker-open", health{"Degraded", "Circuit breaker open (next trial probe at 2026-05-04T10:16:02.123456Z): " + refused}},
 		{"breaker-half-open", health{"Progressing", "Circuit breaker half-open, trial probes decide: ok: PostgreSQL 15.8, primary"}},
+		{"breaker-held", health{"Suspended", "Circuit breaker held by alice@example.com: failover drill (dbpool.io/hold)"}},
 		{"breaker-forced-open", health{"Suspended", "Circuit breaker held open (breaker.mode ForcedOpen): ok: PostgreSQL 15.8, primary"}},
 		{"cooling-down", health{"Degraded", "CoolingDown until 2026-05-04T10:20:02.123456Z: connection to 10.96.14.2:5432 timed out"}},
 		{"config-error", health{"Degraded", `ConfigError: password authentication failed for user "app" (28P01)`}},

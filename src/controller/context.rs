@@ -24,7 +24,10 @@ use tracing::debug;
 
 use super::{OperatorConfig, credentials::SecretCache, observer::Observer, status::restore_state};
 use crate::{
-    api::{BREAKER_LABEL, BreakerState, DbPool, DbPoolStatus, ForceReopenRecord, ProbeSummary},
+    api::{
+        BREAKER_LABEL, BreakerState, CONDITION_BREAKER_OPEN, DbPool, DbPoolStatus,
+        ForceReopenRecord, ProbeSummary, reason,
+    },
     metrics::{Metrics, PoolLabels},
     probe::Prober,
     recovery::{self, Effect, Event, Policy, PoolState, add},
@@ -69,6 +72,8 @@ pub(super) struct PoolMemory {
     pub state: PoolState,
     pub last_probe: Option<ProbeSummary>,
     pub last_force_reopen: Option<ForceReopenRecord>,
+    /// The maintenance hold acted on, as [`Hold::describe`](crate::api::Hold::describe) puts it.
+    pub hold: Option<String>,
     pub last_written: Option<DbPoolStatus>,
     pub last_written_at: Option<Timestamp>,
     pub label_written: Option<String>,
@@ -179,6 +184,7 @@ impl PoolMemory {
                     .status
                     .as_ref()
                     .and_then(|s| s.last_force_reopen.clone()),
+                hold: None,
                 last_written: None,
                 last_written_at: None,
                 label_written: None,
@@ -206,6 +212,12 @@ impl PoolMemory {
             state,
             last_probe: status.last_probe.clone(),
             last_force_reopen: status.last_force_reopen.clone(),
+            // The hold a previous process acted on is in the BreakerOpen condition.
+            hold: status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_BREAKER_OPEN && c.reason == reason::HELD)
+                .map(|c| c.message.clone()),
             last_written: Some(status.clone()),
             // The stored lastProbe was written when that probe finished: a restart alone must not
             // make every pool refresh its status at once.

@@ -17,7 +17,7 @@ use crate::{
     api::{
         BreakerMode, BreakerState, BreakerStatus, CONDITION_BREAKER_OPEN, CONDITION_DEGRADED,
         CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALLED, DbPoolStatus, ForceReopenRecord,
-        GoDuration, Phase, ProbeOutcome, ProbeSummary, reason,
+        GoDuration, Hold, Phase, ProbeOutcome, ProbeSummary, reason,
     },
     recovery::{self, FailureKind, Policy, PoolState},
 };
@@ -34,6 +34,8 @@ pub struct StatusInputs<'a> {
     pub last_probe: Option<&'a ProbeSummary>,
     /// The last force reopen acted upon.
     pub last_force_reopen: Option<&'a ForceReopenRecord>,
+    /// The maintenance hold in force (the policy's mode is then ForcedOpen).
+    pub hold: Option<&'a Hold>,
     /// Conditions currently stored, so transition times survive when nothing changed.
     pub previous_conditions: &'a [Condition],
 }
@@ -107,6 +109,9 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
         )
     };
     let breaker = match (state.breaker, inputs.policy.mode) {
+        (BreakerState::Open, BreakerMode::ForcedOpen) if let Some(hold) = inputs.hold => {
+            condition(CONDITION_BREAKER_OPEN, true, reason::HELD, &hold.describe())
+        }
         (BreakerState::Open, BreakerMode::ForcedOpen) => condition(
             CONDITION_BREAKER_OPEN,
             true,
@@ -356,6 +361,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&first_probe),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &[],
             },
             at(0),
@@ -373,6 +379,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&later_probe),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &first.conditions,
             },
             at(30),
@@ -408,6 +415,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&ok_probe),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &[],
             },
             at(0),
@@ -428,6 +436,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&failed_probe),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &ok.conditions,
             },
             at(30),
@@ -481,6 +490,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&summary),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &[],
             },
             at(100),
@@ -514,6 +524,7 @@ mod tests {
                     policy: &policy,
                     last_probe: probe,
                     last_force_reopen: None,
+                    hold: None,
                     previous_conditions: prev,
                 },
                 at(t),
@@ -604,6 +615,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&summary),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &[],
             },
             at(0),
