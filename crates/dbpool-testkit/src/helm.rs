@@ -15,9 +15,12 @@ use tokio::io::AsyncWriteExt;
 
 use crate::kube::kubeconfig_path;
 
-/// Root of the repository.
+/// Root of the repository (this crate lives in crates/dbpool-testkit).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .nth(2)
+        .map_or_else(|| here.clone(), PathBuf::from)
 }
 
 /// The chart's directory.
