@@ -135,16 +135,16 @@ impl Context {
     }
 
     /// The pool's memory (if any, and if it belongs to the same object) and whether a probe was
-    /// requested; clears the request.
+    /// requested; clears the request. Creates the pool's slot if it has none yet.
     pub fn take_memory(
         &self,
         pool: &DbPool,
         key: &ObjectRef<DbPool>,
     ) -> (Option<PoolMemory>, bool) {
         let mut pools = lock(&self.pools);
-        let Some(slot) = pools.get_mut(key) else {
-            return (None, false);
-        };
+        // The slot exists from the first reconcile's start (not only from its end), so a probe
+        // connection lost while that reconcile runs is requested, not dropped by request_probe.
+        let slot = pools.entry(key.clone()).or_default();
         let requested = std::mem::take(&mut slot.probe_requested);
         let memory = slot.memory.clone().filter(|m| m.uid == pool.metadata.uid);
         (memory, requested)
