@@ -466,9 +466,19 @@ async fn a_hold_annotation_holds_the_breaker_open_until_released() {
     })
     .await;
 
-    // The database answers, yet the hold keeps the breaker open over several probe intervals.
+    // The database answers, yet the hold keeps the breaker open over several probe intervals:
+    // wait until the server has seen a probe 2 s after the hold took effect.
     let held_since = s.breaker.as_ref().and_then(|b| b.since.clone());
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let held_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    wait_until(
+        "probes 2s into the hold",
+        Duration::from_secs(10),
+        || async { last_probe_query(&pg).await > held_at + 2.0 },
+    )
+    .await;
     let still = t.status("orders").await.expect("status");
     assert_eq!(breaker(&still), Some(BreakerState::Open), "{still:?}");
     assert_eq!(still.breaker.and_then(|b| b.since), held_since);
