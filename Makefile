@@ -68,3 +68,18 @@ bench: ## Scale and latency benchmark on a private control plane (BENCH_N="100 1
 	trap 'exit 143' TERM; \
 	eval "$$(hack/env.sh up)"; \
 	DBPOOL_TEST_KUBECONFIG="$$KUBECONFIG" $(CARGO) bench --bench scale
+
+.PHONY: alerts
+alerts: ## promtool check and unit tests of the chart's alert rules (tests/alerts)
+	@hack/test-alerts.sh
+test: alerts
+
+.PHONY: dashboard
+dashboard: ## Static checks of the Grafana dashboard: JSON, metric names, PromQL (promtool), chart
+	@hack/test-dashboard.sh
+test: dashboard
+
+.PHONY: argocd-health
+argocd-health: ## The Argo CD health check (docs/argocd-health.lua) in gopher-lua, every phase
+	@cd hack/luahealth && GOFLAGS="-mod=mod -buildvcs=false" GOSUMDB="$${GOSUMDB:-off}" go test -count=1 ./...
+test: argocd-health

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs and a fresh machine may lack: PostgreSQL 15 server binaries,
-# openssl, curl, procps, and the rustfmt/clippy components. Idempotent and quick when all is present.
+# openssl, curl, procps, promtool (package prometheus), PyYAML, and the rustfmt/clippy components.
+# Idempotent and quick when all is present.
 set -euo pipefail
 need_apt=()
 [[ -x /usr/lib/postgresql/15/bin/initdb && -x /usr/lib/postgresql/15/bin/pg_ctl ]] || need_apt+=(postgresql-15)
@@ -8,6 +9,10 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 # hack/env.sh: curl for readiness checks, ps (procps) to watch process groups.
 command -v curl >/dev/null || need_apt+=(curl)
 command -v ps >/dev/null || need_apt+=(procps)
+# hack/test-alerts.sh: promtool (Debian's prometheus package ships it, with the server that an
+# end-to-end test can run), and PyYAML for a python3 that lacks it.
+command -v promtool >/dev/null || need_apt+=(prometheus)
+python3 -c 'import yaml' 2>/dev/null || /usr/bin/python3 -c 'import yaml' 2>/dev/null || need_apt+=(python3-yaml)
 if ((${#need_apt[@]})); then
   echo "[deps] apt-get install ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -180,6 +180,38 @@ impl Metrics {
         out
     }
 
+    /// Creates every per-pool series of `pool` at 0 (the breaker gauges say Closed), so
+    /// Prometheus sees a new pool's counters before their first increase: `increase()` over a
+    /// series that appears at 1 misses that first attempt. Called when a process first
+    /// reconciles a pool; series that already exist keep their values.
+    pub fn pool_seen(&self, pool: &PoolLabels) {
+        // get_or_create returns a read guard; it is dropped at once.
+        drop(self.recovery_attempts.get_or_create(pool));
+        drop(self.consecutive_failures.get_or_create(pool));
+        drop(self.health_check_failures.get_or_create(pool));
+        drop(self.status_writes.get_or_create(pool));
+        drop(self.reconcile_errors.get_or_create(pool));
+        for outcome in ProbeOutcome::ALL {
+            drop(self.probes.get_or_create(&ProbeLabels {
+                namespace: pool.namespace.clone(),
+                name: pool.name.clone(),
+                outcome: outcome.name().to_owned(),
+            }));
+        }
+        for state in [StateLabel::closed, StateLabel::open, StateLabel::half_open] {
+            let labels = BreakerLabels {
+                namespace: pool.namespace.clone(),
+                name: pool.name.clone(),
+                state,
+            };
+            if self.breaker_state.get(&labels).is_none() {
+                self.breaker_state
+                    .get_or_create(&labels)
+                    .set(i64::from(state == StateLabel::closed));
+            }
+        }
+    }
+
     /// Records a finished probe of `pool`.
     pub fn probe_finished(
         &self,
@@ -361,5 +393,90 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected} not in:\n{text}");
         }
+    }
+
+    fn pool(name: &str) -> PoolLabels {
+        PoolLabels {
+            namespace: "shop".into(),
+            name: name.into(),
+        }
+    }
+
+    /// The value of the sample `series` (exact text before the value), if exported.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn every_per_pool_series_exists_at_zero_once_a_pool_is_seen() {
+        let metrics = Metrics::new();
+        let orders = pool("orders");
+        assert_eq!(
+            sample(
+                &metrics.encode(),
+                r#"dbpool_recovery_attempts_total{namespace="shop",name="orders"}"#
+            ),
+            None
+        );
+        metrics.pool_seen(&orders);
+        let text = metrics.encode();
+        let labels = r#"{namespace="shop",name="orders"}"#;
+        for family in [
+            "dbpool_recovery_attempts_total",
+            "dbpool_consecutive_failures",
+            "dbpool_health_check_failures_total",
+            "dbpool_status_writes_total",
+            "dbpool_reconcile_errors_total",
+        ] {
+            assert_eq!(
+                sample(&text, &format!("{family}{labels}")),
+                Some(0.0),
+                "{family}\n{text}"
+            );
+        }
+        for outcome in ProbeOutcome::ALL {
+            let series = format!(
+                r#"dbpool_probes_total{{namespace="shop",name="orders",outcome="{}"}}"#,
+                outcome.name()
+            );
+            assert_eq!(sample(&text, &series), Some(0.0), "{series}\n{text}");
+        }
+        for (state, value) in [("closed", 1.0), ("open", 0.0), ("half_open", 0.0)] {
+            let series = format!(
+                r#"dbpool_circuit_breaker_state{{namespace="shop",name="orders",state="{state}"}}"#
+            );
+            assert_eq!(sample(&text, &series), Some(value), "{series}\n{text}");
+        }
+    }
+
+    #[test]
+    fn seeing_a_pool_again_keeps_its_values() {
+        let metrics = Metrics::new();
+        let orders = pool("orders");
+        metrics.pool_seen(&orders);
+        metrics.probe_finished(&orders, ProbeOutcome::TransientFailure, true, &[]);
+        metrics.pool_state(&orders, BreakerState::Open, 5);
+        metrics.pool_seen(&orders);
+        let text = metrics.encode();
+        let labels = r#"{namespace="shop",name="orders"}"#;
+        assert_eq!(
+            sample(&text, &format!("dbpool_recovery_attempts_total{labels}")),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, &format!("dbpool_consecutive_failures{labels}")),
+            Some(5.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"dbpool_circuit_breaker_state{namespace="shop",name="orders",state="open"}"#
+            ),
+            Some(1.0)
+        );
+        // Forgetting removes what pool_seen created.
+        metrics.forget(&orders);
+        assert!(!metrics.encode().contains(r#"name="orders""#));
     }
 }

@@ -11,8 +11,9 @@ use dbpool_testkit as support;
 use std::time::{Duration, Instant};
 
 use dbpool_operator::api::{
-    BREAKER_LABEL, BreakerState, CONDITION_READY, DbPool, DbPoolStatus, FORCE_REOPEN_ANNOTATION,
-    Phase, ProbeOutcome,
+    BREAKER_LABEL, BreakerState, CONDITION_BREAKER_OPEN, CONDITION_READY, DbPool, DbPoolStatus,
+    FORCE_REOPEN_ANNOTATION, HELD_BY_ANNOTATION, HOLD_ANNOTATION, Phase, ProbeOutcome,
+    RELEASED_BY_ANNOTATION, reason,
 };
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
@@ -416,6 +417,106 @@ async fn force_reopen_probes_at_once_and_only_once_per_token() {
         s.last_force_reopen.map(|r| r.token),
         Some("second".to_owned())
     );
+}
+
+/// 4b. A maintenance hold (annotation, not spec) holds a healthy pool's breaker open like
+/// ForcedOpen, saying who and why in the BreakerOpen condition and a Held event; a release
+/// closes it again with a Released event naming who released it. The spec never changes.
+#[tokio::test]
+async fn a_hold_annotation_holds_the_breaker_open_until_released() {
+    let t = setup().await;
+    let pg = PgServer::start().await;
+    t.secret(APP_PASSWORD).await;
+    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    let spec = pool(
+        "orders",
+        pg.port(),
+        Some((SECRET, KEY)),
+        serde_json::json!({
+            "healthCheck": {"interval": "1s", "timeout": "800ms"},
+            "breaker": {"openTimeout": "1s", "successThreshold": 1},
+        }),
+    );
+    t.create_healthy(&spec).await;
+
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        HOLD_ANNOTATION: "failover drill",
+        HELD_BY_ANNOTATION: "alice@example.com",
+    }}});
+    let start = Instant::now();
+    t.api()
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("hold");
+    let s = t
+        .wait("orders", "held open", Duration::from_secs(5), |s| {
+            breaker(s) == Some(BreakerState::Open)
+                && condition(s, CONDITION_BREAKER_OPEN).is_some_and(|c| c.1 == reason::HELD)
+        })
+        .await;
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(s.phase, Some(Phase::BreakerOpen));
+    let (_, _, message) = condition(&s, CONDITION_BREAKER_OPEN).expect("BreakerOpen condition");
+    assert_eq!(message, "held by alice@example.com: failover drill");
+    wait_until("a Held event", Duration::from_secs(5), || async {
+        t.events(reason::HELD).await.iter().any(|e| {
+            e.note
+                .as_deref()
+                .is_some_and(|n| n.contains("alice@example.com") && n.contains("failover drill"))
+        })
+    })
+    .await;
+
+    // The database answers, yet the hold keeps the breaker open over several probe intervals:
+    // wait until the server has seen a probe 2 s after the hold took effect.
+    let held_since = s.breaker.as_ref().and_then(|b| b.since.clone());
+    let held_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    wait_until(
+        "probes 2s into the hold",
+        Duration::from_secs(10),
+        || async { last_probe_query(&pg).await > held_at + 2.0 },
+    )
+    .await;
+    let still = t.status("orders").await.expect("status");
+    assert_eq!(breaker(&still), Some(BreakerState::Open), "{still:?}");
+    assert_eq!(still.breaker.and_then(|b| b.since), held_since);
+    let pool_now = t.api().get("orders").await.expect("get");
+    assert_eq!(
+        pool_now.metadata.generation,
+        Some(1),
+        "the spec never changed"
+    );
+
+    // Release: remove the hold, record who.
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        HOLD_ANNOTATION: null,
+        HELD_BY_ANNOTATION: null,
+        RELEASED_BY_ANNOTATION: "bob@example.com",
+    }}});
+    t.api()
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("release");
+    let s = t
+        .wait(
+            "orders",
+            "Ready after the release",
+            Duration::from_secs(10),
+            is_ready,
+        )
+        .await;
+    assert_eq!(breaker(&s), Some(BreakerState::Closed));
+    wait_until("a Released event", Duration::from_secs(5), || async {
+        t.events(reason::RELEASED).await.iter().any(|e| {
+            e.note.as_deref().is_some_and(|n| {
+                n.contains("bob@example.com") && n.contains("held by alice@example.com")
+            })
+        })
+    })
+    .await;
 }
 
 /// 5. Kill the operator while the breaker is Open; a new one keeps it Open with the same

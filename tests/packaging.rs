@@ -353,19 +353,19 @@ async fn every_optional_feature_renders_and_passes_server_dry_run() {
     let expected_alerts = [
         (
             "DbPoolBreakerOpen",
-            r#"max by (namespace, name) (dbpool_circuit_breaker_state{state="open"}) == 1"#,
+            r#"max by (namespace, name) (dbpool_circuit_breaker_state{state="open"} and on (instance) (dbpool_leader == 1)) == 1"#,
             Some("60s"),
             "#dbpoolbreakeropen",
         ),
         (
             "DbPoolRecoveryAttemptsHigh",
-            "increase(dbpool_recovery_attempts_total[10m]) > 5",
+            "floor(sum by (namespace, name) (increase(dbpool_recovery_attempts_total[10m]))) > 5",
             None,
             "#dbpoolrecoveryattemptshigh",
         ),
         (
             "DbPoolHealthCheckFailing",
-            "dbpool_consecutive_failures > 3",
+            "max by (namespace, name) (dbpool_consecutive_failures and on (instance) (dbpool_leader == 1)) > 3",
             None,
             "#dbpoolhealthcheckfailing",
         ),

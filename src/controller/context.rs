@@ -30,7 +30,10 @@ use super::{
     status::restore_state,
 };
 use crate::{
-    api::{BREAKER_LABEL, BreakerState, DbPool, DbPoolStatus, ForceReopenRecord, ProbeSummary},
+    api::{
+        BREAKER_LABEL, BreakerState, CONDITION_BREAKER_OPEN, DbPool, DbPoolStatus,
+        ForceReopenRecord, ProbeSummary, reason,
+    },
     metrics::{Metrics, PoolLabels},
     probe::Prober,
     recovery::{self, Effect, Event, Policy, PoolState, add},
@@ -79,6 +82,8 @@ pub(super) struct PoolMemory {
     pub state: PoolState,
     pub last_probe: Option<ProbeSummary>,
     pub last_force_reopen: Option<ForceReopenRecord>,
+    /// The maintenance hold acted on, as [`Hold::describe`](crate::api::Hold::describe) puts it.
+    pub hold: Option<String>,
     pub last_written: Option<DbPoolStatus>,
     pub last_written_at: Option<Timestamp>,
     pub label_written: Option<String>,
@@ -168,16 +173,16 @@ impl Context {
     }
 
     /// The pool's memory (if any, and if it belongs to the same object) and whether a probe was
-    /// requested; clears the request.
+    /// requested; clears the request. Creates the pool's slot if it has none yet.
     pub fn take_memory(
         &self,
         pool: &DbPool,
         key: &ObjectRef<DbPool>,
     ) -> (Option<PoolMemory>, bool) {
         let mut pools = lock(&self.pools);
-        let Some(slot) = pools.get_mut(key) else {
-            return (None, false);
-        };
+        // The slot exists from the first reconcile's start (not only from its end), so a probe
+        // connection lost while that reconcile runs is requested, not dropped by request_probe.
+        let slot = pools.entry(key.clone()).or_default();
         let requested = std::mem::take(&mut slot.probe_requested);
         let memory = slot.memory.clone().filter(|m| m.uid == pool.metadata.uid);
         (memory, requested)
@@ -217,6 +222,7 @@ impl PoolMemory {
                     .status
                     .as_ref()
                     .and_then(|s| s.last_force_reopen.clone()),
+                hold: None,
                 last_written: None,
                 last_written_at: None,
                 label_written: None,
@@ -245,6 +251,12 @@ impl PoolMemory {
             state,
             last_probe: status.last_probe.clone(),
             last_force_reopen: status.last_force_reopen.clone(),
+            // The hold a previous process acted on is in the BreakerOpen condition.
+            hold: status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_BREAKER_OPEN && c.reason == reason::HELD)
+                .map(|c| c.message.clone()),
             last_written: Some(status.clone()),
             // The stored lastProbe was written when that probe finished: a restart alone must not
             // make every pool refresh its status at once.

@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
 use kube::{
     ResourceExt,
-    runtime::{controller::Action, reflector::ObjectRef},
+    runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
 use tracing::warn;
 
@@ -20,7 +20,7 @@ use super::{
     Error,
     context::{Context, PoolMemory, owner_key, pool_labels},
     credentials::{CredentialError, Credentials},
-    events::publish_events,
+    events::{publish, publish_events},
     observer::ProbeObservation,
     status::{StatusInputs, desired_status},
     triggers::{Observed, Trigger, triggers},
@@ -28,8 +28,8 @@ use super::{
 };
 use crate::{
     api::{
-        BreakerState, DbPool, FORCE_REOPEN_ANNOTATION, ForceReopenRecord, ProbeOutcome, ProbeStage,
-        ProbeSummary,
+        BreakerMode, BreakerState, DbPool, FORCE_REOPEN_ANNOTATION, ForceReopenRecord, Hold,
+        ProbeOutcome, ProbeStage, ProbeSummary, RELEASED_BY_ANNOTATION, reason,
     },
     probe::ProbeTarget,
     recovery::{Effect, Event, FailureKind, Policy, add},
@@ -38,9 +38,13 @@ use crate::{
 /// What one reconcile works on: the pool's memory and the effects gathered so far.
 struct Run {
     key: ObjectRef<DbPool>,
+    /// The maintenance hold the annotations declare (the policy is then ForcedOpen).
+    hold: Option<Hold>,
     policy: Policy,
     memory: PoolMemory,
     effects: Vec<Effect>,
+    /// Events of this reconcile that no engine effect describes (holds set and released).
+    notes: Vec<(EventType, &'static str, String)>,
 }
 
 /// Reconciles one pool: see the module comment for the steps.
@@ -95,14 +99,28 @@ impl Run {
     /// whether its probe connection was lost since the last reconcile.
     fn recall(pool: &DbPool, ctx: &Context) -> (Self, bool) {
         let key = ObjectRef::from_obj(pool);
-        let policy = pool.spec.policy();
+        let hold = Hold::from_annotations(pool.annotations());
+        let mut policy = pool.spec.policy();
+        if hold.is_some() {
+            // A hold is breaker.mode ForcedOpen set outside the spec, which GitOps would revert.
+            policy.mode = BreakerMode::ForcedOpen;
+        }
         let (memory, connection_lost) = ctx.take_memory(pool, &key);
-        let memory = memory.unwrap_or_else(|| PoolMemory::restore(pool, &policy, Timestamp::now()));
+        let memory = memory.unwrap_or_else(|| {
+            // First reconcile of this pool in this process: its series start at 0 (only a
+            // leader exports per-pool series).
+            if ctx.gate.may_write() {
+                ctx.metrics.pool_seen(&pool_labels(&key));
+            }
+            PoolMemory::restore(pool, &policy, Timestamp::now())
+        });
         let run = Self {
             key,
+            hold,
             policy,
             memory,
             effects: Vec::new(),
+            notes: Vec::new(),
         };
         (run, connection_lost)
     }
@@ -120,7 +138,10 @@ impl Run {
             Err(e) => format!("error: {e}"),
         };
         let token = pool.annotations().get(FORCE_REOPEN_ANNOTATION).cloned();
+        let hold = self.hold.as_ref().map(Hold::describe);
         let observed = Observed {
+            known_hold: self.memory.hold.as_deref(),
+            hold: hold.as_deref(),
             known_generation: self.memory.generation,
             generation: pool.metadata.generation,
             force_reopen_token: token.as_deref(),
@@ -145,7 +166,10 @@ impl Run {
                     .state
                     .last_probe_at
                     .map(|t| add(t, self.policy.initial_delay)),
-                Trigger::SpecChanged | Trigger::ForceReopen | Trigger::CredentialsChanged => None,
+                Trigger::SpecChanged
+                | Trigger::HoldChanged
+                | Trigger::ForceReopen
+                | Trigger::CredentialsChanged => None,
             };
             match trigger {
                 Trigger::SpecChanged => self.memory.generation = pool.metadata.generation,
@@ -154,6 +178,29 @@ impl Run {
                         token,
                         time: MicroTime(now),
                     });
+                }
+                Trigger::HoldChanged => {
+                    let note = match (&hold, &self.memory.hold) {
+                        (Some(now), _) => (
+                            EventType::Normal,
+                            reason::HELD,
+                            format!("circuit breaker {now}; probes continue, nothing closes it"),
+                        ),
+                        (None, before) => (
+                            EventType::Normal,
+                            reason::RELEASED,
+                            format!(
+                                "hold released by {} ({}); breaker.mode {:?} applies again",
+                                pool.annotations()
+                                    .get(RELEASED_BY_ANNOTATION)
+                                    .map_or("an unknown user", String::as_str),
+                                before.as_deref().unwrap_or("no hold recorded"),
+                                pool.spec.breaker.mode
+                            ),
+                        ),
+                    };
+                    self.notes.push(note);
+                    self.memory.hold = hold.clone();
                 }
                 Trigger::ConnectionLost | Trigger::CredentialsChanged => {}
             }
@@ -260,6 +307,7 @@ impl Run {
                 policy: &self.policy,
                 last_probe: self.memory.last_probe.as_ref(),
                 last_force_reopen: self.memory.last_force_reopen.as_ref(),
+                hold: self.hold.as_ref(),
                 previous_conditions: &previous_conditions,
             },
             Timestamp::now(),
@@ -283,6 +331,9 @@ impl Run {
             desired.phase,
         )
         .await;
+        for (type_, reason, note) in self.notes.drain(..) {
+            publish(ctx, pool, type_, reason, note).await;
+        }
         written
     }
 }

@@ -16,7 +16,8 @@ use k8s_openapi::{
 use crate::{
     api::{
         BreakerMode, BreakerState, BreakerStatus, CONDITION_BREAKER_OPEN, CONDITION_DEGRADED,
-        CONDITION_READY, DbPoolStatus, ForceReopenRecord, GoDuration, Phase, ProbeSummary, reason,
+        CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALLED, DbPoolStatus, ForceReopenRecord,
+        GoDuration, Hold, Phase, ProbeSummary, reason,
     },
     recovery::{self, FailureKind, Policy, PoolState},
 };
@@ -35,6 +36,8 @@ pub struct StatusInputs<'a> {
     pub last_probe: Option<&'a ProbeSummary>,
     /// The last force reopen acted upon.
     pub last_force_reopen: Option<&'a ForceReopenRecord>,
+    /// The maintenance hold in force (the policy's mode is then ForcedOpen).
+    pub hold: Option<&'a Hold>,
     /// Conditions currently stored, so transition times survive when nothing changed.
     pub previous_conditions: &'a [Condition],
 }
@@ -108,6 +111,9 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
         )
     };
     let breaker = match (state.breaker, inputs.policy.mode) {
+        (BreakerState::Open, BreakerMode::ForcedOpen) if let Some(hold) = inputs.hold => {
+            condition(CONDITION_BREAKER_OPEN, true, reason::HELD, &hold.describe())
+        }
         (BreakerState::Open, BreakerMode::ForcedOpen) => condition(
             CONDITION_BREAKER_OPEN,
             true,
@@ -137,7 +143,8 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
             "breaker is closed",
         ),
     };
-    let conditions = [ready, degraded, breaker]
+    let (reconciling, stalled) = kstatus_conditions(phase, &probe_message);
+    let conditions = [ready, degraded, breaker, reconciling, stalled]
         .into_iter()
         .map(|mut c| {
             c.observed_generation = inputs.generation;
@@ -166,6 +173,38 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
         last_force_reopen: inputs.last_force_reopen.cloned(),
         conditions,
     }
+}
+
+/// The kstatus conditions (docs/kstatus.md): `Reconciling` is True while the pool was never
+/// probed; `Stalled` is True in ConfigError, which only a change of spec, Secret or server fixes.
+/// Outages are neither: the operator has applied the spec and keeps retrying on its own.
+fn kstatus_conditions(phase: Phase, probe_message: &str) -> (Condition, Condition) {
+    let reconciling = if phase == Phase::Pending {
+        condition(
+            CONDITION_RECONCILING,
+            true,
+            reason::PENDING,
+            "not probed yet",
+        )
+    } else {
+        condition(
+            CONDITION_RECONCILING,
+            false,
+            reason::RECONCILED,
+            "the current spec is applied",
+        )
+    };
+    let stalled = if phase == Phase::ConfigError {
+        condition(CONDITION_STALLED, true, reason::CONFIG_ERROR, probe_message)
+    } else {
+        condition(
+            CONDITION_STALLED,
+            false,
+            reason::NOT_STALLED,
+            "no configuration error",
+        )
+    };
+    (reconciling, stalled)
 }
 
 fn clamp_i32(v: u32) -> i32 {
@@ -328,6 +367,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&first_probe),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &[],
             },
             at(0),
@@ -346,6 +386,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&later_probe),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &first.conditions,
             },
             at(30),
@@ -382,6 +423,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&ok_probe),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &[],
             },
             at(0),
@@ -403,6 +445,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&failed_probe),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &ok.conditions,
             },
             at(30),
@@ -457,6 +500,7 @@ mod tests {
                 policy: &policy,
                 last_probe: Some(&summary),
                 last_force_reopen: None,
+                hold: None,
                 previous_conditions: &[],
             },
             at(100),
@@ -469,5 +513,127 @@ mod tests {
             recovery::next_deadline(&restored, &policy),
             recovery::next_deadline(&state, &policy)
         );
+    }
+
+    fn find<'a>(status: &'a DbPoolStatus, type_: &str) -> &'a Condition {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition in {:?}", status.conditions))
+    }
+
+    #[test]
+    fn kstatus_conditions_follow_pending_config_error_and_recovery() {
+        let policy = policy();
+        let status_of = |state: &PoolState, probe: Option<&ProbeSummary>, prev: &[Condition], t| {
+            desired_status(
+                &StatusInputs {
+                    writer_epoch: None,
+                    generation: Some(1),
+                    state,
+                    policy: &policy,
+                    last_probe: probe,
+                    last_force_reopen: None,
+                    hold: None,
+                    previous_conditions: prev,
+                },
+                at(t),
+            )
+        };
+        // Pending: Reconciling=True, Stalled=False.
+        let fresh = PoolState::new(1);
+        let pending = status_of(&fresh, None, &[], 0);
+        assert_eq!(pending.phase, Some(Phase::Pending));
+        let r = find(&pending, CONDITION_RECONCILING);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("True", reason::PENDING)
+        );
+        let st = find(&pending, CONDITION_STALLED);
+        assert_eq!(
+            (st.status.as_str(), st.reason.as_str()),
+            ("False", reason::NOT_STALLED)
+        );
+
+        // ConfigError: Stalled=True with the reason and the probe's message; Reconciling=False.
+        let mut bad = fresh.clone();
+        bad.consecutive_failures = 1;
+        bad.attempts = 1;
+        bad.last_failure = Some(FailureKind::Config);
+        bad.last_failure_at = Some(at(10));
+        bad.last_probe_at = Some(at(10));
+        let mut bad_probe = probe(ProbeOutcome::ConfigFailure, 10, 1);
+        bad_probe.message = Some("password authentication failed (28P01)".into());
+        let config_error = status_of(&bad, Some(&bad_probe), &pending.conditions, 10);
+        assert_eq!(config_error.phase, Some(Phase::ConfigError));
+        let st = find(&config_error, CONDITION_STALLED);
+        assert_eq!(
+            (st.status.as_str(), st.reason.as_str(), st.message.as_str()),
+            (
+                "True",
+                reason::CONFIG_ERROR,
+                "password authentication failed (28P01)"
+            )
+        );
+        assert_eq!(st.last_transition_time, Time(at(10)));
+        let r = find(&config_error, CONDITION_RECONCILING);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", reason::RECONCILED)
+        );
+        assert_eq!(r.last_transition_time, Time(at(10)));
+
+        // Still ConfigError later: transition times stay.
+        let again = status_of(&bad, Some(&bad_probe), &config_error.conditions, 40);
+        assert_eq!(
+            find(&again, CONDITION_STALLED).last_transition_time,
+            Time(at(10))
+        );
+
+        // Fixed: Stalled=False from now, Reconciling stays False since 10.
+        let ok = healthy_state(70);
+        let ok_probe = probe(ProbeOutcome::Success, 70, 1);
+        let healthy = status_of(&ok, Some(&ok_probe), &again.conditions, 70);
+        assert_eq!(healthy.phase, Some(Phase::Healthy));
+        let st = find(&healthy, CONDITION_STALLED);
+        assert_eq!(
+            (st.status.as_str(), st.last_transition_time.clone()),
+            ("False", Time(at(70)))
+        );
+        let r = find(&healthy, CONDITION_RECONCILING);
+        assert_eq!(
+            (r.status.as_str(), r.last_transition_time.clone()),
+            ("False", Time(at(10)))
+        );
+    }
+
+    #[test]
+    fn outages_are_neither_reconciling_nor_stalled() {
+        let policy = policy();
+        let mut state = healthy_state(0);
+        state.breaker = BreakerState::Open;
+        state.breaker_since = Some(at(0));
+        state.consecutive_failures = 5;
+        state.outage_streak = 5;
+        state.last_failure = Some(FailureKind::Outage);
+        state.last_failure_at = Some(at(0));
+        let summary = probe(ProbeOutcome::TransientFailure, 0, 1);
+        let status = desired_status(
+            &StatusInputs {
+                writer_epoch: None,
+                generation: Some(1),
+                state: &state,
+                policy: &policy,
+                last_probe: Some(&summary),
+                last_force_reopen: None,
+                hold: None,
+                previous_conditions: &[],
+            },
+            at(0),
+        );
+        assert_eq!(status.phase, Some(Phase::BreakerOpen));
+        assert_eq!(find(&status, CONDITION_RECONCILING).status, "False");
+        assert_eq!(find(&status, CONDITION_STALLED).status, "False");
     }
 }

@@ -15,6 +15,10 @@ pub(super) struct Observed<'a> {
     pub known_generation: Option<i64>,
     /// metadata.generation now.
     pub generation: Option<i64>,
+    /// The maintenance hold the memory last acted on ([`Hold::describe`](crate::api::Hold::describe)).
+    pub known_hold: Option<&'a str>,
+    /// The maintenance hold the annotations declare now, described the same way.
+    pub hold: Option<&'a str>,
     /// The value of the force-reopen annotation, if any.
     pub force_reopen_token: Option<&'a str>,
     /// The last force-reopen token acted upon.
@@ -34,6 +38,9 @@ pub(super) struct Observed<'a> {
 pub(super) enum Trigger {
     /// The spec changed: the in-flight probe is stale, the new policy applies.
     SpecChanged,
+    /// A maintenance hold was set, changed or released: the policy's breaker mode changed
+    /// (a hold is ForcedOpen), so the engine sees it like a spec change.
+    HoldChanged,
     /// A new force-reopen token: reset backoff and cooldown, half-open an open breaker, probe now.
     ForceReopen,
     /// A healthy pool's probe connection died: probe soon (not sooner than one initial delay
@@ -47,7 +54,7 @@ impl Trigger {
     /// The engine event of this trigger.
     pub fn event(self) -> Event {
         match self {
-            Self::SpecChanged => Event::SpecChanged,
+            Self::SpecChanged | Self::HoldChanged => Event::SpecChanged,
             Self::ForceReopen => Event::ForceReopen,
             Self::ConnectionLost | Self::CredentialsChanged => Event::ProbeRequested,
         }
@@ -59,6 +66,9 @@ pub(super) fn triggers(observed: &Observed<'_>) -> Vec<Trigger> {
     let mut out = Vec::new();
     if observed.known_generation != observed.generation {
         out.push(Trigger::SpecChanged);
+    }
+    if observed.known_hold != observed.hold {
+        out.push(Trigger::HoldChanged);
     }
     if let Some(token) = observed.force_reopen_token
         && observed.handled_token != Some(token)
@@ -85,6 +95,8 @@ mod tests {
         Observed {
             known_generation: Some(1),
             generation: Some(1),
+            known_hold: None,
+            hold: None,
             force_reopen_token: Some("t1"),
             handled_token: Some("t1"),
             connection_lost: false,
@@ -158,9 +170,35 @@ mod tests {
     }
 
     #[test]
+    fn a_hold_set_changed_or_released_is_a_trigger() {
+        let held = Observed {
+            hold: Some("held by alice: drill"),
+            ..steady()
+        };
+        assert_eq!(triggers(&held), [Trigger::HoldChanged]);
+        assert_eq!(Trigger::HoldChanged.event(), Event::SpecChanged);
+        let still = Observed {
+            known_hold: Some("held by alice: drill"),
+            ..held
+        };
+        assert!(triggers(&still).is_empty());
+        let changed = Observed {
+            hold: Some("held by bob: drill"),
+            ..still
+        };
+        assert_eq!(triggers(&changed), [Trigger::HoldChanged]);
+        let released = Observed {
+            hold: None,
+            ..still
+        };
+        assert_eq!(triggers(&released), [Trigger::HoldChanged]);
+    }
+
+    #[test]
     fn everything_at_once_comes_in_engine_order() {
         let all = Observed {
             generation: Some(3),
+            hold: Some("held by alice: drill"),
             force_reopen_token: Some("t9"),
             connection_lost: true,
             fingerprint: "rv-3",
@@ -170,6 +208,7 @@ mod tests {
             triggers(&all),
             [
                 Trigger::SpecChanged,
+                Trigger::HoldChanged,
                 Trigger::ForceReopen,
                 Trigger::ConnectionLost,
                 Trigger::CredentialsChanged

@@ -42,7 +42,7 @@ use super::{
     reconcile::{error_policy, reconcile},
 };
 use crate::{
-    api::{DbPool, FORCE_REOPEN_ANNOTATION},
+    api::{DbPool, FORCE_REOPEN_ANNOTATION, HELD_BY_ANNOTATION, HOLD_ANNOTATION},
     metrics::Metrics,
     probe::{Prober, ProberConfig},
 };
@@ -115,7 +115,7 @@ pub(super) async fn run_controller(
         }
     });
 
-    // Only spec changes (generation), force-reopen annotations and new objects trigger a
+    // Only spec changes (generation), force-reopen and hold annotations and new objects trigger a
     // reconcile; our own status and label writes do not.
     // Ready once both caches have completed their initial list. (Noted from the streams:
     // awaiting `Store::wait_until_ready` next to the controller's own wait can miss its wake-up.)
@@ -230,12 +230,15 @@ fn refers_to(pool: &DbPool, secret: &str) -> bool {
         || db.ca_secret_ref.as_ref().is_some_and(|r| r.name == secret)
 }
 
-/// What makes a DbPool change worth a reconcile: generation, force-reopen token, identity.
+/// What makes a DbPool change worth a reconcile: generation, force-reopen token, maintenance hold
+/// (who and why), identity.
 /// (A process-local hash: it is only compared within this process.)
 fn trigger_hash(pool: &DbPool) -> Option<u64> {
     let mut h = DefaultHasher::new();
     pool.metadata.generation.hash(&mut h);
-    pool.annotations().get(FORCE_REOPEN_ANNOTATION).hash(&mut h);
+    for annotation in [FORCE_REOPEN_ANNOTATION, HOLD_ANNOTATION, HELD_BY_ANNOTATION] {
+        pool.annotations().get(annotation).hash(&mut h);
+    }
     pool.metadata.uid.hash(&mut h);
     Some(h.finish())
 }

@@ -85,3 +85,10 @@ explains each rule. Nothing here deletes, and nothing touches pods.
 {{- fail "replicaCount > 1 needs leaderElection.enabled: replicas without it would all probe and write status" }}
 {{- end }}
 {{- end }}
+
+{{/* An alert's `for:` line from a prometheusRule.for value; none for "0s" (fire at once). */}}
+{{- define "dbpool-operator.alertFor" -}}
+{{- if not (has (toString .) (list "" "0" "0s")) }}
+{{- printf "for: %s" (toString .) }}
+{{- end }}
+{{- end }}

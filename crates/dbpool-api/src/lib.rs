@@ -20,6 +20,7 @@ macro_rules! go_duration_pattern {
 }
 
 mod duration;
+mod hold;
 mod policy;
 pub mod reason;
 mod status;
@@ -27,6 +28,7 @@ mod status;
 pub use dbpool_probe::{ProbeOutcome, ProbeStage, SslMode, TargetSessionAttrs};
 pub use dbpool_recovery::{BreakerMode, BreakerState, Phase};
 pub use duration::{DURATION_MESSAGE, DURATION_RULE, DurationError, GoDuration};
+pub use hold::{HELD_BY_ANNOTATION, HOLD_ANNOTATION, Hold, RELEASED_BY_ANNOTATION};
 pub use status::*;
 
 use kube::{CustomResource, CustomResourceExt, KubeSchema};

@@ -29,12 +29,22 @@ pub const AS_EXPECTED: &str = "AsExpected";
 // Condition reasons of `BreakerOpen`.
 /// BreakerOpen=True: held open by breaker.mode ForcedOpen.
 pub const FORCED_OPEN: &str = "ForcedOpen";
+/// BreakerOpen=True: held open by the `dbpool.io/hold` annotation; the message says who and why.
+/// Also an event reason (Normal: a hold was set or changed).
+pub const HELD: &str = "Held";
 /// BreakerOpen=True: the outage streak reached the failure threshold.
 pub const FAILURE_THRESHOLD_REACHED: &str = "FailureThresholdReached";
 /// BreakerOpen=True: half-open, trial probes decide.
 pub const HALF_OPEN: &str = "HalfOpen";
 /// BreakerOpen=False.
 pub const CLOSED: &str = "Closed";
+
+// Condition reasons of the kstatus conditions `Reconciling` and `Stalled` (True: PENDING and
+// CONFIG_ERROR above).
+/// Reconciling=False: the pool was probed; the operator acts on the current spec.
+pub const RECONCILED: &str = "Reconciled";
+/// Stalled=False: nothing blocks progress (AS_EXPECTED is Degraded=False's reason too).
+pub const NOT_STALLED: &str = AS_EXPECTED;
 
 // Event reasons (CONFIG_ERROR above is one too).
 /// Warning: the breaker opened.
@@ -49,5 +59,7 @@ pub const COOLDOWN_STARTED: &str = "CooldownStarted";
 pub const COOLDOWN_ENDED: &str = "CooldownEnded";
 /// Normal: the database answers again after failures.
 pub const RECOVERED: &str = "Recovered";
+/// Normal: the `dbpool.io/hold` annotation was removed; the breaker follows breaker.mode again.
+pub const RELEASED: &str = "Released";
 /// Normal: a force-reopen token was acted upon.
 pub const FORCE_REOPEN: &str = "ForceReopen";

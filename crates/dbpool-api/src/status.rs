@@ -20,6 +20,11 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_DEGRADED: &str = "Degraded";
 /// Condition type: the circuit breaker is open (or half-open, trying to close).
 pub const CONDITION_BREAKER_OPEN: &str = "BreakerOpen";
+/// Condition type (kstatus): the operator has seen the pool but not probed it yet (phase Pending).
+pub const CONDITION_RECONCILING: &str = "Reconciling";
+/// Condition type (kstatus): the operator cannot make progress until someone fixes the spec, its
+/// Secret or the server's configuration (phase ConfigError).
+pub const CONDITION_STALLED: &str = "Stalled";
 
 /// The fencing rule on the status: a write may drop writerEpoch (an operator without leader
 /// election) but never lower it.
