@@ -356,6 +356,21 @@ async fn a_rolling_handover_never_has_two_leaders() {
     println!("handover gaps (ms): {gaps:?}");
 }
 
+/// The test apiserver's address, from the test kubeconfig.
+fn apiserver_addr() -> std::net::SocketAddr {
+    let config = kube::config::Kubeconfig::read_from(kubeconfig_path()).expect("test kubeconfig");
+    let server = config.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.server.clone())
+        .expect("server");
+    server
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("host:port")
+}
+
 /// A kubeconfig like the test one whose server is `server` (e.g. a fault proxy).
 fn kubeconfig_via(server: &str, dir: &std::path::Path) -> PathBuf {
     let mut config =
@@ -376,17 +391,7 @@ fn kubeconfig_via(server: &str, dir: &std::path::Path) -> PathBuf {
 #[tokio::test]
 async fn a_leader_cut_off_from_the_apiserver_steps_down() {
     let (_client, ns) = setup().await;
-    let config = kube::config::Kubeconfig::read_from(kubeconfig_path()).expect("test kubeconfig");
-    let server = config.clusters[0]
-        .cluster
-        .as_ref()
-        .and_then(|c| c.server.clone())
-        .expect("server");
-    let upstream: std::net::SocketAddr = server
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("host:port");
+    let upstream = apiserver_addr();
     let proxy = FaultProxy::start(upstream).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let proxied = kubeconfig_via(&format!("https://127.0.0.1:{}", proxy.port()), dir.path());
@@ -621,4 +626,33 @@ async fn a_label_changed_by_hand_is_put_back() {
     })
     .await;
     println!("label restored after {:?}", changed.elapsed());
+}
+
+/// `/healthz` fails once the watches have failed for longer than `--watch-failure-timeout`, and
+/// recovers when they work again.
+#[tokio::test]
+async fn healthz_fails_while_the_watches_fail() {
+    let (_client, ns) = setup().await;
+    let upstream = apiserver_addr();
+    let proxy = FaultProxy::start(upstream).await;
+    proxy.set_mode(Mode::Refuse).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxied = kubeconfig_via(&format!("https://127.0.0.1:{}", proxy.port()), dir.path());
+    let op = OperatorProcess::start_with_kubeconfig(
+        BINARY,
+        &proxied,
+        ns.name(),
+        "wedged",
+        &["--watch-failure-timeout", "1s"],
+    );
+    let healthz = || async { op.get("/healthz").await.map(|(code, _)| code) };
+    wait_until("/healthz 503", Duration::from_secs(20), || async {
+        healthz().await == Some(503)
+    })
+    .await;
+    proxy.set_mode(Mode::Pass).await;
+    wait_until("/healthz 200 again", Duration::from_secs(30), || async {
+        healthz().await == Some(200)
+    })
+    .await;
 }
