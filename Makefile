@@ -47,27 +47,8 @@ test: lint crd-check ## Everything: lint, CRD drift, unit, property and integrat
 
 .PHONY: bench
 bench: ## Scale and latency benchmark on a private control plane (BENCH_N="100 1000"; docs/benchmarks.md)
-	@set -euo pipefail; \
-	hack/build-controlplane.sh >/dev/null; \
-	$(CARGO) bench --bench scale --no-run; \
-	runs="$(CURDIR)/.local/bench-runs"; \
-	mkdir -p "$$runs"; \
-	for dir in "$$runs"/*/; do \
-	  [[ -d "$$dir" ]] || continue; \
-	  owner="$$(cat "$$dir/owner" 2>/dev/null || true)"; \
-	  if [[ -z "$$owner" ]] || ! kill -0 "$$owner" 2>/dev/null; then \
-	    DBPOOL_ENV_DIR="$${dir%/}" hack/env.sh down 2>/dev/null || true; \
-	    rm -rf "$$dir"; \
-	  fi; \
-	done; \
-	export DBPOOL_ENV_DIR="$$runs/$$$$"; \
-	mkdir -p "$$DBPOOL_ENV_DIR"; \
-	echo $$$$ >"$$DBPOOL_ENV_DIR/owner"; \
-	trap 'rc=$$?; hack/env.sh down || true; if ((rc == 0)); then rm -rf "$$DBPOOL_ENV_DIR"; else echo "[bench] failed (exit $$rc); logs in $$DBPOOL_ENV_DIR" >&2; fi; exit $$rc' EXIT; \
-	trap 'exit 130' INT; \
-	trap 'exit 143' TERM; \
-	eval "$$(hack/env.sh up)"; \
-	DBPOOL_TEST_KUBECONFIG="$$KUBECONFIG" $(CARGO) bench --bench scale
+	$(CARGO) bench --bench scale --no-run
+	@CARGO="$(CARGO)" hack/with-env.sh bench-runs -- $(CARGO) bench --bench scale
 
 .PHONY: alerts
 alerts: ## promtool check and unit tests of the chart's alert rules (tests/alerts)

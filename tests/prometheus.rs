@@ -22,11 +22,8 @@ use support::{
     pools::{create, pool, wait_status},
     ports::free_port,
     postgres::{APP_PASSWORD, PgServer},
+    process::http_get,
     wait::{wait_for, wait_until},
-};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
 };
 
 const SECRET: &str = "db-credentials";
@@ -47,18 +44,6 @@ impl Drop for Process {
     }
 }
 
-/// GET `path` from 127.0.0.1:`port`: (status code, body), or None if nothing answers.
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((code, body))
-}
-
 fn url_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -72,14 +57,14 @@ fn url_encode(s: &str) -> String {
 
 /// The result of an instant query, or None before Prometheus answers.
 async fn query(port: u16, promql: &str) -> Option<Vec<Value>> {
-    let (_, body) = get(port, &format!("/api/v1/query?query={}", url_encode(promql))).await?;
+    let (_, body) = http_get(port, &format!("/api/v1/query?query={}", url_encode(promql))).await?;
     let v: Value = serde_json::from_str(&body).ok()?;
     v["data"]["result"].as_array().cloned()
 }
 
 /// The states of the three alerts for pools of `namespace` ("firing", "pending"; absent: none).
 async fn alerts(port: u16, namespace: &str) -> Vec<(String, String)> {
-    let Some((200, body)) = get(port, "/api/v1/alerts").await else {
+    let Some((200, body)) = http_get(port, "/api/v1/alerts").await else {
         return Vec::new();
     };
     let v: Value = serde_json::from_str(&body).unwrap_or_default();
@@ -191,7 +176,7 @@ async fn alerts_fire_during_an_outage_and_resolve_after_it_and_the_dashboard_has
             .expect("start prometheus (Debian package prometheus: hack/install-deps.sh)"),
     );
     wait_until("Prometheus ready", Duration::from_secs(30), || async {
-        matches!(get(prom_port, "/-/ready").await, Some((200, _)))
+        matches!(http_get(prom_port, "/-/ready").await, Some((200, _)))
     })
     .await;
 
