@@ -4,7 +4,7 @@
 //! (and CA) Secret, build the pool, and spawn the follower, a watch on that one object that
 //! applies spec changes and passes the DbPool's breaker and force-reopen token to the pool as
 //! hints. Needs exactly get/list/watch on `dbpools` and get on `secrets` in the namespace.
-//! Must not live here: what the hints do (`pool::observe_dbpool`), any write to the cluster.
+//! Must not live here: what the hints do (`pool::follow`), any write to the cluster.
 
 use std::time::Duration;
 

@@ -1,0 +1,120 @@
+//! The hooks the DbPool follower (`crate::dbpool`) calls on a running pool.
+//!
+//! Lives here: [`WeakPool`] (a handle that does not keep the pool alive), applying a changed
+//! spec (`Pool::reconfigure`), and what the DbPool's breaker and force-reopen token do to the
+//! pool (`Pool::observe_dbpool`: hints; local evidence wins). Must not live here: reading or
+//! watching Kubernetes (`crate::dbpool`), or the engine's bookkeeping (`engine`).
+
+use std::sync::{Arc, Weak};
+
+use dbpool_probe::ProbeTarget;
+use dbpool_recovery::{BreakerState, Event, Policy};
+use tracing::info;
+
+use super::{Inner, Pool};
+use crate::error::Cause;
+
+/// A handle that does not keep the pool alive (for the DbPool follower).
+pub(crate) struct WeakPool(Weak<Inner>);
+
+impl WeakPool {
+    /// The pool, while someone still holds it.
+    pub(crate) fn upgrade(&self) -> Option<Pool> {
+        self.0.upgrade().map(|inner| Pool { inner })
+    }
+}
+
+impl Pool {
+    pub(crate) fn downgrade(&self) -> WeakPool {
+        WeakPool(Arc::downgrade(&self.inner))
+    }
+
+    /// The target now (for the follower's Secret re-read).
+    pub(crate) fn target(&self) -> ProbeTarget {
+        self.inner.lock().target.clone()
+    }
+
+    /// Applies a new configuration while running (from a changed DbPool spec): a changed target
+    /// purges every connection; the engine sees `SpecChanged`.
+    pub(crate) fn reconfigure(
+        &self,
+        target: ProbeTarget,
+        policy: Policy,
+        max_size: usize,
+        min_idle: usize,
+    ) {
+        let mut s = self.inner.lock();
+        let target_changed = !same_target(&s.target, &target);
+        s.target = target;
+        s.target.timeout = policy.timeout;
+        s.policy = policy;
+        s.options.max_size = max_size.max(1);
+        s.options.min_idle = min_idle.min(s.options.max_size);
+        self.inner.event(&mut s, Event::SpecChanged);
+        if target_changed {
+            self.inner.purge(&mut s, "DbPool target changed");
+            Inner::request_probe(&mut s);
+        }
+        drop(s);
+        self.inner.changed.notify_waiters();
+        self.inner.wake.notify_one();
+    }
+
+    /// The DbPool's breaker state and force-reopen token as just observed. DbPool entering Open
+    /// opens the local breaker and purges idle connections (the local trial still runs after
+    /// `openTimeout`, and its success serves: local evidence wins); DbPool leaving Open, or a
+    /// new token, makes the pool probe now.
+    pub(crate) fn observe_dbpool(
+        &self,
+        breaker: Option<BreakerState>,
+        token: Option<String>,
+        operator_cause: Option<Cause>,
+    ) {
+        let inner = &self.inner;
+        let mut s = inner.lock();
+        let before = s.hint_breaker.replace(breaker.unwrap_or_default());
+        let now_state = breaker.unwrap_or_default();
+        let mut wake = false;
+        if now_state == BreakerState::Open && before != Some(BreakerState::Open) {
+            inner.open_for_dbpool(&mut s);
+            if s.last_error.is_none() {
+                s.last_error = operator_cause;
+            }
+            inner.purge(&mut s, "DbPool breaker opened");
+            inner.publish(&s);
+        } else if before == Some(BreakerState::Open) && now_state != BreakerState::Open {
+            info!(pool = %inner.name, "DbPool breaker left Open: probing now");
+            if s.engine.breaker == BreakerState::Closed {
+                inner.event(&mut s, Event::ProbeRequested);
+            } else {
+                inner.event(&mut s, Event::ForceReopen);
+            }
+            wake = true;
+        }
+        if token.is_some() && token != s.hint_token {
+            let first = s.hint_token.is_none() && before.is_none();
+            s.hint_token = token;
+            if !first {
+                info!(pool = %inner.name, "new force-reopen token on the DbPool: probing now");
+                inner.event(&mut s, Event::ForceReopen);
+                wake = true;
+            }
+        }
+        drop(s);
+        inner.changed.notify_waiters();
+        if wake {
+            inner.wake.notify_one();
+        }
+    }
+}
+
+fn same_target(a: &ProbeTarget, b: &ProbeTarget) -> bool {
+    a.host == b.host
+        && a.port == b.port
+        && a.dbname == b.dbname
+        && a.user == b.user
+        && a.password == b.password
+        && a.ssl_mode == b.ssl_mode
+        && a.ca_pem == b.ca_pem
+        && a.target_session_attrs == b.target_session_attrs
+}
