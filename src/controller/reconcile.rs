@@ -269,6 +269,7 @@ fn probe_target(pool: &DbPool, creds: Credentials) -> ProbeTarget {
         dbname: db.dbname.clone(),
         user: db.user.clone(),
         password: creds.password,
+        allow_md5: db.allow_md5,
         ssl_mode: db.ssl_mode,
         ca_pem: creds.ca_pem,
         target_session_attrs: db.target_session_attrs,

@@ -146,6 +146,12 @@ pub struct DatabaseSpec {
     #[serde(default = "default_application_name")]
     #[schemars(length(max = 63))]
     pub application_name: String,
+    /// Allow MD5 password authentication (default false). A server asking for MD5 learns a
+    /// hash from which the password can be guessed offline, so by default such a request is
+    /// refused (phase ConfigError). Cleartext passwords are only ever sent over verified TLS
+    /// (verify-ca, verify-full), whatever this says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_md5: bool,
 }
 
 /// A key in a Secret in the DbPool's own namespace.

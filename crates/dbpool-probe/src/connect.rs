@@ -16,12 +16,13 @@ use std::{
 use rustls::{crypto::CryptoProvider, pki_types::ServerName};
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpSocket, TcpStream},
     time::Instant,
 };
 use tokio_postgres::{
     Client, NoTls,
-    config::{SslMode as PgSslMode, SslNegotiation},
+    config::{ChannelBinding, SslMode as PgSslMode, SslNegotiation},
     tls::TlsConnect,
 };
 
@@ -30,6 +31,7 @@ use crate::{ProbeStage, SslMode};
 use super::{
     ProbeTarget,
     classify::{find_io, from_io_error, from_pg_error, from_tls_io_error},
+    guard::{AuthPolicy, Guarded, Verdict, VerdictCell},
     stage::{Clock, Failure},
     tls::{self, SslAnswer, TimedTls},
 };
@@ -79,11 +81,24 @@ pub(crate) async fn open(
         pg.password(password.expose());
     }
 
+    // Only verify-ca and verify-full authenticate the server; the guard needs to know.
+    let tls_verified = matches!(target.ssl_mode, SslMode::VerifyCa | SslMode::VerifyFull);
+    let guard = |tls_verified: bool| {
+        let verdict = VerdictCell::default();
+        let policy = AuthPolicy {
+            tls_verified,
+            allow_md5: target.allow_md5,
+        };
+        (policy, verdict)
+    };
+
     let tls_started = Instant::now();
     let Some(tls_config) = tls::client_config(target.ssl_mode, target.ca_pem.as_deref(), provider)?
     else {
         pg.ssl_mode(PgSslMode::Disable);
-        return authenticate(&pg, stream, NoTls, None, &peer, clock).await;
+        let (policy, verdict) = guard(false);
+        let stream = Guarded::new(stream, policy, Arc::clone(&verdict));
+        return authenticate(&pg, stream, NoTls, None, &verdict, &peer, clock).await;
     };
     if ServerName::try_from(target.host.as_str()).is_err() {
         return Err(Failure::config(
@@ -114,20 +129,28 @@ pub(crate) async fn open(
                 ));
             }
             pg.ssl_mode(PgSslMode::Disable);
-            authenticate(&pg, stream, NoTls, None, &peer, clock).await
+            let (policy, verdict) = guard(false);
+            let stream = Guarded::new(stream, policy, Arc::clone(&verdict));
+            authenticate(&pg, stream, NoTls, None, &verdict, &peer, clock).await
         }
         SslAnswer::Supported => {
             // The server said 'S' to our SSLRequest, so the next bytes are the TLS handshake:
             // exactly what tokio-postgres's direct negotiation sends. Verification is done by the
             // rustls configuration, whatever tokio-postgres's own (coarser) sslmode says.
+            // With verified TLS, SCRAM-SHA-256-PLUS (channel binding) is used whenever the
+            // server offers it: tokio-postgres prefers it when the stream can bind.
             pg.ssl_mode(PgSslMode::Require)
-                .ssl_negotiation(SslNegotiation::Direct);
-            let (connector, done) = TimedTls::new(&target.host, tls_config);
+                .ssl_negotiation(SslNegotiation::Direct)
+                .channel_binding(ChannelBinding::Prefer);
+            let (policy, verdict) = guard(tls_verified);
+            let (connector, done) =
+                TimedTls::new(&target.host, tls_config, policy, Arc::clone(&verdict));
             authenticate(
                 &pg,
                 stream,
                 connector,
                 Some((tls_started, done)),
+                &verdict,
                 &peer,
                 clock,
             )
@@ -140,16 +163,21 @@ pub(crate) async fn open(
 type TlsTiming = (Instant, Arc<std::sync::Mutex<Option<Instant>>>);
 
 /// Startup and authentication (and, when `tls` is given, the TLS handshake before them).
-async fn authenticate<T>(
+///
+/// `stream` is already wrapped in the authentication guard (or `connector` wraps the TLS stream in
+/// it); when the guard stops the session, its `verdict` is the failure reported.
+async fn authenticate<S, T>(
     pg: &tokio_postgres::Config,
-    stream: TcpStream,
+    stream: S,
     connector: T,
     tls: Option<TlsTiming>,
+    verdict: &VerdictCell,
     peer: &str,
     clock: &mut Clock,
 ) -> Result<Opened, Failure>
 where
-    T: TlsConnect<TcpStream> + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: TlsConnect<S> + Send,
     T::Stream: Send + 'static,
     T::Future: Send,
 {
@@ -185,6 +213,33 @@ where
         }
     };
 
+    let stopped = verdict
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    match (result, stopped) {
+        (Ok(Err(_)), Some(Verdict::Refused(message))) => Err(Failure::config(
+            ProbeStage::Auth,
+            format!("{peer}: {message}"),
+        )),
+        (Ok(Err(_)), Some(Verdict::Violation(message))) => Err(Failure::transient(
+            ProbeStage::Auth,
+            format!("{peer}: {message}"),
+        )),
+        (result, _) => classify_login(result, handshake_done, peer, clock),
+    }
+}
+
+/// What a successful startup yields: the client, its connection future and `server_version`.
+type Session = (Client, ConnectionTask, Option<String>);
+
+/// The result of the startup once the guard had nothing to say.
+fn classify_login(
+    result: Result<Result<Session, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+    handshake_done: bool,
+    peer: &str,
+    clock: &Clock,
+) -> Result<Opened, Failure> {
     match result {
         Ok(Ok((client, connection, server_version))) => Ok(Opened {
             client,

@@ -31,7 +31,10 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{ProbeStage, SslMode};
 
-use super::stage::Failure;
+use super::{
+    guard::{AuthPolicy, Guarded, VerdictCell},
+    stage::Failure,
+};
 
 /// The connector tokio-postgres-rustls makes for one host name.
 type RustlsConnect = <MakeRustlsConnect as MakeTlsConnect<TcpStream>>::TlsConnect;
@@ -253,12 +256,20 @@ pub(crate) async fn ssl_request(stream: &mut TcpStream, peer: &str) -> Result<Ss
 pub(crate) struct TimedTls {
     inner: RustlsConnect,
     done: Arc<Mutex<Option<Instant>>>,
+    policy: AuthPolicy,
+    verdict: VerdictCell,
 }
 
 impl TimedTls {
     /// A connector for `host` (the name checked by verify-full and sent as SNI) with `config`.
-    /// The returned cell receives the instant the handshake succeeded.
-    pub(crate) fn new(host: &str, config: ClientConfig) -> (Self, Arc<Mutex<Option<Instant>>>) {
+    /// The returned cell receives the instant the handshake succeeded. The TLS stream is handed
+    /// to tokio-postgres inside the authentication guard with `policy`, which reports to `verdict`.
+    pub(crate) fn new(
+        host: &str,
+        config: ClientConfig,
+        policy: AuthPolicy,
+        verdict: VerdictCell,
+    ) -> (Self, Arc<Mutex<Option<Instant>>>) {
         let mut make = MakeRustlsConnect::new(config);
         let Ok(inner) =
             <MakeRustlsConnect as MakeTlsConnect<TcpStream>>::make_tls_connect(&mut make, host);
@@ -267,6 +278,8 @@ impl TimedTls {
             Self {
                 inner,
                 done: Arc::clone(&done),
+                policy,
+                verdict,
             },
             done,
         )
@@ -274,17 +287,22 @@ impl TimedTls {
 }
 
 impl TlsConnect<TcpStream> for TimedTls {
-    type Stream = TlsStream;
+    type Stream = Guarded<TlsStream>;
     type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TlsStream>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Guarded<TlsStream>>> + Send>>;
 
     fn connect(self, stream: TcpStream) -> Self::Future {
-        let Self { inner, done } = self;
+        let Self {
+            inner,
+            done,
+            policy,
+            verdict,
+        } = self;
         Box::pin(async move {
             let stream = inner.connect(stream).await?;
             let mut cell = done.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             *cell = Some(Instant::now());
-            Ok(stream)
+            Ok(Guarded::new(stream, policy, verdict))
         })
     }
 }
