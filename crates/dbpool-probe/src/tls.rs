@@ -86,12 +86,21 @@ fn webpki_verifier(
     })?;
     let mut roots = RootCertStore::empty();
     let mut reader = pem;
-    for cert in rustls_pemfile::certs(&mut reader) {
-        let cert = cert.map_err(|e| {
-            Failure::config(ProbeStage::Tls, format!("CA bundle is not valid PEM: {e}"))
+    // Error texts of the PEM and certificate parsers may quote the input (which could be any
+    // Secret key the author pointed at), so the messages name only the position.
+    for (n, cert) in rustls_pemfile::certs(&mut reader).enumerate() {
+        let position = n + 1;
+        let cert = cert.map_err(|_| {
+            Failure::config(
+                ProbeStage::Tls,
+                format!("CA bundle is not valid PEM (certificate {position})"),
+            )
         })?;
-        roots.add(cert).map_err(|e| {
-            Failure::config(ProbeStage::Tls, format!("CA certificate rejected: {e}"))
+        roots.add(cert).map_err(|_| {
+            Failure::config(
+                ProbeStage::Tls,
+                format!("CA certificate {position} rejected: not a usable X.509 CA certificate"),
+            )
         })?;
     }
     if roots.is_empty() {
@@ -102,7 +111,7 @@ fn webpki_verifier(
     }
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
         .build()
-        .map_err(|e| Failure::config(ProbeStage::Tls, format!("CA bundle unusable: {e}")))
+        .map_err(|_| Failure::config(ProbeStage::Tls, "CA bundle unusable".to_owned()))
 }
 
 /// libpq's spelling of `mode`.
@@ -363,6 +372,23 @@ mod tests {
             client_config(SslMode::Require, None, &provider()),
             Ok(Some(_))
         ));
+    }
+
+    #[test]
+    fn pem_errors_never_echo_the_input() {
+        let secret = "SUPER-SECRET-VALUE-42";
+        let inputs = [
+            format!("-----BEGIN CERTIFICATE-----\n{secret}\n-----END CERTIFICATE-----\n"),
+            format!("-----BEGIN CERTIFICATE-----\n{secret}\n"),
+            format!("-----BEGIN CERTIFICATE-----\nTUlJ{secret}==\n-----END CERTIFICATE-----\n"),
+            secret.to_owned(),
+        ];
+        for input in inputs {
+            let err = client_config(SslMode::VerifyFull, Some(input.as_bytes()), &provider())
+                .expect_err("not a CA");
+            assert!(!err.message.contains(secret), "{}", err.message);
+            assert!(!err.message.contains("SUPER"), "{}", err.message);
+        }
     }
 
     #[test]
