@@ -63,7 +63,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use support::{
-    kube::{TestNamespace, create_secret, install_crd, kubeconfig_path, kubectl},
+    kube::{TestNamespace, create_consenting_secret, install_crd, kubeconfig_path, kubectl},
     postgres::{APP_DB, APP_PASSWORD, APP_USER, PgServer},
     wait::wait_for,
 };
@@ -1240,7 +1240,15 @@ impl Usage {
 impl Run {
     async fn new(s: &Settings, n: usize, client: Client) -> Self {
         let ns = TestNamespace::with_prefix(&client, &format!("bench-{n}")).await;
-        create_secret(&client, ns.name(), SECRET, KEY, APP_PASSWORD).await;
+        create_consenting_secret(
+            &client,
+            ns.name(),
+            SECRET,
+            KEY,
+            APP_PASSWORD,
+            &["127.0.0.1"],
+        )
+        .await;
         let per_target = n.div_ceil(s.targets);
         let max_connections = u32::try_from(per_target + 60).unwrap_or(u32::MAX).max(100);
         progress!(

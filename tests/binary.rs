@@ -12,7 +12,7 @@ use std::{
 use dbpool_operator::api::{BreakerState, DbPool, DbPoolStatus, Phase};
 use kube::{Api, Client};
 use support::{
-    kube::{TestNamespace, create_secret, install_crd, kubeconfig_path},
+    kube::{TestNamespace, create_consenting_secret, install_crd, kubeconfig_path},
     pools::{create, pool, status, wait_status},
     ports::free_port,
     postgres::{APP_PASSWORD, PgServer},
@@ -113,7 +113,15 @@ async fn setup() -> (Client, TestNamespace) {
     let client = support::kube::client().await;
     install_crd(&client).await;
     let ns = TestNamespace::new(&client).await;
-    create_secret(&client, ns.name(), SECRET, KEY, APP_PASSWORD).await;
+    create_consenting_secret(
+        &client,
+        ns.name(),
+        SECRET,
+        KEY,
+        APP_PASSWORD,
+        &["127.0.0.1"],
+    )
+    .await;
     (client, ns)
 }
 

@@ -21,7 +21,10 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use support::{
-    kube::{TestNamespace, create_secret, install_crd, kubectl},
+    kube::{
+        TestNamespace, create_consenting_secret, create_secret_without_consent, install_crd,
+        kubectl,
+    },
     pools::{condition, create, pool, status, wait_status},
     postgres::{APP_PASSWORD, PgServer},
     wait::{wait_for, wait_until},
@@ -50,7 +53,7 @@ impl Setup {
         Api::namespaced(self.client.clone(), self.ns())
     }
     async fn secret(&self, value: &str) {
-        create_secret(&self.client, self.ns(), SECRET, KEY, value).await;
+        create_consenting_secret(&self.client, self.ns(), SECRET, KEY, value, &["127.0.0.1"]).await;
     }
     async fn create(&self, pool: &DbPool) {
         create(&self.client, self.ns(), pool).await;
@@ -554,6 +557,85 @@ async fn a_missing_secret_is_a_config_error_fixed_by_creating_it() {
     t.wait(
         "orders",
         "Healthy after the Secret",
+        Duration::from_secs(10),
+        is_ready,
+    )
+    .await;
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// 6b. A Secret without consent (no label, or an allowed-hosts list without the pool's host) is
+/// never used: the pool reads exactly as for a missing Secret, and consenting (label plus host)
+/// makes it Healthy at once, through the label-selected watch.
+#[tokio::test]
+async fn a_secret_without_consent_reads_as_a_missing_one() {
+    let t = setup().await;
+    let pg = PgServer::start().await;
+    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    create_secret_without_consent(&t.client, t.ns(), "plain", KEY, APP_PASSWORD).await;
+    create_consenting_secret(
+        &t.client,
+        t.ns(),
+        "other-host",
+        KEY,
+        APP_PASSWORD,
+        &["db.elsewhere.svc"],
+    )
+    .await;
+    let slow = serde_json::json!({"backoff": {"initialDelay": "1m", "maxDelay": "5m"}});
+    for (name, secret) in [
+        ("missing", "absent"),
+        ("plain", "plain"),
+        ("other", "other-host"),
+    ] {
+        t.create(&pool(name, pg.port(), Some((secret, KEY)), slow.clone()))
+            .await;
+    }
+    let mut messages = Vec::new();
+    for (name, secret) in [
+        ("missing", "absent"),
+        ("plain", "plain"),
+        ("other", "other-host"),
+    ] {
+        let s = t
+            .wait(name, "ConfigError", Duration::from_secs(20), |s| {
+                s.phase == Some(Phase::ConfigError)
+            })
+            .await;
+        let message = s
+            .last_probe
+            .as_ref()
+            .and_then(|p| p.message.clone())
+            .unwrap_or_default();
+        assert!(
+            message.contains("not found, or not opted in for host \"127.0.0.1\"")
+                && message.contains("dbpool.io/credentials=true")
+                && message.contains("dbpool.io/allowed-hosts"),
+            "{message}"
+        );
+        messages.push(message.replace(secret, "<secret>"));
+    }
+    assert!(
+        messages.windows(2).all(|w| w[0] == w[1]),
+        "missing and non-consenting Secrets must read the same: {messages:?}"
+    );
+
+    let start = Instant::now();
+    for args in [
+        ["label", "secret", "plain", "dbpool.io/credentials=true"],
+        [
+            "annotate",
+            "secret",
+            "plain",
+            "dbpool.io/allowed-hosts=127.0.0.1",
+        ],
+    ] {
+        let out = kubectl(["-n", t.ns()].into_iter().chain(args)).await;
+        assert!(out.status.success(), "{out:?}");
+    }
+    t.wait(
+        "plain",
+        "Healthy after consent",
         Duration::from_secs(10),
         is_ready,
     )

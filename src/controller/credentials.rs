@@ -1,9 +1,14 @@
-//! Reading the Secrets a DbPool refers to, without reading them on every probe.
+//! Reading the Secrets a DbPool refers to, only when they consent, without reading them on every
+//! probe.
 //!
-//! Lives here: a cache of the Secret keys the pools use, keyed by Secret and invalidated by the
-//! Secret's resourceVersion, which a metadata-only watch keeps current (so Secret data is fetched
-//! once per change, not per probe, and no other Secret in the cluster is ever read). Errors name
-//! the Secret and key to fix; they never contain a Secret's data.
+//! Lives here: the consent rule's enforcement (a Secret is read only if it carries the label
+//! `dbpool.io/credentials: "true"` and names the pool's host in `dbpool.io/allowed-hosts`), and a
+//! cache of the Secrets the pools use, keyed by Secret and invalidated by the Secret's
+//! resourceVersion, which a metadata-only watch of consenting Secrets keeps current (so Secret data
+//! is fetched once per change, not per probe, and no other Secret is ever read, listed or cached).
+//! Cached values no pool refers to are evicted. Errors name the Secret and key to fix; they never
+//! contain a Secret's data, and a missing Secret reads the same as one that does not consent.
+//! Must not live here: the watch itself (`watches`) or what a failure does to the pool (`reconcile`).
 
 use std::{
     collections::HashMap,
@@ -17,7 +22,10 @@ use kube::{
     runtime::reflector::{ObjectRef, Store},
 };
 
-use crate::{api::SecretKeyRef, probe::Password};
+use crate::{
+    api::{ALLOWED_HOSTS_ANNOTATION, CREDENTIALS_LABEL, DbPool, SecretKeyRef, secret_consents},
+    probe::Password,
+};
 
 /// What the probe needs from Secrets, plus a fingerprint that changes when any of them changes.
 pub struct Credentials {
@@ -32,17 +40,22 @@ pub struct Credentials {
 /// Why credentials could not be read. Messages say exactly what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    /// The Secret does not exist.
+    /// The Secret does not exist, or does not consent to being used for this host. The two are
+    /// one error: telling them apart would need what the operator must not read.
     #[error(
-        "Secret \"{name}\" not found in namespace \"{namespace}\": create it with the key \"{key}\""
+        "Secret \"{name}\" in namespace \"{namespace}\" not found, or not opted in for host \"{host}\" \
+         (add the label {CREDENTIALS_LABEL}=true and \"{host}\" to the annotation \
+         {ALLOWED_HOSTS_ANNOTATION}; the password goes under the key \"{key}\")"
     )]
-    SecretMissing {
+    NotFoundOrNotOptedIn {
         /// Namespace looked in.
         namespace: String,
         /// Secret name.
         name: String,
         /// Key the spec names.
         key: String,
+        /// The pool's host.
+        host: String,
     },
     /// The Secret exists but lacks the key.
     #[error("Secret \"{name}\" in namespace \"{namespace}\" has no key \"{key}\"")]
@@ -89,37 +102,42 @@ struct CachedSecret {
 pub struct SecretCache {
     client: Client,
     meta: Store<PartialObjectMeta<Secret>>,
+    pools: Store<DbPool>,
     cache: Mutex<HashMap<(String, String), CachedSecret>>,
     api_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl SecretCache {
-    /// A cache over `meta`, a reflector store fed by a metadata watch on Secrets; reads from the
+    /// A cache over `meta`, a reflector store fed by a metadata watch on consenting Secrets;
+    /// `pools` (the DbPool store) says which cached values are still referenced. Reads from the
     /// apiserver take a permit of `api_slots`.
     pub fn new(
         client: Client,
         meta: Store<PartialObjectMeta<Secret>>,
+        pools: Store<DbPool>,
         api_slots: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         Self {
             client,
             meta,
+            pools,
             cache: Mutex::new(HashMap::new()),
             api_slots,
         }
     }
 
-    /// Reads the password and CA the spec refers to.
+    /// Reads the password and CA the spec refers to, for a pool connecting to `host`.
     pub async fn load(
         &self,
         namespace: &str,
+        host: &str,
         password: Option<&SecretKeyRef>,
         ca: Option<&SecretKeyRef>,
     ) -> Result<Credentials, CredentialError> {
         let mut fingerprint = String::new();
         let password = match password {
             Some(r) => {
-                let (bytes, rv) = self.key(namespace, r).await?;
+                let (bytes, rv) = self.key(namespace, host, r).await?;
                 fingerprint.push_str(&rv);
                 let text = String::from_utf8(bytes).map_err(|_| CredentialError::NotText {
                     name: r.name.clone(),
@@ -131,7 +149,7 @@ impl SecretCache {
         };
         let ca_pem = match ca {
             Some(r) => {
-                let (bytes, rv) = self.key(namespace, r).await?;
+                let (bytes, rv) = self.key(namespace, host, r).await?;
                 fingerprint.push('/');
                 fingerprint.push_str(&rv);
                 Some(bytes)
@@ -148,13 +166,29 @@ impl SecretCache {
     async fn key(
         &self,
         namespace: &str,
+        host: &str,
         r: &SecretKeyRef,
     ) -> Result<(Vec<u8>, String), CredentialError> {
+        let refused = || CredentialError::NotFoundOrNotOptedIn {
+            namespace: namespace.to_owned(),
+            name: r.name.clone(),
+            key: r.key.clone(),
+            host: host.to_owned(),
+        };
         let id = (namespace.to_owned(), r.name.clone());
-        let watched_rv = self
-            .meta
-            .get(&ObjectRef::new(&r.name).within(namespace))
-            .and_then(|m| m.metadata.resource_version.clone());
+        // Consent is judged on the watched metadata before anything is read: a Secret the watch
+        // has not seen (missing, or without the label) is never fetched.
+        let Some(meta) = self.meta.get(&ObjectRef::new(&r.name).within(namespace)) else {
+            return Err(refused());
+        };
+        if !secret_consents(
+            meta.metadata.labels.as_ref(),
+            meta.metadata.annotations.as_ref(),
+            host,
+        ) {
+            return Err(refused());
+        }
+        let watched_rv = meta.metadata.resource_version.clone();
         let fresh = || {
             self.cache
                 .lock()
@@ -170,10 +204,8 @@ impl SecretCache {
                 match fresh() {
                     Some(c) => c,
                     None => {
-                        let fetched = self.fetch(namespace, r).await?;
-                        if let Ok(mut cache) = self.cache.lock() {
-                            cache.insert(id.clone(), fetched.clone());
-                        }
+                        let fetched = self.fetch(namespace, host, r).await?;
+                        self.insert(id.clone(), fetched.clone());
                         fetched
                     }
                 }
@@ -192,13 +224,52 @@ impl SecretCache {
         Ok((value, secret.resource_version.unwrap_or_default()))
     }
 
+    /// Caches `secret` under `id`, first evicting every value no pool refers to any more, so the
+    /// cache never holds more than the pools' references.
+    fn insert(&self, id: (String, String), secret: CachedSecret) {
+        let referenced: std::collections::HashSet<(String, String)> = self
+            .pools
+            .state()
+            .iter()
+            .flat_map(|pool| {
+                let ns = pool.metadata.namespace.clone().unwrap_or_default();
+                let db = &pool.spec.database;
+                [db.password_secret_ref.as_ref(), db.ca_secret_ref.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(move |r| (ns.clone(), r.name.clone()))
+            })
+            .collect();
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|key, _| referenced.contains(key));
+            cache.insert(id, secret);
+        }
+    }
+
     async fn fetch(
         &self,
         namespace: &str,
+        host: &str,
         r: &SecretKeyRef,
     ) -> Result<CachedSecret, CredentialError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let refused = || CredentialError::NotFoundOrNotOptedIn {
+            namespace: namespace.to_owned(),
+            name: r.name.clone(),
+            key: r.key.clone(),
+            host: host.to_owned(),
+        };
         match api.get_opt(&r.name).await {
+            // The object read is authoritative: consent withdrawn since the watch saw it counts.
+            Ok(Some(secret))
+                if !secret_consents(
+                    secret.metadata.labels.as_ref(),
+                    secret.metadata.annotations.as_ref(),
+                    host,
+                ) =>
+            {
+                Err(refused())
+            }
             Ok(Some(secret)) => {
                 // stringData is write-only: the apiserver merges it into data and never returns it.
                 let data = secret
@@ -212,11 +283,7 @@ impl SecretCache {
                     data,
                 })
             }
-            Ok(None) => Err(CredentialError::SecretMissing {
-                namespace: namespace.to_owned(),
-                name: r.name.clone(),
-                key: r.key.clone(),
-            }),
+            Ok(None) => Err(refused()),
             Err(source) => Err(CredentialError::Api {
                 name: r.name.clone(),
                 source,

@@ -72,6 +72,7 @@ async fn load_credentials(pool: &DbPool, ctx: &Context) -> Result<Credentials, C
     ctx.secrets
         .load(
             &pool.namespace().unwrap_or_default(),
+            &db.host,
             db.password_secret_ref.as_ref(),
             db.ca_secret_ref.as_ref(),
         )
