@@ -17,7 +17,11 @@ use crate::kube::kubeconfig_path;
 
 /// Root of the repository.
 pub fn repo_root() -> PathBuf {
+    // This crate lives in crates/dbpool-testkit of the workspace.
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")))
 }
 
 /// The chart's directory.
