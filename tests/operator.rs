@@ -21,6 +21,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use support::{
+    hostile::{Behaviour, FakeServer},
     kube::{
         TestNamespace, create_consenting_secret, create_secret_without_consent, install_crd,
         kubectl,
@@ -562,6 +563,105 @@ async fn a_missing_secret_is_a_config_error_fixed_by_creating_it() {
     )
     .await;
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// 4b. A force-reopen token longer than an event note may be (1 KiB in events.k8s.io) still
+/// gives a ForceReopen event, with the note cut to the limit.
+#[tokio::test]
+async fn a_long_force_reopen_token_still_gives_an_event() {
+    let t = setup().await;
+    let pg = PgServer::start().await;
+    t.secret(APP_PASSWORD).await;
+    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    t.create_healthy(&pool(
+        "orders",
+        pg.port(),
+        Some((SECRET, KEY)),
+        serde_json::json!({}),
+    ))
+    .await;
+    let token = "t".repeat(4000);
+    let patch = serde_json::json!({"metadata": {"annotations": {FORCE_REOPEN_ANNOTATION: token}}});
+    t.api()
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate");
+    let events = wait_for("a ForceReopen event", Duration::from_secs(10), || async {
+        let events = t.events("ForceReopen").await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    let note = events[0].note.clone().unwrap_or_default();
+    assert!(note.len() <= 1024, "{}", note.len());
+    assert!(note.starts_with("force-reopen \"ttt"), "{note}");
+    assert!(note.ends_with('…'), "{note}");
+}
+
+/// 6c. A server that asks for the password in clear text (MD5, SCRAM with 1 iteration) gets
+/// nothing: the pool shows ConfigError naming the method, and the fake server never receives a
+/// password message.
+#[tokio::test]
+async fn an_unsafe_login_method_is_a_config_error_and_gets_no_password() {
+    let t = setup().await;
+    t.secret(APP_PASSWORD).await;
+    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    let servers = [
+        ("cleartext", Behaviour::Cleartext, "clear text"),
+        ("md5", Behaviour::Md5, "MD5"),
+        (
+            "scram",
+            Behaviour::Scram { iterations: 1 },
+            "only 1 iterations",
+        ),
+    ];
+    let mut running = Vec::new();
+    for (name, behaviour, _) in servers {
+        let server = FakeServer::start(behaviour).await;
+        t.create(&pool(
+            name,
+            server.port(),
+            Some((SECRET, KEY)),
+            serde_json::json!({}),
+        ))
+        .await;
+        running.push(server);
+    }
+    for ((name, _, method), server) in servers.iter().zip(&running) {
+        let s = t
+            .wait(name, "ConfigError", Duration::from_secs(20), |s| {
+                s.phase == Some(Phase::ConfigError)
+            })
+            .await;
+        let message = s
+            .last_probe
+            .as_ref()
+            .and_then(|p| p.message.clone())
+            .unwrap_or_default();
+        assert!(message.contains(method), "{name}: {message}");
+        assert_eq!(breaker(&s), Some(BreakerState::Closed), "{name}");
+        let received = server.received_after(1).await;
+        // SCRAM: initial responses (mechanism and nonce) only, never a proof; the others: no
+        // password message at all. (The pool retries, so there may be several sessions.)
+        let answers: Vec<_> = received.iter().filter(|m| m.tag == b'p').collect();
+        if *name == "scram" {
+            assert!(
+                answers
+                    .iter()
+                    .all(|m| !m.body.windows(3).any(|w| w == b",p=")),
+                "{received:?}"
+            );
+        } else {
+            assert!(answers.is_empty(), "{name}: {received:?}");
+        }
+        for m in &received {
+            assert!(
+                !m.body
+                    .windows(APP_PASSWORD.len())
+                    .any(|w| w == APP_PASSWORD.as_bytes()),
+                "{name}"
+            );
+        }
+    }
 }
 
 /// 6b. A Secret without consent (no label, or an allowed-hosts list without the pool's host) is

@@ -75,6 +75,13 @@ pub enum CredentialError {
         /// Key the spec names.
         key: String,
     },
+    /// The Secret watch has not completed its first list in time (the operator just started):
+    /// the Secret may well exist, so this is retried, not reported as a configuration error.
+    #[error("Secret \"{name}\": the Secret watch has not synced yet")]
+    NotSynced {
+        /// Secret name.
+        name: String,
+    },
     /// The apiserver could not be asked (RBAC, network): not the user's Secret's fault.
     #[error("cannot read Secret \"{name}\": {source}")]
     Api {
@@ -88,7 +95,7 @@ pub enum CredentialError {
 impl CredentialError {
     /// Whether the error is a mistake in configuration (as opposed to an apiserver problem).
     pub fn is_config(&self) -> bool {
-        !matches!(self, Self::Api { .. })
+        !matches!(self, Self::Api { .. } | Self::NotSynced { .. })
     }
 }
 
@@ -97,6 +104,9 @@ struct CachedSecret {
     resource_version: Option<String>,
     data: std::collections::BTreeMap<String, Vec<u8>>,
 }
+
+/// How long a credentials read waits for the Secret watch's first list after a start.
+const SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Secret reader with a resourceVersion-keyed cache.
 pub struct SecretCache {
@@ -178,8 +188,21 @@ impl SecretCache {
         let id = (namespace.to_owned(), r.name.clone());
         // Consent is judged on the watched metadata before anything is read: a Secret the watch
         // has not seen (missing, or without the label) is never fetched.
-        let Some(meta) = self.meta.get(&ObjectRef::new(&r.name).within(namespace)) else {
-            return Err(refused());
+        let watched = ObjectRef::new(&r.name).within(namespace);
+        let meta = match self.meta.get(&watched) {
+            Some(meta) => meta,
+            None => {
+                // Before the watch's first list, absence proves nothing: wait for it (the
+                // controller drives the watch meanwhile), so that a restart neither reports
+                // present Secrets as missing nor takes their arrival for a changed Secret.
+                let synced = tokio::time::timeout(SYNC_WAIT, self.meta.wait_until_ready()).await;
+                if !matches!(synced, Ok(Ok(()))) {
+                    return Err(CredentialError::NotSynced {
+                        name: r.name.clone(),
+                    });
+                }
+                self.meta.get(&watched).ok_or_else(refused)?
+            }
         };
         if !secret_consents(
             meta.metadata.labels.as_ref(),
@@ -289,5 +312,63 @@ impl SecretCache {
                 source,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::{reflector, watcher};
+
+    fn pool(ns: &str, name: &str, secret: &str) -> DbPool {
+        let mut pool: DbPool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "dbpool.io/v1alpha1",
+            "kind": "DbPool",
+            "metadata": { "name": name, "namespace": ns },
+            "spec": { "database": {
+                "host": "db", "dbname": "app", "user": "app",
+                "passwordSecretRef": { "name": secret, "key": "password" }
+            } }
+        }))
+        .expect("a DbPool");
+        pool.metadata.namespace = Some(ns.to_owned());
+        pool
+    }
+
+    fn cached(secret: &str) -> CachedSecret {
+        CachedSecret {
+            resource_version: Some("1".to_owned()),
+            data: std::collections::BTreeMap::from([(
+                "password".to_owned(),
+                secret.as_bytes().to_vec(),
+            )]),
+        }
+    }
+
+    #[tokio::test]
+    async fn cached_values_no_pool_refers_to_are_evicted() {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("URL"));
+        let client = Client::try_from(config).expect("client");
+        let (meta, _meta_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        let (pools, mut pools_writer) = reflector::store::<DbPool>();
+        let cache = SecretCache::new(
+            client,
+            meta,
+            pools,
+            Arc::new(tokio::sync::Semaphore::new(1)),
+        );
+        let id = |ns: &str, name: &str| (ns.to_owned(), name.to_owned());
+
+        pools_writer.apply_watcher_event(&watcher::Event::Apply(pool("a", "p1", "s1")));
+        pools_writer.apply_watcher_event(&watcher::Event::Apply(pool("a", "p2", "s2")));
+        cache.insert(id("a", "s1"), cached("one"));
+        cache.insert(id("a", "s2"), cached("two"));
+        assert_eq!(cache.cache.lock().expect("lock").len(), 2);
+
+        // p2 is deleted: its Secret's value goes at the next insert.
+        pools_writer.apply_watcher_event(&watcher::Event::Delete(pool("a", "p2", "s2")));
+        cache.insert(id("a", "s1"), cached("one again"));
+        let keys: Vec<_> = cache.cache.lock().expect("lock").keys().cloned().collect();
+        assert_eq!(keys, [id("a", "s1")]);
     }
 }
