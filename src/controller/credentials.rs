@@ -15,6 +15,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client,
@@ -75,8 +76,8 @@ pub enum CredentialError {
         /// Key the spec names.
         key: String,
     },
-    /// The Secret watch has not completed its first list in time (the operator just started):
-    /// the Secret may well exist, so this is retried, not reported as a configuration error.
+    /// The Secret watch has not completed its first list (the operator just started): the
+    /// Secret may well exist, so the reconcile stops without a verdict and is triggered again.
     #[error("Secret \"{name}\": the Secret watch has not synced yet")]
     NotSynced {
         /// Secret name.
@@ -104,9 +105,6 @@ struct CachedSecret {
     resource_version: Option<String>,
     data: std::collections::BTreeMap<String, Vec<u8>>,
 }
-
-/// How long a credentials read waits for the Secret watch's first list after a start.
-const SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Secret reader with a resourceVersion-keyed cache.
 pub struct SecretCache {
@@ -192,16 +190,16 @@ impl SecretCache {
         let meta = match self.meta.get(&watched) {
             Some(meta) => meta,
             None => {
-                // Before the watch's first list, absence proves nothing: wait for it (the
-                // controller drives the watch meanwhile), so that a restart neither reports
-                // present Secrets as missing nor takes their arrival for a changed Secret.
-                let synced = tokio::time::timeout(SYNC_WAIT, self.meta.wait_until_ready()).await;
-                if !matches!(synced, Ok(Ok(()))) {
+                // Before the watch's first list, absence proves nothing: say so (the reconcile
+                // stops there, and the list's events trigger the pool again), so that a restart
+                // neither reports present Secrets as missing nor takes their arrival for a
+                // changed Secret. (Checked, not awaited: nothing blocks a reconcile.)
+                if self.meta.wait_until_ready().now_or_never().is_none() {
                     return Err(CredentialError::NotSynced {
                         name: r.name.clone(),
                     });
                 }
-                self.meta.get(&watched).ok_or_else(refused)?
+                return Err(refused());
             }
         };
         if !secret_consents(

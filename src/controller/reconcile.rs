@@ -47,6 +47,13 @@ struct Run {
 pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let (mut run, connection_lost) = Run::recall(&pool, &ctx);
     let credentials = load_credentials(&pool, &ctx).await;
+    if let Err(err @ CredentialError::NotSynced { .. }) = credentials {
+        // Nothing is known about the Secrets yet; the Secret watch's first list triggers the
+        // pool again. Recording this as a credentials state would make that list look like a
+        // changed Secret.
+        ctx.store_memory(&run.key, run.memory, false);
+        return Err(err.into());
+    }
     run.apply_triggers(&pool, connection_lost, &credentials);
     if run.probe_due()
         && let Err(err) = run.probe(&pool, &ctx, credentials).await
