@@ -218,8 +218,14 @@ if kubectl get dbpool "$POOL" >/dev/null 2>&1; then
   run "kubectl delete dbpool $POOL"
   run "kubectl delete events --field-selector involvedObject.name=$POOL"
 fi
+# The Secret consents to being used (label) for this host only (annotation): without both, the
+# operator neither reads it nor tells it apart from a missing one.
 must "the Secret could not be created" \
   "kubectl create secret generic $SECRET --from-literal=password=\"\$PGPASSWORD\" --dry-run=client -o yaml | kubectl apply -f -"
+must "the Secret could not be labelled" \
+  "kubectl label secret $SECRET dbpool.io/credentials=true --overwrite"
+must "the Secret could not be annotated" \
+  "kubectl annotate secret $SECRET dbpool.io/allowed-hosts=127.0.0.1 --overwrite"
 mkdir -p "$STATE/demo"
 manifest="$STATE/demo/dbpool.yaml"
 sed -e "s/\${PGPORT}/$PGPORT/" -e "s/\${INTERVAL}/$INTERVAL/" -e "s/\${TIMEOUT}/$TIMEOUT/" \

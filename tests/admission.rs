@@ -159,6 +159,84 @@ fn invalid_cases() -> Vec<Invalid> {
             json!({ "breaker": { "openTimeout": "1s".repeat(40) } }),
             &["spec.breaker.openTimeout", "Too long"],
         ),
+        // Duration floors and ceilings.
+        invalid(
+            "interval-below-floor",
+            json!({ "healthCheck": { "interval": "99ms", "timeout": "50ms" } }),
+            &["healthCheck.interval must be between 100ms and 24h"],
+        ),
+        invalid(
+            "interval-above-ceiling",
+            json!({ "healthCheck": { "interval": "24h1s" } }),
+            &["healthCheck.interval must be between 100ms and 24h"],
+        ),
+        invalid(
+            "timeout-below-floor",
+            json!({ "healthCheck": { "timeout": "1ms" } }),
+            &["healthCheck.timeout must be between 100ms and 60s"],
+        ),
+        invalid(
+            "timeout-above-ceiling",
+            json!({ "healthCheck": { "interval": "1h", "timeout": "10m" } }),
+            &["healthCheck.timeout must be between 100ms and 60s"],
+        ),
+        invalid(
+            "initial-delay-below-floor",
+            json!({ "backoff": { "initialDelay": "1ms" } }),
+            &["backoff.initialDelay must be between 100ms and 1h"],
+        ),
+        invalid(
+            "initial-delay-above-ceiling",
+            json!({ "backoff": { "initialDelay": "2h", "maxDelay": "3h" } }),
+            &["backoff.initialDelay must be between 100ms and 1h"],
+        ),
+        invalid(
+            "max-delay-above-ceiling",
+            json!({ "backoff": { "maxDelay": "25h" } }),
+            &["backoff.maxDelay must be between 100ms and 24h"],
+        ),
+        invalid(
+            "cooldown-below-floor",
+            json!({ "backoff": { "cooldown": "10ms" } }),
+            &["backoff.cooldown must be between 100ms and 24h"],
+        ),
+        invalid(
+            "cooldown-above-ceiling",
+            json!({ "backoff": { "cooldown": "600h" } }),
+            &["backoff.cooldown must be between 100ms and 24h"],
+        ),
+        invalid(
+            "open-timeout-below-floor",
+            json!({ "breaker": { "openTimeout": "50ms" } }),
+            &["breaker.openTimeout must be between 100ms and 24h"],
+        ),
+        invalid(
+            "open-timeout-socket-overflow",
+            // 2^31 ms: TCP_USER_TIMEOUT would be EINVAL at this size; nothing near it is admitted.
+            json!({ "breaker": { "openTimeout": "2147483648ms" } }),
+            &["breaker.openTimeout must be between 100ms and 24h"],
+        ),
+        invalid(
+            "timeout-socket-overflow",
+            json!({ "healthCheck": { "interval": "24h", "timeout": "2147483648ms" } }),
+            &["healthCheck.timeout must be between 100ms and 60s"],
+        ),
+        // Hosts no resolver can use.
+        invalid(
+            "host-with-nul",
+            json!({ "database": { "host": "db\u{0000}.evil" } }),
+            &["database.host must be a host name or an IP address"],
+        ),
+        invalid(
+            "host-with-space",
+            json!({ "database": { "host": "db shop" } }),
+            &["database.host must be a host name or an IP address"],
+        ),
+        invalid(
+            "host-with-slash",
+            json!({ "database": { "host": "db/../x" } }),
+            &["database.host must be a host name or an IP address"],
+        ),
         // Numeric bounds.
         invalid(
             "port-zero",
@@ -352,17 +430,31 @@ fn valid_cases() -> Vec<(&'static str, Value)> {
         (
             "compound-durations",
             json!({
-                "healthCheck": { "interval": "1h30m", "timeout": "2m45.5s" },
+                "healthCheck": { "interval": "1h30m", "timeout": "45.5s" },
                 "backoff": { "initialDelay": "500ms", "maxDelay": "1h", "cooldown": "2h45m30s" },
                 "breaker": { "openTimeout": "1.5s" }
             }),
         ),
         (
-            "sub-millisecond-durations",
+            "duration-floors",
             json!({
-                "healthCheck": { "interval": "1ms", "timeout": "250us" },
-                "backoff": { "initialDelay": "100ns", "maxDelay": "250µs" }
+                "healthCheck": { "interval": "101ms", "timeout": "100ms" },
+                "backoff": { "initialDelay": "100ms", "maxDelay": "100ms", "cooldown": "0.1s" },
+                "breaker": { "openTimeout": "100000us" }
             }),
+        ),
+        (
+            "duration-ceilings",
+            json!({
+                "healthCheck": { "interval": "24h", "timeout": "60s" },
+                "backoff": { "initialDelay": "1h", "maxDelay": "24h", "cooldown": "1440m" },
+                "breaker": { "openTimeout": "24h" }
+            }),
+        ),
+        ("host-forms", json!({ "database": { "host": "fe80::1" } })),
+        (
+            "allow-md5",
+            json!({ "database": { "host": "10.0.0.5", "allowMd5": true } }),
         ),
         (
             "timeout-just-below-interval",

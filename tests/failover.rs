@@ -24,7 +24,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use support::{
-    kube::{TestNamespace, create_secret, install_crd, kubeconfig_path, unique_name},
+    kube::{TestNamespace, create_consenting_secret, install_crd, kubeconfig_path, unique_name},
     pools::{create, pool, wait_status},
     postgres::{APP_PASSWORD, PgServer},
     process::{OperatorProcess, sample},
@@ -41,7 +41,15 @@ async fn setup() -> (Client, TestNamespace) {
     let client = support::kube::client().await;
     install_crd(&client).await;
     let ns = TestNamespace::new(&client).await;
-    create_secret(&client, ns.name(), SECRET, KEY, APP_PASSWORD).await;
+    create_consenting_secret(
+        &client,
+        ns.name(),
+        SECRET,
+        KEY,
+        APP_PASSWORD,
+        &["127.0.0.1"],
+    )
+    .await;
     (client, ns)
 }
 

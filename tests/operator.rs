@@ -23,7 +23,11 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use support::{
-    kube::{TestNamespace, create_secret, install_crd, kubectl},
+    hostile::{Behaviour, FakeServer},
+    kube::{
+        TestNamespace, create_consenting_secret, create_secret_without_consent, install_crd,
+        kubectl,
+    },
     pools::{condition, create, pool, status, wait_status},
     postgres::{APP_PASSWORD, PgServer},
     wait::{wait_for, wait_until},
@@ -52,7 +56,7 @@ impl Setup {
         Api::namespaced(self.client.clone(), self.ns())
     }
     async fn secret(&self, value: &str) {
-        create_secret(&self.client, self.ns(), SECRET, KEY, value).await;
+        create_consenting_secret(&self.client, self.ns(), SECRET, KEY, value, &["127.0.0.1"]).await;
     }
     async fn create(&self, pool: &DbPool) {
         create(&self.client, self.ns(), pool).await;
@@ -656,6 +660,184 @@ async fn a_missing_secret_is_a_config_error_fixed_by_creating_it() {
     t.wait(
         "orders",
         "Healthy after the Secret",
+        Duration::from_secs(10),
+        is_ready,
+    )
+    .await;
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// 4b. A force-reopen token longer than an event note may be (1 KiB in events.k8s.io) still
+/// gives a ForceReopen event, with the note cut to the limit.
+#[tokio::test]
+async fn a_long_force_reopen_token_still_gives_an_event() {
+    let t = setup().await;
+    let pg = PgServer::start().await;
+    t.secret(APP_PASSWORD).await;
+    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    t.create_healthy(&pool(
+        "orders",
+        pg.port(),
+        Some((SECRET, KEY)),
+        serde_json::json!({}),
+    ))
+    .await;
+    let token = "t".repeat(4000);
+    let patch = serde_json::json!({"metadata": {"annotations": {FORCE_REOPEN_ANNOTATION: token}}});
+    t.api()
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate");
+    let events = wait_for("a ForceReopen event", Duration::from_secs(10), || async {
+        let events = t.events("ForceReopen").await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    let note = events[0].note.clone().unwrap_or_default();
+    assert!(note.len() <= 1024, "{}", note.len());
+    assert!(note.starts_with("force-reopen \"ttt"), "{note}");
+    assert!(note.ends_with('…'), "{note}");
+}
+
+/// 6c. A server that asks for the password in clear text (MD5, SCRAM with 1 iteration) gets
+/// nothing: the pool shows ConfigError naming the method, and the fake server never receives a
+/// password message.
+#[tokio::test]
+async fn an_unsafe_login_method_is_a_config_error_and_gets_no_password() {
+    let t = setup().await;
+    t.secret(APP_PASSWORD).await;
+    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    let servers = [
+        ("cleartext", Behaviour::Cleartext, "clear text"),
+        ("md5", Behaviour::Md5, "MD5"),
+        (
+            "scram",
+            Behaviour::Scram { iterations: 1 },
+            "only 1 iterations",
+        ),
+    ];
+    let mut running = Vec::new();
+    for (name, behaviour, _) in servers {
+        let server = FakeServer::start(behaviour).await;
+        t.create(&pool(
+            name,
+            server.port(),
+            Some((SECRET, KEY)),
+            serde_json::json!({}),
+        ))
+        .await;
+        running.push(server);
+    }
+    for ((name, _, method), server) in servers.iter().zip(&running) {
+        let s = t
+            .wait(name, "ConfigError", Duration::from_secs(20), |s| {
+                s.phase == Some(Phase::ConfigError)
+            })
+            .await;
+        let message = s
+            .last_probe
+            .as_ref()
+            .and_then(|p| p.message.clone())
+            .unwrap_or_default();
+        assert!(message.contains(method), "{name}: {message}");
+        assert_eq!(breaker(&s), Some(BreakerState::Closed), "{name}");
+        let received = server.received_after(1).await;
+        // SCRAM: initial responses (mechanism and nonce) only, never a proof; the others: no
+        // password message at all. (The pool retries, so there may be several sessions.)
+        let answers: Vec<_> = received.iter().filter(|m| m.tag == b'p').collect();
+        if *name == "scram" {
+            assert!(
+                answers
+                    .iter()
+                    .all(|m| !m.body.windows(3).any(|w| w == b",p=")),
+                "{received:?}"
+            );
+        } else {
+            assert!(answers.is_empty(), "{name}: {received:?}");
+        }
+        for m in &received {
+            assert!(
+                !m.body
+                    .windows(APP_PASSWORD.len())
+                    .any(|w| w == APP_PASSWORD.as_bytes()),
+                "{name}"
+            );
+        }
+    }
+}
+
+/// 6b. A Secret without consent (no label, or an allowed-hosts list without the pool's host) is
+/// never used: the pool reads exactly as for a missing Secret, and consenting (label plus host)
+/// makes it Healthy at once, through the label-selected watch.
+#[tokio::test]
+async fn a_secret_without_consent_reads_as_a_missing_one() {
+    let t = setup().await;
+    let pg = PgServer::start().await;
+    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    create_secret_without_consent(&t.client, t.ns(), "plain", KEY, APP_PASSWORD).await;
+    create_consenting_secret(
+        &t.client,
+        t.ns(),
+        "other-host",
+        KEY,
+        APP_PASSWORD,
+        &["db.elsewhere.svc"],
+    )
+    .await;
+    let slow = serde_json::json!({"backoff": {"initialDelay": "1m", "maxDelay": "5m"}});
+    for (name, secret) in [
+        ("missing", "absent"),
+        ("plain", "plain"),
+        ("other", "other-host"),
+    ] {
+        t.create(&pool(name, pg.port(), Some((secret, KEY)), slow.clone()))
+            .await;
+    }
+    let mut messages = Vec::new();
+    for (name, secret) in [
+        ("missing", "absent"),
+        ("plain", "plain"),
+        ("other", "other-host"),
+    ] {
+        let s = t
+            .wait(name, "ConfigError", Duration::from_secs(20), |s| {
+                s.phase == Some(Phase::ConfigError)
+            })
+            .await;
+        let message = s
+            .last_probe
+            .as_ref()
+            .and_then(|p| p.message.clone())
+            .unwrap_or_default();
+        assert!(
+            message.contains("not found, or not opted in for host \"127.0.0.1\"")
+                && message.contains("dbpool.io/credentials=true")
+                && message.contains("dbpool.io/allowed-hosts"),
+            "{message}"
+        );
+        messages.push(message.replace(secret, "<secret>"));
+    }
+    assert!(
+        messages.windows(2).all(|w| w[0] == w[1]),
+        "missing and non-consenting Secrets must read the same: {messages:?}"
+    );
+
+    let start = Instant::now();
+    for args in [
+        ["label", "secret", "plain", "dbpool.io/credentials=true"],
+        [
+            "annotate",
+            "secret",
+            "plain",
+            "dbpool.io/allowed-hosts=127.0.0.1",
+        ],
+    ] {
+        let out = kubectl(["-n", t.ns()].into_iter().chain(args)).await;
+        assert!(out.status.success(), "{out:?}");
+    }
+    t.wait(
+        "plain",
+        "Healthy after consent",
         Duration::from_secs(10),
         is_ready,
     )

@@ -41,6 +41,7 @@ const DEFAULT_KINDS: &[&str] = &[
     "ClusterRole",
     "ClusterRoleBinding",
     "Deployment",
+    "PodDisruptionBudget",
     "Role",
     "RoleBinding",
     "Service",
@@ -418,6 +419,26 @@ async fn every_optional_feature_renders_and_passes_server_dry_run() {
             json!([{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]),
             json!([{"port": 5432, "protocol": "TCP"}, {"port": 6432, "protocol": "TCP"}]),
         ]
+    );
+
+    // DNS: the cluster DNS pods and the node-local DNS cache (host network, link-local address).
+    let dns_to = &policy["spec"]["egress"][0]["to"];
+    assert_eq!(
+        dns_to[0]["podSelector"]["matchLabels"]["k8s-app"], "kube-dns",
+        "{dns_to}"
+    );
+    assert_eq!(
+        dns_to[1],
+        json!({"ipBlock": {"cidr": "169.254.20.10/32"}}),
+        "{dns_to}"
+    );
+
+    // PodDisruptionBudget: one replica at a time, selecting the Deployment's pods.
+    let pdb = one(&docs, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb.pointer("/spec/selector/matchLabels"),
+        one(&docs, "Deployment").pointer("/spec/selector/matchLabels")
     );
 
     let out = server_dry_run(&yaml).await;

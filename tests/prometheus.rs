@@ -18,7 +18,7 @@ use dbpool_operator::api::Phase;
 use serde_json::{Value, json};
 use support::{
     helm::{parse_docs, repo_root, template},
-    kube::{TestNamespace, create_secret, install_crd, kubeconfig_path},
+    kube::{TestNamespace, create_consenting_secret, install_crd, kubeconfig_path},
     pools::{create, pool, wait_status},
     ports::free_port,
     postgres::{APP_PASSWORD, PgServer},
@@ -125,7 +125,15 @@ async fn alerts_fire_during_an_outage_and_resolve_after_it_and_the_dashboard_has
     let client = support::kube::client().await;
     install_crd(&client).await;
     let ns = TestNamespace::new(&client).await;
-    create_secret(&client, ns.name(), SECRET, KEY, APP_PASSWORD).await;
+    create_consenting_secret(
+        &client,
+        ns.name(),
+        SECRET,
+        KEY,
+        APP_PASSWORD,
+        &["127.0.0.1"],
+    )
+    .await;
     let mut pg = PgServer::start().await;
 
     // The operator binary, as it runs in the cluster.

@@ -40,7 +40,10 @@ use support::{
     helm::{
         container_args, flag, key, kubectl_stdin_ok, of_kind, one, parse_docs, template, to_yaml,
     },
-    kube::{TestNamespace, client, create_secret, install_crd, kubeconfig_path, unique_name},
+    kube::{
+        TestNamespace, client, create_consenting_secret, create_secret_without_consent,
+        install_crd, kubeconfig_path, unique_name,
+    },
     pools::{condition, create, pool, wait_status},
     postgres::{APP_PASSWORD, PgServer},
     wait::{wait_for, wait_until},
@@ -446,7 +449,7 @@ async fn operator_works_with_only_the_charts_rbac(namespace_mode: bool) {
 
     // The Secret appears (the metadata watch sees it, get reads it): Healthy, Ready, and the
     // breaker label written (dbpools patch).
-    create_secret(&admin, a, SECRET, KEY, APP_PASSWORD).await;
+    create_consenting_secret(&admin, a, SECRET, KEY, APP_PASSWORD, &["127.0.0.1"]).await;
     let status = wait_status(&admin, a, POOL, "Healthy", DEADLINE, |s| {
         s.phase == Some(Phase::Healthy)
     })
@@ -585,7 +588,7 @@ async fn operator_works_with_only_the_charts_rbac(namespace_mode: bool) {
         "reading a Lease outside the release namespace",
         app_leases.get(&election.lease_name).await,
     );
-    create_secret(&admin, o, "elsewhere", KEY, "not for the operator").await;
+    create_secret_without_consent(&admin, o, "elsewhere", KEY, "not for the operator").await;
     let all_secrets: Api<Secret> = Api::all(operator_client.clone());
     let other_secrets: Api<Secret> = Api::namespaced(operator_client.clone(), o);
     if namespace_mode {

@@ -30,7 +30,7 @@ use crate::{
     store::{Store, per_pool, pool_name, watch_pools},
     support::{
         self,
-        kube::{TestNamespace, create_secret},
+        kube::{TestNamespace, create_consenting_secret},
         postgres::{APP_PASSWORD, PgServer},
         wait::wait_for,
     },
@@ -105,7 +105,15 @@ impl Run {
     /// Starts the run's namespace, Secret, servers and watch (no operator yet).
     pub async fn new(s: &Settings, n: usize, client: Client) -> Self {
         let ns = TestNamespace::with_prefix(&client, &format!("bench-{n}")).await;
-        create_secret(&client, ns.name(), SECRET, KEY, APP_PASSWORD).await;
+        create_consenting_secret(
+            &client,
+            ns.name(),
+            SECRET,
+            KEY,
+            APP_PASSWORD,
+            &["127.0.0.1"],
+        )
+        .await;
         let per_target = n.div_ceil(s.targets);
         let max_connections = u32::try_from(per_target + 60).unwrap_or(u32::MAX).max(100);
         progress!(

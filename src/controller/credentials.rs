@@ -1,15 +1,21 @@
-//! Reading the Secrets a DbPool refers to, without reading them on every probe.
+//! Reading the Secrets a DbPool refers to, only when they consent, without reading them on every
+//! probe.
 //!
-//! Lives here: a cache of the Secret keys the pools use, keyed by Secret and invalidated by the
-//! Secret's resourceVersion, which a metadata-only watch keeps current (so Secret data is fetched
-//! once per change, not per probe, and no other Secret in the cluster is ever read). Errors name
-//! the Secret and key to fix; they never contain a Secret's data.
+//! Lives here: the consent rule's enforcement (a Secret is read only if it carries the label
+//! `dbpool.io/credentials: "true"` and names the pool's host in `dbpool.io/allowed-hosts`), and a
+//! cache of the Secrets the pools use, keyed by Secret and invalidated by the Secret's
+//! resourceVersion, which a metadata-only watch of consenting Secrets keeps current (so Secret data
+//! is fetched once per change, not per probe, and no other Secret is ever read, listed or cached).
+//! Cached values no pool refers to are evicted. Errors name the Secret and key to fix; they never
+//! contain a Secret's data, and a missing Secret reads the same as one that does not consent.
+//! Must not live here: the watch itself (`watches`) or what a failure does to the pool (`reconcile`).
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
 
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client,
@@ -17,7 +23,10 @@ use kube::{
     runtime::reflector::{ObjectRef, Store},
 };
 
-use crate::{api::SecretKeyRef, probe::Password};
+use crate::{
+    api::{ALLOWED_HOSTS_ANNOTATION, CREDENTIALS_LABEL, DbPool, SecretKeyRef, secret_consents},
+    probe::Password,
+};
 
 /// What the probe needs from Secrets, plus a fingerprint that changes when any of them changes.
 pub struct Credentials {
@@ -32,17 +41,22 @@ pub struct Credentials {
 /// Why credentials could not be read. Messages say exactly what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    /// The Secret does not exist.
+    /// The Secret does not exist, or does not consent to being used for this host. The two are
+    /// one error: telling them apart would need what the operator must not read.
     #[error(
-        "Secret \"{name}\" not found in namespace \"{namespace}\": create it with the key \"{key}\""
+        "Secret \"{name}\" in namespace \"{namespace}\" not found, or not opted in for host \"{host}\" \
+         (add the label {CREDENTIALS_LABEL}=true and \"{host}\" to the annotation \
+         {ALLOWED_HOSTS_ANNOTATION}; the password goes under the key \"{key}\")"
     )]
-    SecretMissing {
+    NotFoundOrNotOptedIn {
         /// Namespace looked in.
         namespace: String,
         /// Secret name.
         name: String,
         /// Key the spec names.
         key: String,
+        /// The pool's host.
+        host: String,
     },
     /// The Secret exists but lacks the key.
     #[error("Secret \"{name}\" in namespace \"{namespace}\" has no key \"{key}\"")]
@@ -62,6 +76,13 @@ pub enum CredentialError {
         /// Key the spec names.
         key: String,
     },
+    /// The Secret watch has not completed its first list (the operator just started): the
+    /// Secret may well exist, so the reconcile stops without a verdict and is triggered again.
+    #[error("Secret \"{name}\": the Secret watch has not synced yet")]
+    NotSynced {
+        /// Secret name.
+        name: String,
+    },
     /// The apiserver could not be asked (RBAC, network): not the user's Secret's fault.
     #[error("cannot read Secret \"{name}\": {source}")]
     Api {
@@ -75,7 +96,7 @@ pub enum CredentialError {
 impl CredentialError {
     /// Whether the error is a mistake in configuration (as opposed to an apiserver problem).
     pub fn is_config(&self) -> bool {
-        !matches!(self, Self::Api { .. })
+        !matches!(self, Self::Api { .. } | Self::NotSynced { .. })
     }
 }
 
@@ -89,37 +110,42 @@ struct CachedSecret {
 pub struct SecretCache {
     client: Client,
     meta: Store<PartialObjectMeta<Secret>>,
+    pools: Store<DbPool>,
     cache: Mutex<HashMap<(String, String), CachedSecret>>,
     api_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl SecretCache {
-    /// A cache over `meta`, a reflector store fed by a metadata watch on Secrets; reads from the
+    /// A cache over `meta`, a reflector store fed by a metadata watch on consenting Secrets;
+    /// `pools` (the DbPool store) says which cached values are still referenced. Reads from the
     /// apiserver take a permit of `api_slots`.
     pub fn new(
         client: Client,
         meta: Store<PartialObjectMeta<Secret>>,
+        pools: Store<DbPool>,
         api_slots: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         Self {
             client,
             meta,
+            pools,
             cache: Mutex::new(HashMap::new()),
             api_slots,
         }
     }
 
-    /// Reads the password and CA the spec refers to.
+    /// Reads the password and CA the spec refers to, for a pool connecting to `host`.
     pub async fn load(
         &self,
         namespace: &str,
+        host: &str,
         password: Option<&SecretKeyRef>,
         ca: Option<&SecretKeyRef>,
     ) -> Result<Credentials, CredentialError> {
         let mut fingerprint = String::new();
         let password = match password {
             Some(r) => {
-                let (bytes, rv) = self.key(namespace, r).await?;
+                let (bytes, rv) = self.key(namespace, host, r).await?;
                 fingerprint.push_str(&rv);
                 let text = String::from_utf8(bytes).map_err(|_| CredentialError::NotText {
                     name: r.name.clone(),
@@ -131,7 +157,7 @@ impl SecretCache {
         };
         let ca_pem = match ca {
             Some(r) => {
-                let (bytes, rv) = self.key(namespace, r).await?;
+                let (bytes, rv) = self.key(namespace, host, r).await?;
                 fingerprint.push('/');
                 fingerprint.push_str(&rv);
                 Some(bytes)
@@ -148,13 +174,42 @@ impl SecretCache {
     async fn key(
         &self,
         namespace: &str,
+        host: &str,
         r: &SecretKeyRef,
     ) -> Result<(Vec<u8>, String), CredentialError> {
+        let refused = || CredentialError::NotFoundOrNotOptedIn {
+            namespace: namespace.to_owned(),
+            name: r.name.clone(),
+            key: r.key.clone(),
+            host: host.to_owned(),
+        };
         let id = (namespace.to_owned(), r.name.clone());
-        let watched_rv = self
-            .meta
-            .get(&ObjectRef::new(&r.name).within(namespace))
-            .and_then(|m| m.metadata.resource_version.clone());
+        // Consent is judged on the watched metadata before anything is read: a Secret the watch
+        // has not seen (missing, or without the label) is never fetched.
+        let watched = ObjectRef::new(&r.name).within(namespace);
+        let meta = match self.meta.get(&watched) {
+            Some(meta) => meta,
+            None => {
+                // Before the watch's first list, absence proves nothing: say so (the reconcile
+                // stops there, and the list's events trigger the pool again), so that a restart
+                // neither reports present Secrets as missing nor takes their arrival for a
+                // changed Secret. (Checked, not awaited: nothing blocks a reconcile.)
+                if self.meta.wait_until_ready().now_or_never().is_none() {
+                    return Err(CredentialError::NotSynced {
+                        name: r.name.clone(),
+                    });
+                }
+                return Err(refused());
+            }
+        };
+        if !secret_consents(
+            meta.metadata.labels.as_ref(),
+            meta.metadata.annotations.as_ref(),
+            host,
+        ) {
+            return Err(refused());
+        }
+        let watched_rv = meta.metadata.resource_version.clone();
         let fresh = || {
             self.cache
                 .lock()
@@ -170,10 +225,8 @@ impl SecretCache {
                 match fresh() {
                     Some(c) => c,
                     None => {
-                        let fetched = self.fetch(namespace, r).await?;
-                        if let Ok(mut cache) = self.cache.lock() {
-                            cache.insert(id.clone(), fetched.clone());
-                        }
+                        let fetched = self.fetch(namespace, host, r).await?;
+                        self.insert(id.clone(), fetched.clone());
                         fetched
                     }
                 }
@@ -192,13 +245,52 @@ impl SecretCache {
         Ok((value, secret.resource_version.unwrap_or_default()))
     }
 
+    /// Caches `secret` under `id`, first evicting every value no pool refers to any more, so the
+    /// cache never holds more than the pools' references.
+    fn insert(&self, id: (String, String), secret: CachedSecret) {
+        let referenced: std::collections::HashSet<(String, String)> = self
+            .pools
+            .state()
+            .iter()
+            .flat_map(|pool| {
+                let ns = pool.metadata.namespace.clone().unwrap_or_default();
+                let db = &pool.spec.database;
+                [db.password_secret_ref.as_ref(), db.ca_secret_ref.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(move |r| (ns.clone(), r.name.clone()))
+            })
+            .collect();
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|key, _| referenced.contains(key));
+            cache.insert(id, secret);
+        }
+    }
+
     async fn fetch(
         &self,
         namespace: &str,
+        host: &str,
         r: &SecretKeyRef,
     ) -> Result<CachedSecret, CredentialError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let refused = || CredentialError::NotFoundOrNotOptedIn {
+            namespace: namespace.to_owned(),
+            name: r.name.clone(),
+            key: r.key.clone(),
+            host: host.to_owned(),
+        };
         match api.get_opt(&r.name).await {
+            // The object read is authoritative: consent withdrawn since the watch saw it counts.
+            Ok(Some(secret))
+                if !secret_consents(
+                    secret.metadata.labels.as_ref(),
+                    secret.metadata.annotations.as_ref(),
+                    host,
+                ) =>
+            {
+                Err(refused())
+            }
             Ok(Some(secret)) => {
                 // stringData is write-only: the apiserver merges it into data and never returns it.
                 let data = secret
@@ -212,15 +304,69 @@ impl SecretCache {
                     data,
                 })
             }
-            Ok(None) => Err(CredentialError::SecretMissing {
-                namespace: namespace.to_owned(),
-                name: r.name.clone(),
-                key: r.key.clone(),
-            }),
+            Ok(None) => Err(refused()),
             Err(source) => Err(CredentialError::Api {
                 name: r.name.clone(),
                 source,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::{reflector, watcher};
+
+    fn pool(ns: &str, name: &str, secret: &str) -> DbPool {
+        let mut pool: DbPool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "dbpool.io/v1alpha1",
+            "kind": "DbPool",
+            "metadata": { "name": name, "namespace": ns },
+            "spec": { "database": {
+                "host": "db", "dbname": "app", "user": "app",
+                "passwordSecretRef": { "name": secret, "key": "password" }
+            } }
+        }))
+        .expect("a DbPool");
+        pool.metadata.namespace = Some(ns.to_owned());
+        pool
+    }
+
+    fn cached(secret: &str) -> CachedSecret {
+        CachedSecret {
+            resource_version: Some("1".to_owned()),
+            data: std::collections::BTreeMap::from([(
+                "password".to_owned(),
+                secret.as_bytes().to_vec(),
+            )]),
+        }
+    }
+
+    #[tokio::test]
+    async fn cached_values_no_pool_refers_to_are_evicted() {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("URL"));
+        let client = Client::try_from(config).expect("client");
+        let (meta, _meta_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        let (pools, mut pools_writer) = reflector::store::<DbPool>();
+        let cache = SecretCache::new(
+            client,
+            meta,
+            pools,
+            Arc::new(tokio::sync::Semaphore::new(1)),
+        );
+        let id = |ns: &str, name: &str| (ns.to_owned(), name.to_owned());
+
+        pools_writer.apply_watcher_event(&watcher::Event::Apply(pool("a", "p1", "s1")));
+        pools_writer.apply_watcher_event(&watcher::Event::Apply(pool("a", "p2", "s2")));
+        cache.insert(id("a", "s1"), cached("one"));
+        cache.insert(id("a", "s2"), cached("two"));
+        assert_eq!(cache.cache.lock().expect("lock").len(), 2);
+
+        // p2 is deleted: its Secret's value goes at the next insert.
+        pools_writer.apply_watcher_event(&watcher::Event::Delete(pool("a", "p2", "s2")));
+        cache.insert(id("a", "s1"), cached("one again"));
+        let keys: Vec<_> = cache.cache.lock().expect("lock").keys().cloned().collect();
+        assert_eq!(keys, [id("a", "s1")]);
     }
 }

@@ -115,6 +115,25 @@ fn describe(
     })
 }
 
+/// The most bytes the apiserver accepts in an events.k8s.io `note`.
+const MAX_NOTE_BYTES: usize = 1024;
+
+/// `note` cut to [`MAX_NOTE_BYTES`] on a character boundary, ending in `…` when cut, so that a
+/// long message or force-reopen token still gives an event instead of a rejected one.
+fn cut_note(mut note: String) -> String {
+    if note.len() <= MAX_NOTE_BYTES {
+        return note;
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = MAX_NOTE_BYTES - ELLIPSIS.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note.truncate(end);
+    note.push_str(ELLIPSIS);
+    note
+}
+
 /// Sends one event about `pool`, unless this process has stopped leading. An event carries no
 /// precondition: the window in which a deposed leader can still publish one is the time between
 /// the gate check and the apiserver receiving the request, bounded by the rest of its term.
@@ -128,12 +147,33 @@ pub(super) async fn publish(
     let event = KubeEvent {
         type_,
         reason: reason.to_owned(),
-        note: Some(note),
+        note: Some(cut_note(note)),
         action: "Probe".to_owned(),
         secondary: None,
     };
     let reference = pool.object_ref(&());
     if let Err(err) = fenced(ctx, ctx.recorder.publish(&event, &reference)).await {
         warn!(pool = %pool.name_any(), error = %err, "cannot publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_are_cut_to_the_api_limit_on_a_char_boundary() {
+        assert_eq!(cut_note("short".to_owned()), "short");
+        let exact = "x".repeat(MAX_NOTE_BYTES);
+        assert_eq!(cut_note(exact.clone()), exact);
+        for long in [
+            "t".repeat(5000),
+            "é".repeat(3000),
+            format!("a{}", "€".repeat(2000)),
+        ] {
+            let cut = cut_note(long);
+            assert!(cut.len() <= MAX_NOTE_BYTES, "{}", cut.len());
+            assert!(cut.ends_with('…'));
+        }
     }
 }

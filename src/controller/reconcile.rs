@@ -51,6 +51,13 @@ struct Run {
 pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let (mut run, connection_lost) = Run::recall(&pool, &ctx);
     let credentials = load_credentials(&pool, &ctx).await;
+    if let Err(err @ CredentialError::NotSynced { .. }) = credentials {
+        // Nothing is known about the Secrets yet; the Secret watch's first list triggers the
+        // pool again. Recording this as a credentials state would make that list look like a
+        // changed Secret.
+        ctx.store_memory(&run.key, run.memory, false);
+        return Err(err.into());
+    }
     run.apply_triggers(&pool, connection_lost, &credentials);
     if run.probe_due()
         && let Err(err) = run.probe(&pool, &ctx, credentials).await
@@ -88,6 +95,7 @@ async fn load_credentials(pool: &DbPool, ctx: &Context) -> Result<Credentials, C
     ctx.secrets
         .load(
             &pool.namespace().unwrap_or_default(),
+            &db.host,
             db.password_secret_ref.as_ref(),
             db.ca_secret_ref.as_ref(),
         )
@@ -347,6 +355,7 @@ fn probe_target(pool: &DbPool, creds: Credentials) -> ProbeTarget {
         dbname: db.dbname.clone(),
         user: db.user.clone(),
         password: creds.password,
+        allow_md5: db.allow_md5,
         ssl_mode: db.ssl_mode,
         ca_pem: creds.ca_pem,
         target_session_attrs: db.target_session_attrs,

@@ -42,7 +42,9 @@ use super::{
     reconcile::{error_policy, reconcile},
 };
 use crate::{
-    api::{DbPool, FORCE_REOPEN_ANNOTATION, HELD_BY_ANNOTATION, HOLD_ANNOTATION},
+    api::{
+        CREDENTIALS_LABEL, DbPool, FORCE_REOPEN_ANNOTATION, HELD_BY_ANNOTATION, HOLD_ANNOTATION,
+    },
     metrics::Metrics,
     probe::{Prober, ProberConfig},
 };
@@ -83,7 +85,12 @@ pub(super) async fn run_controller(
     let api_slots = Arc::new(Semaphore::new(config.max_concurrent_api_requests.max(1)));
     let ctx = Arc::new(Context {
         client: client.clone(),
-        secrets: SecretCache::new(client.clone(), secret_reader.clone(), api_slots.clone()),
+        secrets: SecretCache::new(
+            client.clone(),
+            secret_reader.clone(),
+            pool_reader.clone(),
+            api_slots.clone(),
+        ),
         probe_slots: Semaphore::new(config.max_concurrent_probes.max(1)),
         api_slots,
         config,
@@ -146,14 +153,20 @@ pub(super) async fn run_controller(
         .applied_objects()
         .predicate_filter(trigger_hash, Default::default());
 
-    // Secrets: metadata only (no data cached for Secrets we don't use); a change re-triggers the
-    // pools that refer to the Secret.
+    // Secrets: metadata only, and only of Secrets that opted in (label selector), so the
+    // operator neither lists nor caches any other; the cached metadata drops the
+    // last-applied-configuration annotation (a full copy of the object as applied, stringData
+    // included) and managedFields. A change re-triggers the pools that refer to the Secret.
     let mapper_pools = pool_reader.clone();
     let secrets_synced = synced.clone();
     let secret_metrics = metrics.clone();
     let secret_health = WatchHealth::new("Secrets", metrics.clone());
-    let secret_stream = watcher(secrets_api, watcher::Config::default().any_semantic())
+    let secret_watch = watcher::Config::default()
+        .labels(&format!("{CREDENTIALS_LABEL}=true"))
+        .any_semantic();
+    let secret_stream = watcher(secrets_api, secret_watch)
         .default_backoff()
+        .modify(strip_secret_metadata)
         .reflect(secret_writer)
         .inspect(move |event| secret_health.note(event))
         .inspect(move |event| {
@@ -221,6 +234,19 @@ impl Synced {
     }
 }
 
+/// Drops from a watched Secret's metadata what the operator has no use for and must not keep:
+/// `kubectl.kubernetes.io/last-applied-configuration` (which holds the applied object, data
+/// included) and managedFields.
+fn strip_secret_metadata(secret: &mut PartialObjectMeta<Secret>) {
+    if let Some(annotations) = secret.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+    secret.metadata.managed_fields = None;
+}
+
+/// The annotation `kubectl apply` writes with the whole applied object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// Whether `pool` reads Secret `secret` (same namespace assumed).
 fn refers_to(pool: &DbPool, secret: &str) -> bool {
     let db = &pool.spec.database;
@@ -241,4 +267,28 @@ fn trigger_hash(pool: &DbPool) -> Option<u64> {
     }
     pool.metadata.uid.hash(&mut h);
     Some(h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn watched_secret_metadata_drops_last_applied_and_managed_fields() {
+        let mut secret: PartialObjectMeta<Secret> = PartialObjectMeta::default();
+        secret.metadata.annotations = Some(BTreeMap::from([
+            (
+                LAST_APPLIED.to_owned(),
+                "{\"stringData\":{\"password\":\"x\"}}".to_owned(),
+            ),
+            ("dbpool.io/allowed-hosts".to_owned(), "db".to_owned()),
+        ]));
+        secret.metadata.managed_fields = Some(vec![Default::default()]);
+        strip_secret_metadata(&mut secret);
+        let annotations = secret.metadata.annotations.unwrap_or_default();
+        assert!(!annotations.contains_key(LAST_APPLIED));
+        assert!(annotations.contains_key("dbpool.io/allowed-hosts"));
+        assert!(secret.metadata.managed_fields.is_none());
+    }
 }

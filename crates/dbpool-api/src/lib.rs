@@ -19,6 +19,28 @@ macro_rules! go_duration_pattern {
     };
 }
 
+/// The CEL rule that keeps the duration field `$field` of `self` within `[$min, $max]`; malformed
+/// values are left to the field's own rule.
+macro_rules! duration_bounds {
+    ($field:literal, $min:literal, $max:literal) => {
+        concat!(
+            "!self.",
+            $field,
+            ".matches(",
+            go_duration_pattern!(),
+            ") || (duration(self.",
+            $field,
+            ") >= duration('",
+            $min,
+            "') && duration(self.",
+            $field,
+            ") <= duration('",
+            $max,
+            "'))"
+        )
+    };
+}
+
 mod duration;
 mod hold;
 mod policy;
@@ -41,6 +63,39 @@ pub const GROUP: &str = "dbpool.io";
 pub const FORCE_REOPEN_ANNOTATION: &str = "dbpool.io/force-reopen";
 /// Label mirroring the breaker state (`open`, `half-open`, `closed`) for label selectors.
 pub const BREAKER_LABEL: &str = "dbpool.io/breaker";
+
+/// Label a Secret must carry (value `"true"`) before the operator reads it: its consent.
+pub const CREDENTIALS_LABEL: &str = "dbpool.io/credentials";
+/// Annotation on a consenting Secret listing, comma-separated, the `database.host` values whose
+/// pools may use it (exact names, compared case-insensitively; no wildcards).
+pub const ALLOWED_HOSTS_ANNOTATION: &str = "dbpool.io/allowed-hosts";
+
+/// Whether a Secret with these labels and annotations consents to being sent to `host`: it
+/// carries [`CREDENTIALS_LABEL`]`: "true"` and `host` is one of [`ALLOWED_HOSTS_ANNOTATION`].
+pub fn secret_consents(
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    host: &str,
+) -> bool {
+    let opted_in = labels
+        .and_then(|l| l.get(CREDENTIALS_LABEL))
+        .is_some_and(|v| v == "true");
+    let allowed = annotations
+        .and_then(|a| a.get(ALLOWED_HOSTS_ANNOTATION))
+        .is_some_and(|hosts| {
+            hosts
+                .split(',')
+                .map(str::trim)
+                .any(|allowed| !allowed.is_empty() && allowed.eq_ignore_ascii_case(host))
+        });
+    opted_in && allowed
+}
+
+/// CEL rule on `database.host`: the characters of host names and IP literals only (no NUL,
+/// spaces, slashes or control characters, which no resolver can use).
+pub const HOST_RULE: &str = "self.host.matches('^[A-Za-z0-9._:-]+$')";
+/// Message of [`HOST_RULE`].
+pub const HOST_MESSAGE: &str = "database.host must be a host name or an IP address: letters, digits, '.', '-', '_' and ':' only";
 
 /// Desired state of a DbPool: which PostgreSQL database to keep a pool healthy for, and the
 /// recovery policy (health checks, reconnect backoff, circuit breaker) to apply when it fails.
@@ -118,6 +173,7 @@ pub struct DbPoolSpec {
 #[x_kube(validation = kube::core::Rule::new(
     "!(self.sslMode in ['verify-ca', 'verify-full']) || has(self.caSecretRef)"
 ).message("caSecretRef is required when sslMode is verify-ca or verify-full"))]
+#[x_kube(validation = kube::core::Rule::new(HOST_RULE).message(HOST_MESSAGE))]
 pub struct DatabaseSpec {
     /// Host name or IP address of the PostgreSQL server (or its Service DNS name).
     #[schemars(length(min = 1, max = 253))]
@@ -148,6 +204,12 @@ pub struct DatabaseSpec {
     #[serde(default = "default_application_name")]
     #[schemars(length(max = 63))]
     pub application_name: String,
+    /// Allow MD5 password authentication (default false). A server asking for MD5 learns a
+    /// hash from which the password can be guessed offline, so by default such a request is
+    /// refused (phase ConfigError). Cleartext passwords are only ever sent over verified TLS
+    /// (verify-ca, verify-full), whatever this says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_md5: bool,
 }
 
 /// A key in a Secret in the DbPool's own namespace.
@@ -196,6 +258,10 @@ impl Default for PoolSpec {
     ") || duration(self.timeout) < duration(self.interval)"
 ))
     .message("healthCheck.timeout must be shorter than healthCheck.interval"))]
+#[x_kube(validation = kube::core::Rule::new(duration_bounds!("interval", "100ms", "24h"))
+    .message("healthCheck.interval must be between 100ms and 24h"))]
+#[x_kube(validation = kube::core::Rule::new(duration_bounds!("timeout", "100ms", "60s"))
+    .message("healthCheck.timeout must be between 100ms and 60s"))]
 pub struct HealthCheckSpec {
     /// Time between probes while the pool is healthy (e.g. 30s).
     #[serde(default = "default_interval")]
@@ -224,6 +290,12 @@ impl Default for HealthCheckSpec {
     ") || duration(self.maxDelay) >= duration(self.initialDelay)"
 ))
     .message("backoff.maxDelay must be at least backoff.initialDelay"))]
+#[x_kube(validation = kube::core::Rule::new(duration_bounds!("initialDelay", "100ms", "1h"))
+    .message("backoff.initialDelay must be between 100ms and 1h"))]
+#[x_kube(validation = kube::core::Rule::new(duration_bounds!("maxDelay", "100ms", "24h"))
+    .message("backoff.maxDelay must be between 100ms and 24h"))]
+#[x_kube(validation = kube::core::Rule::new(duration_bounds!("cooldown", "100ms", "24h"))
+    .message("backoff.cooldown must be between 100ms and 24h"))]
 pub struct BackoffSpec {
     /// Delay before the first retry.
     #[serde(default = "default_initial_delay")]
@@ -263,8 +335,10 @@ impl Default for BackoffSpec {
 }
 
 /// Circuit breaker thresholds.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(duration_bounds!("openTimeout", "100ms", "24h"))
+    .message("breaker.openTimeout must be between 100ms and 24h"))]
 pub struct BreakerSpec {
     /// Consecutive outage failures (not configuration errors) that open the breaker.
     #[serde(default = "default_failure_threshold")]

@@ -198,3 +198,23 @@ fn crd_carries_rules_columns_status_and_short_name() {
         "type"
     );
 }
+
+#[test]
+fn secrets_consent_per_host() {
+    use std::collections::BTreeMap;
+    let label = BTreeMap::from([(CREDENTIALS_LABEL.to_owned(), "true".to_owned())]);
+    let hosts = BTreeMap::from([(
+        ALLOWED_HOSTS_ANNOTATION.to_owned(),
+        " db.prod.svc , 10.0.0.5,".to_owned(),
+    )]);
+    assert!(secret_consents(Some(&label), Some(&hosts), "db.prod.svc"));
+    assert!(secret_consents(Some(&label), Some(&hosts), "DB.Prod.svc"));
+    assert!(secret_consents(Some(&label), Some(&hosts), "10.0.0.5"));
+    assert!(!secret_consents(Some(&label), Some(&hosts), "evil.example"));
+    assert!(!secret_consents(Some(&label), Some(&hosts), ""));
+    assert!(!secret_consents(Some(&label), Some(&hosts), "db.prod"));
+    assert!(!secret_consents(None, Some(&hosts), "db.prod.svc"));
+    assert!(!secret_consents(Some(&label), None, "db.prod.svc"));
+    let no = BTreeMap::from([(CREDENTIALS_LABEL.to_owned(), "false".to_owned())]);
+    assert!(!secret_consents(Some(&no), Some(&hosts), "db.prod.svc"));
+}

@@ -81,6 +81,7 @@ impl PoolConfig {
                 user: user.to_owned(),
                 password: password.map(Password::new),
                 ssl_mode: SslMode::Prefer,
+                allow_md5: false,
                 ca_pem: None,
                 target_session_attrs: TargetSessionAttrs::ReadWrite,
                 application_name: format!("dbpool-client/{name}"),
@@ -90,6 +91,13 @@ impl PoolConfig {
             policy,
             options,
         }
+    }
+
+    /// The same configuration, answering an MD5 password request (refused by default: MD5 gives
+    /// a server that asks for it a hash that works as the password; see docs/security.md).
+    pub fn allow_md5(mut self, allow: bool) -> Self {
+        self.target.allow_md5 = allow;
+        self
     }
 
     /// The same configuration with `ssl_mode`.

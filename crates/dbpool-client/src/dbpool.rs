@@ -234,6 +234,7 @@ async fn target_for(
         user: db.user.clone(),
         password,
         ssl_mode: db.ssl_mode,
+        allow_md5: db.allow_md5,
         ca_pem,
         target_session_attrs: db.target_session_attrs,
         application_name: format!("dbpool-client/{pool_name}"),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use dbpool_api::{DbPool, FORCE_REOPEN_ANNOTATION};
 use dbpool_client::{BreakerState, Pool, PoolError, from_dbpool};
 use dbpool_testkit::{
-    kube::{TestNamespace, client, create_secret, install_crd, kubeconfig_path},
+    kube::{TestNamespace, client, create_consenting_secret, install_crd, kubeconfig_path},
     pools,
     postgres::{APP_PASSWORD, PgServer},
     wait::{wait_for, wait_until},
@@ -93,7 +93,15 @@ async fn setup(name: &str, open_timeout: &str) -> Setup {
     install_crd(&admin).await;
     let ns = TestNamespace::new(&admin).await;
     let pg = PgServer::start().await;
-    create_secret(&admin, ns.name(), "db", "password", APP_PASSWORD).await;
+    create_consenting_secret(
+        &admin,
+        ns.name(),
+        "db",
+        "password",
+        APP_PASSWORD,
+        &["127.0.0.1"],
+    )
+    .await;
     let manifest = pools::pool(
         name,
         pg.port(),

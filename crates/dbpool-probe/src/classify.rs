@@ -128,12 +128,25 @@ pub(crate) fn chain(err: &(dyn StdError + 'static)) -> String {
     text
 }
 
-/// `message` with every occurrence of the password replaced by `<redacted>`. Server and library
-/// messages never quote a password, so this is a last line of defence, not a formatting step.
+/// Passwords shorter than this are not searched for in messages: a short string turns up in
+/// ordinary text by chance, and showing where would spell the password out.
+pub(crate) const MIN_REDACTABLE: usize = 8;
+
+/// What a message that contained the password becomes, whole: no position, no length.
+pub(crate) const WITHHELD: &str = "message withheld: it contained the configured password";
+
+/// `message`, or [`WITHHELD`] when it contains the password. Server and library messages never
+/// quote a password, so this is a last line of defence, not a formatting step.
+///
+/// Not an oracle: the message is replaced whole (replacing only the occurrence would show where
+/// the password sits in text the server chose), and passwords shorter than [`MIN_REDACTABLE`]
+/// bytes are not searched for at all (a one-letter password would blank every message with that
+/// letter). What remains is one bit per probe for long passwords, useless for guessing, and only
+/// towards a server the Secret allows (`dbpool.io/allowed-hosts`).
 pub(crate) fn redact(message: String, password: Option<&Password>) -> String {
     match password.map(Password::expose) {
-        Some(secret) if !secret.is_empty() && message.contains(secret) => {
-            message.replace(secret, "<redacted>")
+        Some(secret) if secret.len() >= MIN_REDACTABLE && message.contains(secret) => {
+            WITHHELD.to_owned()
         }
         _ => message,
     }
@@ -224,11 +237,28 @@ mod tests {
         let pw = Password::new("s3cret-pw".to_owned());
         assert_eq!(
             redact("login s3cret-pw failed".to_owned(), Some(&pw)),
-            "login <redacted> failed"
+            WITHHELD
         );
         assert_eq!(redact("plain".to_owned(), Some(&pw)), "plain");
         assert_eq!(redact("plain".to_owned(), None), "plain");
         let empty = Password::new(String::new());
         assert_eq!(redact("plain".to_owned(), Some(&empty)), "plain");
+    }
+
+    #[test]
+    fn redact_is_not_an_oracle_for_short_passwords() {
+        // A short password is not searched for, so a message shows nothing about it.
+        let short = Password::new("a".to_owned());
+        let text = "password authentication failed for user app".to_owned();
+        assert_eq!(redact(text.clone(), Some(&short)), text);
+        // A long one withholds the whole message: its position and length are not shown.
+        let long = Password::new("correct-horse".to_owned());
+        let one = redact("x correct-horse y".to_owned(), Some(&long));
+        let other = redact(
+            "a much longer message correct-horse".to_owned(),
+            Some(&long),
+        );
+        assert_eq!(one, other);
+        assert!(!one.contains("correct"));
     }
 }

@@ -15,6 +15,7 @@
 mod checks;
 mod classify;
 mod connect;
+mod guard;
 mod prober;
 mod session;
 mod stage;
@@ -23,6 +24,9 @@ mod types;
 
 use std::{fmt, time::Duration};
 
+pub use guard::{
+    MAX_SCRAM_ITERATIONS, MAX_SERVER_MESSAGE, MAX_STARTUP_BYTES, MIN_SCRAM_ITERATIONS,
+};
 pub use prober::Prober;
 pub use session::{Session, SessionConnection, SessionError, classify_error, open_session};
 pub use types::{ProbeOutcome, ProbeStage, SslMode, TargetSessionAttrs};
@@ -63,6 +67,9 @@ pub struct ProbeTarget {
     pub user: String,
     /// Password, when the server asks for one.
     pub password: Option<Password>,
+    /// Whether MD5 password authentication may be used (`database.allowMd5`). Cleartext needs
+    /// verified TLS whatever this says; see the authentication guard in docs/probe.md.
+    pub allow_md5: bool,
     /// TLS mode (libpq's sslmode).
     pub ssl_mode: SslMode,
     /// PEM CA bundle for verify-ca and verify-full.

@@ -562,6 +562,7 @@ mod tests {
             target_session_attrs: TargetSessionAttrs::ReadWrite,
             application_name: "dbpool-operator".into(),
             pool_max_size: 10,
+            allow_md5: false,
             timeout: Duration::from_secs(1),
         }
     }

@@ -63,6 +63,8 @@ impl Failure {
 pub(crate) struct Clock {
     start: Instant,
     deadline: Instant,
+    /// A nearer deadline for the current part of the probe (one address of several).
+    cap: Option<Instant>,
     budget: Duration,
     /// Wall time of each stage that ran, in order.
     pub stages: Vec<(ProbeStage, Duration)>,
@@ -75,6 +77,7 @@ impl Clock {
         Self {
             start,
             deadline: start + budget,
+            cap: None,
             budget,
             stages: Vec::new(),
         }
@@ -85,9 +88,20 @@ impl Clock {
         self.budget
     }
 
-    /// What is left of the budget.
+    /// What is left of the budget (or of the cap, when one is set).
     pub fn remaining(&self) -> Duration {
-        self.deadline.saturating_duration_since(Instant::now())
+        let deadline = self.cap.map_or(self.deadline, |cap| cap.min(self.deadline));
+        deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Until [`Clock::uncap`], stages get at most `share` from now.
+    pub fn cap(&mut self, share: Duration) {
+        self.cap = Some(Instant::now() + share);
+    }
+
+    /// Removes the cap set by [`Clock::cap`].
+    pub fn uncap(&mut self) {
+        self.cap = None;
     }
 
     /// Time since the probe started.

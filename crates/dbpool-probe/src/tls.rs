@@ -31,7 +31,10 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{ProbeStage, SslMode};
 
-use super::stage::Failure;
+use super::{
+    guard::{AuthPolicy, Guarded, VerdictCell},
+    stage::Failure,
+};
 
 /// The connector tokio-postgres-rustls makes for one host name.
 type RustlsConnect = <MakeRustlsConnect as MakeTlsConnect<TcpStream>>::TlsConnect;
@@ -83,12 +86,21 @@ fn webpki_verifier(
     })?;
     let mut roots = RootCertStore::empty();
     let mut reader = pem;
-    for cert in rustls_pemfile::certs(&mut reader) {
-        let cert = cert.map_err(|e| {
-            Failure::config(ProbeStage::Tls, format!("CA bundle is not valid PEM: {e}"))
+    // Error texts of the PEM and certificate parsers may quote the input (which could be any
+    // Secret key the author pointed at), so the messages name only the position.
+    for (n, cert) in rustls_pemfile::certs(&mut reader).enumerate() {
+        let position = n + 1;
+        let cert = cert.map_err(|_| {
+            Failure::config(
+                ProbeStage::Tls,
+                format!("CA bundle is not valid PEM (certificate {position})"),
+            )
         })?;
-        roots.add(cert).map_err(|e| {
-            Failure::config(ProbeStage::Tls, format!("CA certificate rejected: {e}"))
+        roots.add(cert).map_err(|_| {
+            Failure::config(
+                ProbeStage::Tls,
+                format!("CA certificate {position} rejected: not a usable X.509 CA certificate"),
+            )
         })?;
     }
     if roots.is_empty() {
@@ -99,7 +111,7 @@ fn webpki_verifier(
     }
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
         .build()
-        .map_err(|e| Failure::config(ProbeStage::Tls, format!("CA bundle unusable: {e}")))
+        .map_err(|_| Failure::config(ProbeStage::Tls, "CA bundle unusable".to_owned()))
 }
 
 /// libpq's spelling of `mode`.
@@ -253,12 +265,20 @@ pub(crate) async fn ssl_request(stream: &mut TcpStream, peer: &str) -> Result<Ss
 pub(crate) struct TimedTls {
     inner: RustlsConnect,
     done: Arc<Mutex<Option<Instant>>>,
+    policy: AuthPolicy,
+    verdict: VerdictCell,
 }
 
 impl TimedTls {
     /// A connector for `host` (the name checked by verify-full and sent as SNI) with `config`.
-    /// The returned cell receives the instant the handshake succeeded.
-    pub(crate) fn new(host: &str, config: ClientConfig) -> (Self, Arc<Mutex<Option<Instant>>>) {
+    /// The returned cell receives the instant the handshake succeeded. The TLS stream is handed
+    /// to tokio-postgres inside the authentication guard with `policy`, which reports to `verdict`.
+    pub(crate) fn new(
+        host: &str,
+        config: ClientConfig,
+        policy: AuthPolicy,
+        verdict: VerdictCell,
+    ) -> (Self, Arc<Mutex<Option<Instant>>>) {
         let mut make = MakeRustlsConnect::new(config);
         let Ok(inner) =
             <MakeRustlsConnect as MakeTlsConnect<TcpStream>>::make_tls_connect(&mut make, host);
@@ -267,6 +287,8 @@ impl TimedTls {
             Self {
                 inner,
                 done: Arc::clone(&done),
+                policy,
+                verdict,
             },
             done,
         )
@@ -274,17 +296,22 @@ impl TimedTls {
 }
 
 impl TlsConnect<TcpStream> for TimedTls {
-    type Stream = TlsStream;
+    type Stream = Guarded<TlsStream>;
     type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TlsStream>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Guarded<TlsStream>>> + Send>>;
 
     fn connect(self, stream: TcpStream) -> Self::Future {
-        let Self { inner, done } = self;
+        let Self {
+            inner,
+            done,
+            policy,
+            verdict,
+        } = self;
         Box::pin(async move {
             let stream = inner.connect(stream).await?;
             let mut cell = done.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             *cell = Some(Instant::now());
-            Ok(stream)
+            Ok(Guarded::new(stream, policy, verdict))
         })
     }
 }
@@ -345,6 +372,23 @@ mod tests {
             client_config(SslMode::Require, None, &provider()),
             Ok(Some(_))
         ));
+    }
+
+    #[test]
+    fn pem_errors_never_echo_the_input() {
+        let secret = "SUPER-SECRET-VALUE-42";
+        let inputs = [
+            format!("-----BEGIN CERTIFICATE-----\n{secret}\n-----END CERTIFICATE-----\n"),
+            format!("-----BEGIN CERTIFICATE-----\n{secret}\n"),
+            format!("-----BEGIN CERTIFICATE-----\nTUlJ{secret}==\n-----END CERTIFICATE-----\n"),
+            secret.to_owned(),
+        ];
+        for input in inputs {
+            let err = client_config(SslMode::VerifyFull, Some(input.as_bytes()), &provider())
+                .expect_err("not a CA");
+            assert!(!err.message.contains(secret), "{}", err.message);
+            assert!(!err.message.contains("SUPER"), "{}", err.message);
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ fn target(port: u16, application_name: &str) -> ProbeTarget {
         target_session_attrs: TargetSessionAttrs::ReadWrite,
         application_name: application_name.into(),
         pool_max_size: 10,
+        allow_md5: false,
         timeout: Duration::from_secs(5),
     }
 }

@@ -261,20 +261,60 @@ impl Drop for TestNamespace {
     }
 }
 
-/// Creates an Opaque Secret `name` in `ns` holding `key: value`.
-pub async fn create_secret(
+/// Creates an Opaque Secret `name` in `ns` holding `key: value` that consents to being used by
+/// DbPools whose host is one of `hosts`: the label `dbpool.io/credentials: "true"` and the
+/// annotation `dbpool.io/allowed-hosts`. Every test, the demo and the benchmark create their
+/// Secrets with this.
+pub async fn create_consenting_secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    key: &str,
+    value: &str,
+    hosts: &[&str],
+) -> Secret {
+    let metadata = ObjectMeta {
+        name: Some(name.to_owned()),
+        labels: Some(BTreeMap::from([(
+            dbpool_api::CREDENTIALS_LABEL.to_owned(),
+            "true".to_owned(),
+        )])),
+        annotations: Some(BTreeMap::from([(
+            dbpool_api::ALLOWED_HOSTS_ANNOTATION.to_owned(),
+            hosts.join(","),
+        )])),
+        ..ObjectMeta::default()
+    };
+    create_secret_with(client, ns, metadata, key, value).await
+}
+
+/// Creates an Opaque Secret `name` in `ns` holding `key: value` *without* consent (no label, no
+/// annotation): for tests that prove such a Secret is never read.
+pub async fn create_secret_without_consent(
     client: &Client,
     ns: &str,
     name: &str,
     key: &str,
     value: &str,
 ) -> Secret {
+    let metadata = ObjectMeta {
+        name: Some(name.to_owned()),
+        ..ObjectMeta::default()
+    };
+    create_secret_with(client, ns, metadata, key, value).await
+}
+
+async fn create_secret_with(
+    client: &Client,
+    ns: &str,
+    metadata: ObjectMeta,
+    key: &str,
+    value: &str,
+) -> Secret {
+    let name = metadata.name.clone().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..ObjectMeta::default()
-        },
+        metadata,
         string_data: Some(BTreeMap::from([(key.to_owned(), value.to_owned())])),
         type_: Some("Opaque".to_owned()),
         ..Secret::default()

@@ -14,7 +14,7 @@ use dbpool_api::{
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use kube::{Api, Client, ResourceExt, api::PostParams};
 use support::{
-    kube::{TestNamespace, create_secret, install_crd, kubeconfig_path},
+    kube::{TestNamespace, create_consenting_secret, install_crd, kubeconfig_path},
     pools::{condition, create, pool, wait_status},
     postgres::{APP_PASSWORD, PgServer},
 };
@@ -147,7 +147,7 @@ fn breaker(s: &DbPoolStatus) -> Option<BreakerState> {
 async fn status_diagnose_events_and_reopen_through_an_outage() {
     let t = setup().await;
     let mut pg = PgServer::start().await;
-    create_secret(&t.client, t.ns(), SECRET, KEY, APP_PASSWORD).await;
+    create_consenting_secret(&t.client, t.ns(), SECRET, KEY, APP_PASSWORD, &["127.0.0.1"]).await;
     let _op = RunningOperator::start(t.client.clone(), t.ns());
     t.healthy_pool(
         &pg,
@@ -261,7 +261,7 @@ async fn status_diagnose_events_and_reopen_through_an_outage() {
 async fn hold_and_release_record_who_and_why() {
     let t = setup().await;
     let pg = PgServer::start().await;
-    create_secret(&t.client, t.ns(), SECRET, KEY, APP_PASSWORD).await;
+    create_consenting_secret(&t.client, t.ns(), SECRET, KEY, APP_PASSWORD, &["127.0.0.1"]).await;
     let _op = RunningOperator::start(t.client.clone(), t.ns());
     t.healthy_pool(
         &pg,
@@ -335,7 +335,15 @@ async fn hold_and_release_record_who_and_why() {
 async fn diagnose_recommends_for_the_sqlstate() {
     let t = setup().await;
     let pg = PgServer::start().await;
-    create_secret(&t.client, t.ns(), SECRET, KEY, "not-the-password-7f3a").await;
+    create_consenting_secret(
+        &t.client,
+        t.ns(),
+        SECRET,
+        KEY,
+        "not-the-password-7f3a",
+        &["127.0.0.1"],
+    )
+    .await;
     let _op = RunningOperator::start(t.client.clone(), t.ns());
     create(
         &t.client,
