@@ -245,7 +245,7 @@ async fn outage_opens_the_breaker_on_schedule_and_recovery_closes_it() {
         let expected = Duration::from_millis(expected);
         assert!(
             gap >= expected && gap <= expected + Duration::from_millis(500),
-            "gap after failure {} was {gap:?}, schedule says {expected:?}",
+            "gap after failure {} was {gap:?}, schedule says {expected:?} (failures seen: {seen:?})",
             i + 1
         );
     }
