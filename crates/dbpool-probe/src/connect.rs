@@ -48,6 +48,8 @@ pub(crate) struct Opened {
     pub server_version: Option<String>,
     /// The address actually connected to, for messages.
     pub peer: String,
+    /// The resolved address actually connected to (and authenticated at).
+    pub peer_addr: SocketAddr,
 }
 
 /// Opens a new session to `target`, recording each stage on `clock`.
@@ -63,13 +65,14 @@ pub(crate) async fn open(
             resolve(&target.host, target.port),
         )
         .await?;
-    let (mut stream, peer) = clock
+    let (mut stream, peer_addr) = clock
         .stage(
             ProbeStage::Connect,
             &format!("connecting to {}:{}", target.host, target.port),
             connect_any(&addrs, target.timeout),
         )
         .await?;
+    let peer = peer_addr.to_string();
 
     let mut pg = tokio_postgres::Config::new();
     pg.user(&target.user)
@@ -83,7 +86,7 @@ pub(crate) async fn open(
     let Some(tls_config) = tls::client_config(target.ssl_mode, target.ca_pem.as_deref(), provider)?
     else {
         pg.ssl_mode(PgSslMode::Disable);
-        return authenticate(&pg, stream, NoTls, None, &peer, clock).await;
+        return authenticate(&pg, stream, NoTls, None, peer_addr, clock).await;
     };
     if ServerName::try_from(target.host.as_str()).is_err() {
         return Err(Failure::config(
@@ -114,7 +117,7 @@ pub(crate) async fn open(
                 ));
             }
             pg.ssl_mode(PgSslMode::Disable);
-            authenticate(&pg, stream, NoTls, None, &peer, clock).await
+            authenticate(&pg, stream, NoTls, None, peer_addr, clock).await
         }
         SslAnswer::Supported => {
             // The server said 'S' to our SSLRequest, so the next bytes are the TLS handshake:
@@ -128,7 +131,7 @@ pub(crate) async fn open(
                 stream,
                 connector,
                 Some((tls_started, done)),
-                &peer,
+                peer_addr,
                 clock,
             )
             .await
@@ -145,7 +148,7 @@ async fn authenticate<T>(
     stream: TcpStream,
     connector: T,
     tls: Option<TlsTiming>,
-    peer: &str,
+    peer_addr: SocketAddr,
     clock: &mut Clock,
 ) -> Result<Opened, Failure>
 where
@@ -153,6 +156,8 @@ where
     T::Stream: Send + 'static,
     T::Future: Send,
 {
+    let peer = peer_addr.to_string();
+    let peer = peer.as_str();
     let auth_started = Instant::now();
     let result = tokio::time::timeout(clock.remaining(), async {
         let (client, connection) = pg.connect_raw(stream, connector).await?;
@@ -191,6 +196,7 @@ where
             connection,
             server_version,
             peer: peer.to_owned(),
+            peer_addr,
         }),
         Ok(Err(err)) if !handshake_done => Err(match find_io(&err) {
             Some(io) => from_tls_io_error(io, peer),
@@ -234,7 +240,7 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Failure> {
 async fn connect_any(
     addrs: &[SocketAddr],
     timeout: Duration,
-) -> Result<(TcpStream, String), Failure> {
+) -> Result<(TcpStream, SocketAddr), Failure> {
     let mut failures: Vec<Failure> = Vec::new();
     for addr in addrs {
         let peer = addr.to_string();
@@ -243,7 +249,7 @@ async fn connect_any(
             socket.connect(*addr).await
         };
         match attempt.await {
-            Ok(stream) => return Ok((stream, peer)),
+            Ok(stream) => return Ok((stream, *addr)),
             Err(e) => failures.push(from_io_error(&e, ProbeStage::Connect, &peer)),
         }
     }
