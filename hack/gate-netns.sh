@@ -74,6 +74,15 @@ until nsx curl -fsS http://127.0.0.1:10256/livez >/dev/null 2>&1; do
 done
 log "kube-proxy (iptables mode) is up in $NS"
 
+# The README's Python example runs too when a Python with psycopg is at hand (optional).
+PYTHON="${DBPOOL_GATE_PYTHON:-python3}"
+if "$PYTHON" -c 'import psycopg' 2>/dev/null; then
+  export DBPOOL_GATE_PYTHON="$PYTHON"
+else
+  log "no psycopg for $PYTHON: the Python example is skipped (DBPOOL_GATE_PYTHON=/path/to/python)"
+  unset DBPOOL_GATE_PYTHON
+fi
+
 # shellcheck disable=SC2086 # GATE_TEST_ARGS is a libtest filter
 nsx env DBPOOL_GATE_DB_ADDR="$DB_ADDR" DBPOOL_GATE_CLIENT_ADDR="$CLIENT_ADDR" DBPOOL_GATE_KUBE_PROXY=1 \
   "$CARGO" test --test gate -- --test-threads=1 --nocapture ${GATE_TEST_ARGS:-}

@@ -330,6 +330,37 @@ async fn a_disallowed_namespace_gets_no_service() {
     s.ns.cleanup().await;
 }
 
+/// One client of the recovery herd.
+#[derive(Default)]
+struct HerdClient {
+    refused: u32,
+    timed_out: u32,
+    other: u32,
+    /// How long the successful login took.
+    login: Option<Duration>,
+    /// When it succeeded, counted from the breaker closing (None: before the test saw it close).
+    after_close: Option<Duration>,
+}
+
+/// One login through `gate` (connect, SCRAM, `SELECT 1`) with a 2 s connect timeout; the client
+/// stays open until dropped.
+async fn login(gate: SocketAddr) -> Result<tokio_postgres::Client, String> {
+    let config = format!(
+        "host={} port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB} sslmode=disable connect_timeout=2",
+        gate.ip(),
+        gate.port()
+    );
+    let (client, connection) = tokio_postgres::connect(&config, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    tokio::spawn(connection);
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(client)
+}
+
 /// How one connect from the client's own address went.
 enum Connect {
     /// Reached PostgreSQL (it answered an SSLRequest).
@@ -370,10 +401,35 @@ async fn connect_from(from: IpAddr, to: SocketAddr) -> Connect {
     }
 }
 
+/// Runs `examples/gate/psycopg_gate.py` against `gate` when `DBPOOL_GATE_PYTHON` names a
+/// Python with psycopg (hack/gate-netns.sh sets it when one is found); prints what it printed.
+/// Returns its exit status, or None when skipped.
+async fn python_example(gate: SocketAddr, when: &str) -> Option<i32> {
+    let python = std::env::var_os("DBPOOL_GATE_PYTHON")?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gate/psycopg_gate.py");
+    let dsn = format!(
+        "host={} port={} dbname={APP_DB} user={APP_USER} password={APP_PASSWORD} sslmode=disable",
+        gate.ip(),
+        gate.port()
+    );
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .env("DATABASE_URL", dsn)
+        .output()
+        .await
+        .ok()?;
+    println!(
+        "python example ({when}): {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    out.status.code()
+}
+
 /// The whole story with a real kube-proxy: connects through the ClusterIP work while healthy,
 /// are refused at once (and reach nothing) while the breaker is open, work again after a force
 /// reopen; and 50 clients waiting at the gate reconnect when it reopens (the recovery herd).
-#[tokio::test]
+// Multi-threaded: the herd's 50 clients must not starve the test's own checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_proxy_refuses_connects_while_the_breaker_is_open() {
     let (db_ip, client_ip) = netns_or_skip!();
     if std::env::var_os("DBPOOL_GATE_KUBE_PROXY").is_none() {
@@ -419,6 +475,15 @@ async fn kube_proxy_refuses_connects_while_the_breaker_is_open() {
         proxy.count_from(client_ip) >= 1,
         "the client's connects reach the proxy"
     );
+    if let Some(code) = python_example(gate, "healthy").await {
+        assert_eq!(code, 0, "psycopg connects through the gate while healthy");
+    }
+    // One warm-up login, then one timed alone: the baseline for the herd below.
+    login(gate).await.expect("a login through the gate");
+    let started = Instant::now();
+    login(gate).await.expect("a login through the gate");
+    let solo = started.elapsed();
+    println!("healthy: one login (connect, SCRAM, SELECT 1) through the gate takes {solo:?}");
 
     // Outage: the breaker opens, then kube-proxy turns the not-ready endpoint into a REJECT.
     pg.stop().await;
@@ -462,37 +527,40 @@ async fn kube_proxy_refuses_connects_while_the_breaker_is_open() {
         reached_before,
         "no connection attempt from the client reached the database port while Open"
     );
+    if let Some(code) = python_example(gate, "breaker open").await {
+        assert_eq!(code, 1, "psycopg fails fast while the breaker is open");
+    }
 
-    // The recovery herd: 50 clients retrying every 100 ms at the closed gate.
-    let herd_done = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    // The recovery herd: 50 clients retrying every 100 ms at the closed gate, each recording how
+    // its failed attempts failed and how long its successful login took.
     let reopened_at = Arc::new(Mutex::new(None::<Instant>));
     let mut clients = Vec::new();
     for _ in 0..50 {
-        let done = herd_done.clone();
         let reopened_at = reopened_at.clone();
         clients.push(tokio::spawn(async move {
+            let mut herd = HerdClient::default();
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
-                let config = format!(
-                    "host={} port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB} sslmode=disable connect_timeout=2",
-                    gate.ip(),
-                    gate.port()
-                );
-                if let Ok((client, connection)) =
-                    tokio_postgres::connect(&config, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(connection);
-                    if client.simple_query("SELECT 1").await.is_ok() {
-                        let since = reopened_at.lock().expect("lock").map(|t| t.elapsed());
-                        done.lock().expect("lock").push(since.unwrap_or_default());
-                        return Some(client);
+                let started = Instant::now();
+                match login(gate).await {
+                    Ok(_) => {
+                        herd.login = Some(started.elapsed());
+                        herd.after_close = reopened_at.lock().expect("lock").map(|t| t.elapsed());
+                        return herd;
                     }
+                    Err(e) if e.contains("refused") => herd.refused += 1,
+                    Err(e) if e.contains("timed out") || e.contains("timeout") => {
+                        herd.timed_out += 1
+                    }
+                    Err(_) => herd.other += 1,
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            None
+            herd
         }));
     }
+    // Let the herd wait at the closed gate for a while.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Recovery: the database is back; a force reopen closes the breaker at the next probe.
     pg.start().await;
@@ -516,27 +584,35 @@ async fn kube_proxy_refuses_connects_while_the_breaker_is_open() {
     );
     assert!(proxy.count_from(client_ip) > attempts_before);
 
-    let mut connected = Vec::new();
+    let mut herd = Vec::new();
     for client in clients {
-        if let Ok(Some(c)) = client.await {
-            connected.push(c);
-        }
+        herd.push(client.await.expect("a herd client"));
     }
-    let backends = pg
-        .query_text("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
-        .await
-        .unwrap_or_default();
-    let mut times = herd_done.lock().expect("lock").clone();
-    times.sort();
+    let refused: u32 = herd.iter().map(|h| h.refused).sum();
+    let timed_out: u32 = herd.iter().map(|h| h.timed_out).sum();
+    let other: u32 = herd.iter().map(|h| h.other).sum();
+    let mut after: Vec<Duration> = herd.iter().filter_map(|h| h.after_close).collect();
+    let mut logins: Vec<Duration> = herd.iter().filter_map(|h| h.login).collect();
+    after.sort();
+    logins.sort();
+    let pick = |v: &[Duration], q: usize| {
+        v.get(v.len().saturating_sub(1) * q / 100)
+            .copied()
+            .unwrap_or_default()
+    };
     println!(
-        "herd: {}/50 clients logged in after the gate reopened; first {:?}, median {:?}, last {:?} after the breaker closed; {} client backends open",
-        times.len(),
-        times.first().copied().unwrap_or_default(),
-        times.get(times.len() / 2).copied().unwrap_or_default(),
-        times.last().copied().unwrap_or_default(),
-        backends,
+        "herd: while closed, {refused} attempts refused, {timed_out} timed out (no ICMP: the kernel rate-limits ICMP errors), {other} other"
     );
-    assert_eq!(connected.len(), 50, "every waiting client got in");
-    drop(connected);
+    println!(
+        "herd: {}/50 logged in; after the breaker closed: first {:?}, median {:?}, last {:?}; \
+         login time in the herd: median {:?}, max {:?} (one login alone: {solo:?})",
+        logins.len(),
+        pick(&after, 0),
+        pick(&after, 50),
+        pick(&after, 100),
+        pick(&logins, 50),
+        pick(&logins, 100),
+    );
+    assert_eq!(logins.len(), 50, "every waiting client got in");
     s.ns.cleanup().await;
 }
