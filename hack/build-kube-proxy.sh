@@ -4,9 +4,10 @@
 #
 #   hack/build-kube-proxy.sh          # prints the path of the kube-proxy binary on stdout
 #
-# Only the gate's end-to-end test (tests/gate_kube_proxy.rs) needs it. With the control plane's
-# modules already in the Go module cache a 2-core machine needs about 4 minutes; later runs find
-# the cached binary and return at once. Progress goes to stderr.
+# Only the gate's end-to-end test (tests/gate.rs, through hack/gate-netns.sh) needs it. Run after
+# hack/build-controlplane.sh (same Go module and build caches) it compiles only the ~60 of its
+# 1,405 packages that kube-apiserver and kubectl do not share, and links: 21 s measured on 2 cores.
+# Later runs find the cached binary and return at once. Progress goes to stderr.
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-$(sed -n 's/^K8S_VERSION="\${K8S_VERSION:-\(v[0-9.]*\)}"$/\1/p' "$(dirname "$0")/build-controlplane.sh")}"
