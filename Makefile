@@ -45,6 +45,12 @@ env-status: ## Report whether the env-up environment runs
 test: lint crd-check ## Everything: lint, CRD drift, unit, property and integration tests (own control plane)
 	@CARGO="$(CARGO)" hack/test.sh
 
+# spec.gate with a real kube-proxy, inside a network namespace of its own (needs root).
+test: gate
+.PHONY: gate
+gate: ## The gate tests in a private network namespace with kube-proxy (hack/gate-netns.sh)
+	@CARGO="$(CARGO)" hack/gate-netns.sh
+
 .PHONY: bench
 bench: ## Scale and latency benchmark on a private control plane (BENCH_N="100 1000"; docs/benchmarks.md)
 	$(CARGO) bench --bench scale --no-run

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs and a fresh machine may lack: PostgreSQL 15 server binaries,
-# openssl, curl, procps, promtool (package prometheus), PyYAML, and the rustfmt/clippy components.
+# openssl, curl, procps, promtool (package prometheus), iptables, PyYAML, and the rustfmt/clippy components.
 # Idempotent and quick when all is present.
 set -euo pipefail
 need_apt=()
@@ -12,6 +12,8 @@ command -v ps >/dev/null || need_apt+=(procps)
 # hack/test-alerts.sh: promtool (Debian's prometheus package ships it, with the server that an
 # end-to-end test can run), and PyYAML for a python3 that lacks it.
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# hack/gate-netns.sh: kube-proxy's iptables mode needs iptables (Debian's is the nft backend).
+command -v iptables >/dev/null || need_apt+=(iptables)
 python3 -c 'import yaml' 2>/dev/null || /usr/bin/python3 -c 'import yaml' 2>/dev/null || need_apt+=(python3-yaml)
 if ((${#need_apt[@]})); then
   echo "[deps] apt-get install ${need_apt[*]}" >&2

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     api::GoDuration,
-    controller::{LeaderElection, OperatorConfig},
+    controller::{GateAllowlist, LeaderElection, OperatorConfig},
 };
 
 /// Every default of the operator process. The chart's `values.yaml` documents the same values.
@@ -39,6 +39,8 @@ pub mod defaults {
     pub const RECONNECT_EVERY: Duration = Duration::from_secs(300);
     /// /healthz fails once the watches have failed this long without a success.
     pub const WATCH_FAILURE_TIMEOUT: Duration = Duration::from_secs(120);
+    /// Namespaces where spec.gate is honoured: none (see --allow-gates-in).
+    pub const ALLOW_GATES_IN: &str = "";
     /// Instance name when neither the flag, $POD_NAME nor $HOSTNAME gives one.
     pub const INSTANCE: &str = "dbpool-operator";
 }
@@ -104,6 +106,12 @@ pub struct RunArgs {
     /// wedged process is restarted by its liveness probe.
     #[arg(long, env = "DBPOOL_WATCH_FAILURE_TIMEOUT", default_value_t = GoDuration(defaults::WATCH_FAILURE_TIMEOUT))]
     pub watch_failure_timeout: GoDuration,
+    /// Namespaces in which a DbPool's spec.gate is honoured: a comma-separated list, or "*" for
+    /// every watched namespace; empty (the default) turns gates off. A gate makes the operator
+    /// write a Service and EndpointSlice: see docs/gate.md for why this is opt-in
+    /// (CVE-2021-25740).
+    #[arg(long, env = "DBPOOL_ALLOW_GATES_IN", default_value = defaults::ALLOW_GATES_IN, value_parser = GateAllowlist::parse)]
+    pub allow_gates_in: GateAllowlist,
     /// Log format.
     #[arg(long, env = "DBPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -149,6 +157,7 @@ impl RunArgs {
             reconnect_every: self.reconnect_every.as_std(),
             instance,
             leader_election,
+            gates: self.allow_gates_in.clone(),
         }
     }
 }
@@ -165,6 +174,7 @@ impl Default for OperatorConfig {
             reconnect_every: defaults::RECONNECT_EVERY,
             instance: defaults::INSTANCE.to_owned(),
             leader_election: None,
+            gates: GateAllowlist::Nowhere,
         }
     }
 }
@@ -199,6 +209,17 @@ mod tests {
         assert_eq!(config.reconnect_every, default.reconnect_every);
         assert_eq!(config.instance, default.instance);
         assert!(config.leader_election.is_none());
+        assert_eq!(config.gates, default.gates);
+        assert!(!config.gates.enabled());
+    }
+
+    #[test]
+    fn gates_are_allowed_only_where_the_flag_says() {
+        let config = parse(&["run", "--allow-gates-in", "shop,billing"]).operator_config(|_| None);
+        assert!(config.gates.allows("shop"));
+        assert!(!config.gates.allows("default"));
+        let config = parse(&["run", "--allow-gates-in", "*"]).operator_config(|_| None);
+        assert!(config.gates.allows("default"));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use dbpool_testkit as support;
 
-use dbpool_operator::api::{DURATION_MESSAGE, DbPool, DbPoolSpec};
+use dbpool_operator::api::{DURATION_MESSAGE, DbPool, DbPoolSpec, GATE_SERVICE_NAME_MESSAGE};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, PostParams},
@@ -117,6 +117,37 @@ fn invalid_cases() -> Vec<Invalid> {
             "verify-ca-without-ca",
             json!({ "database": { "sslMode": "verify-ca" } }),
             &["caSecretRef is required when sslMode is verify-ca or verify-full"],
+        ),
+        // spec.gate.
+        invalid(
+            "gate-service-name-not-a-label",
+            json!({ "gate": { "serviceName": "Orders_Gate" } }),
+            &["spec.gate", GATE_SERVICE_NAME_MESSAGE],
+        ),
+        invalid(
+            "gate-service-name-starts-with-a-digit",
+            json!({ "gate": { "serviceName": "1orders" } }),
+            &[GATE_SERVICE_NAME_MESSAGE],
+        ),
+        invalid(
+            "gate-service-name-too-long",
+            json!({ "gate": { "serviceName": "a".repeat(64) } }),
+            &["spec.gate.serviceName"],
+        ),
+        invalid(
+            "gate-port-zero",
+            json!({ "gate": { "serviceName": "orders-gate", "port": 0 } }),
+            &["spec.gate.port"],
+        ),
+        invalid(
+            "gate-port-too-high",
+            json!({ "gate": { "serviceName": "orders-gate", "port": 65536 } }),
+            &["spec.gate.port"],
+        ),
+        invalid(
+            "gate-without-service-name",
+            json!({ "gate": { "port": 5432 } }),
+            &["spec.gate.serviceName"],
         ),
         // Durations.
         invalid(
@@ -427,6 +458,14 @@ async fn invalid_dbpools_are_rejected_with_their_message() {
 /// as the operator's typed DbPool: anything the apiserver admits, the operator can parse.
 fn valid_cases() -> Vec<(&'static str, Value)> {
     vec![
+        (
+            "gate-at-the-edges",
+            json!({ "gate": { "serviceName": format!("a{}9", "-".repeat(61)), "port": 65535 } }),
+        ),
+        (
+            "gate-one-letter",
+            json!({ "gate": { "serviceName": "g", "port": 1 } }),
+        ),
         (
             "compound-durations",
             json!({

@@ -34,6 +34,8 @@ const ALL_FEATURES: &[&str] = &[
     "networkPolicy.postgres.ports=[5432,6432]",
     "--set-json",
     r#"prometheusRule.additionalRuleLabels={"team":"databases"}"#,
+    "--set",
+    "gates.enabled=true",
 ];
 
 /// The kinds the chart renders with its defaults.
@@ -506,6 +508,79 @@ async fn namespace_mode_grants_only_the_watched_namespace() {
     watched.cleanup().await;
 }
 
+/// The rules of the operator's own (Cluster)Role: (apiGroup, resource) -> verbs.
+fn operator_rules(role: &Value) -> BTreeMap<(String, String), Vec<String>> {
+    let mut rules = BTreeMap::new();
+    for rule in role["rules"].as_array().into_iter().flatten() {
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        };
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                rules.insert((group.clone(), resource), strings(&rule["verbs"]));
+            }
+        }
+    }
+    rules
+}
+
+/// spec.gate's permissions and flag come only with gates.enabled, in both install modes.
+#[tokio::test]
+async fn gates_are_granted_only_when_enabled() {
+    let services = (String::new(), "services".to_owned());
+    let slices = ("discovery.k8s.io".to_owned(), "endpointslices".to_owned());
+    let verbs = vec!["get".to_owned(), "patch".to_owned(), "delete".to_owned()];
+
+    let docs = parse_docs(&template("dbpool-operator", "dbpool-system", &[]).await);
+    let rules = operator_rules(one(&docs, "ClusterRole"));
+    assert!(!rules.contains_key(&services) && !rules.contains_key(&slices));
+    let args = container_args(one(&docs, "Deployment"));
+    assert_eq!(flag(&args, "--allow-gates-in"), None);
+
+    let docs = parse_docs(
+        &template(
+            "dbpool-operator",
+            "dbpool-system",
+            &["--set", "gates.enabled=true"],
+        )
+        .await,
+    );
+    let rules = operator_rules(one(&docs, "ClusterRole"));
+    assert_eq!(rules.get(&services), Some(&verbs));
+    assert_eq!(rules.get(&slices), Some(&verbs));
+    let args = container_args(one(&docs, "Deployment"));
+    assert_eq!(flag(&args, "--allow-gates-in"), Some("*"));
+
+    let docs = parse_docs(
+        &template(
+            "dbpool-operator",
+            "dbpool-system",
+            &[
+                "--set",
+                "watchNamespace=shop",
+                "--set",
+                "gates.enabled=true",
+                "--set-json",
+                r#"gates.allowedNamespaces=["shop"]"#,
+            ],
+        )
+        .await,
+    );
+    let role = of_kind(&docs, "Role")
+        .into_iter()
+        .find(|r| r["metadata"]["namespace"] == "shop")
+        .expect("the Role in the watched namespace");
+    let rules = operator_rules(role);
+    assert_eq!(rules.get(&services), Some(&verbs));
+    assert_eq!(rules.get(&slices), Some(&verbs));
+    let args = container_args(one(&docs, "Deployment"));
+    assert_eq!(flag(&args, "--allow-gates-in"), Some("shop"));
+}
+
 /// `kubectl apply -k` of deploy/ as the base of an overlay that moves it into the test's
 /// namespace: plain `kubectl apply -k deploy/ --dry-run=server` cannot pass on a cluster without
 /// the dbpool-system namespace, because a server-side dry run does not create the Namespace the
@@ -721,7 +796,7 @@ async fn the_deployment_is_hardened_and_wired_as_documented() {
 /// its (here missing) kubeconfig, which comes after argument parsing.
 #[tokio::test]
 async fn the_binary_accepts_the_charts_arguments() {
-    let modes: [&[&str]; 3] = [
+    let modes: [&[&str]; 4] = [
         &[],
         &[
             "--set",
@@ -734,6 +809,12 @@ async fn the_binary_accepts_the_charts_arguments() {
             "replicaCount=1",
             "--set",
             "leaderElection.enabled=false",
+        ],
+        &[
+            "--set",
+            "gates.enabled=true",
+            "--set-json",
+            r#"gates.allowedNamespaces=["shop","billing"]"#,
         ],
     ];
     for extra in modes {

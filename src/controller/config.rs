@@ -4,7 +4,7 @@
 //! here: defaults and flag parsing (`crate::cli` is their single home; `OperatorConfig::default`
 //! is implemented there).
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 /// Field manager of every write the operator makes (the lease has its own, per replica).
 pub const FIELD_MANAGER: &str = "dbpool-operator";
@@ -29,6 +29,88 @@ pub struct OperatorConfig {
     pub instance: String,
     /// Lease-based leader election; None runs as the only instance.
     pub leader_election: Option<LeaderElection>,
+    /// The namespaces in which a DbPool's spec.gate is honoured (--allow-gates-in).
+    pub gates: GateAllowlist,
+}
+
+/// Where a DbPool's `spec.gate` is honoured. Off by default: a Service whose endpoints the
+/// operator sets to an address taken from a user's spec is the CVE-2021-25740 pattern (a tenant
+/// who may create DbPools but not EndpointSlices would make the operator forward cluster traffic
+/// to an address of their choosing). The cluster admin opts in per namespace, and even then the
+/// EndpointSlice only ever holds addresses at which the probe logged in to the declared database.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum GateAllowlist {
+    /// Gates are off: no Service is ever created (the default).
+    #[default]
+    Nowhere,
+    /// Gates are honoured in every namespace the operator watches (`*`).
+    Everywhere,
+    /// Gates are honoured in these namespaces only.
+    In(BTreeSet<String>),
+}
+
+impl GateAllowlist {
+    /// Parses the flag's value: empty for none, `*` for all, else a comma-separated list of
+    /// namespace names.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let value = value.trim();
+        if value.is_empty() {
+            return Ok(Self::Nowhere);
+        }
+        if value == "*" {
+            return Ok(Self::Everywhere);
+        }
+        let mut namespaces = BTreeSet::new();
+        for part in value.split(',').map(str::trim) {
+            let valid = !part.is_empty()
+                && part.len() <= 63
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-');
+            if !valid {
+                return Err(format!(
+                    "\"{part}\" is not a namespace name (use \"*\" alone for all namespaces)"
+                ));
+            }
+            namespaces.insert(part.to_owned());
+        }
+        Ok(Self::In(namespaces))
+    }
+
+    /// Whether a gate may be made in `namespace`.
+    pub fn allows(&self, namespace: &str) -> bool {
+        match self {
+            Self::Nowhere => false,
+            Self::Everywhere => true,
+            Self::In(namespaces) => namespaces.contains(namespace),
+        }
+    }
+
+    /// Whether gates are allowed anywhere.
+    pub fn enabled(&self) -> bool {
+        *self != Self::Nowhere
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allowlist_parses_none_all_and_lists() {
+        assert_eq!(GateAllowlist::parse(""), Ok(GateAllowlist::Nowhere));
+        assert_eq!(GateAllowlist::parse("*"), Ok(GateAllowlist::Everywhere));
+        let list = GateAllowlist::parse("shop, billing").unwrap_or_default();
+        assert!(list.allows("shop") && list.allows("billing"));
+        assert!(!list.allows("other"));
+        assert!(!GateAllowlist::Nowhere.allows("shop"));
+        assert!(GateAllowlist::Everywhere.allows("anything"));
+        assert!(GateAllowlist::parse("shop,*").is_err());
+        assert!(GateAllowlist::parse("Shop").is_err());
+        assert!(GateAllowlist::parse("a,,b").is_err());
+    }
 }
 
 /// Lease-based leader election settings: only the holder of the Lease probes and writes.

@@ -91,6 +91,10 @@ pub(super) struct PoolMemory {
     pub credentials_fingerprint: Option<String>,
     /// No probe before this instant (restart spreading, rate limit of loss-triggered probes).
     pub not_before: Option<Timestamp>,
+    /// The address of the last probe that logged in: the only address a gate may point at.
+    pub gate_peer: Option<std::net::SocketAddr>,
+    /// The gate Service this process last wrote for the pool (to remove it when undeclared).
+    pub gate_applied: Option<String>,
 }
 
 /// The labels of a pool's metric series.
@@ -229,6 +233,8 @@ impl PoolMemory {
                 label_written_at: None,
                 credentials_fingerprint: None,
                 not_before: None,
+                gate_peer: None,
+                gate_applied: None,
             };
         };
         let state = restore_state(status, seed);
@@ -265,6 +271,8 @@ impl PoolMemory {
             label_written_at: None,
             credentials_fingerprint: None,
             not_before: Some(add(now, spread)),
+            gate_peer: None,
+            gate_applied: None,
         }
     }
 

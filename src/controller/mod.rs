@@ -11,7 +11,8 @@
 //! - `triggers`: which events a reconcile feeds the engine (pure, unit-tested);
 //! - `reconcile`: the reconcile pipeline and the error policy;
 //! - `status`: the status a user sees, conditions, the visible-change rule, restart restore;
-//! - `write`: status and label writes; `events`: Kubernetes Events;
+//! - `write`: status and label writes, and `fenced`, the one way to send a write;
+//! - `gate`: the gate Service and EndpointSlice of `spec.gate`; `events`: Kubernetes Events;
 //! - `credentials`: reading Secrets; `observer`: the typed window for benchmarks and tests;
 //! - `running`: [`RunningOperator`], an operator on a tokio task.
 //!
@@ -26,6 +27,7 @@ mod config;
 mod context;
 mod credentials;
 mod events;
+mod gate;
 mod leadership;
 mod liveness;
 mod observer;
@@ -41,7 +43,7 @@ use std::{future::Future, sync::Arc};
 use futures::FutureExt;
 use kube::Client;
 
-pub use config::{FIELD_MANAGER, LeaderElection, OperatorConfig};
+pub use config::{FIELD_MANAGER, GateAllowlist, LeaderElection, OperatorConfig};
 pub use leadership::{Leadership, WriteGate};
 pub use observer::{NoObserver, Observer, ProbeObservation};
 pub use running::RunningOperator;

@@ -21,6 +21,7 @@ use super::{
     context::{Context, PoolMemory, owner_key, pool_labels},
     credentials::{CredentialError, Credentials},
     events::{publish, publish_events},
+    gate::{self, GateOutcome},
     observer::ProbeObservation,
     status::{StatusInputs, desired_status},
     triggers::{Observed, Trigger, triggers},
@@ -267,6 +268,10 @@ impl Run {
                         &report.stage_latencies,
                     );
                 }
+                if report.is_success() {
+                    // The gate follows the probe: only an address it just logged in at.
+                    self.memory.gate_peer = report.peer;
+                }
                 let summary = ProbeSummary::from_report(&report, MicroTime(finished));
                 (
                     summary,
@@ -307,6 +312,21 @@ impl Run {
             .or(pool.status.as_ref())
             .map(|s| s.conditions.clone())
             .unwrap_or_default();
+        // The gate before the status, so the status tells what became of it. Only a leader
+        // touches it (every write is fenced anyway).
+        let gate = if ctx.gate.may_write() {
+            gate::sync(
+                ctx,
+                pool,
+                self.memory.state.breaker,
+                self.memory.gate_peer,
+                &mut self.memory.gate_applied,
+            )
+            .await
+        } else {
+            GateOutcome::NotDeclared
+        };
+        let gate_condition = gate.condition(pool.spec.gate.as_ref());
         let desired = desired_status(
             &StatusInputs {
                 writer_epoch: ctx.gate.epoch(),
@@ -317,6 +337,7 @@ impl Run {
                 last_force_reopen: self.memory.last_force_reopen.as_ref(),
                 hold: self.hold.as_ref(),
                 previous_conditions: &previous_conditions,
+                gate: gate_condition.as_ref(),
             },
             Timestamp::now(),
         );

@@ -40,6 +40,8 @@ pub struct StatusInputs<'a> {
     pub hold: Option<&'a Hold>,
     /// Conditions currently stored, so transition times survive when nothing changed.
     pub previous_conditions: &'a [Condition],
+    /// The `Gate` condition, when spec.gate is set (see `gate`).
+    pub gate: Option<&'a Condition>,
 }
 
 /// The status that should be stored for these inputs at `now`.
@@ -146,6 +148,7 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
     let (reconciling, stalled) = kstatus_conditions(phase, &probe_message);
     let conditions = [ready, degraded, breaker, reconciling, stalled]
         .into_iter()
+        .chain(inputs.gate.cloned())
         .map(|mut c| {
             c.observed_generation = inputs.generation;
             merge_condition(c, inputs.previous_conditions, now)
@@ -369,6 +372,7 @@ mod tests {
                 last_force_reopen: None,
                 hold: None,
                 previous_conditions: &[],
+                gate: None,
             },
             at(0),
         );
@@ -388,6 +392,7 @@ mod tests {
                 last_force_reopen: None,
                 hold: None,
                 previous_conditions: &first.conditions,
+                gate: None,
             },
             at(30),
         );
@@ -425,6 +430,7 @@ mod tests {
                 last_force_reopen: None,
                 hold: None,
                 previous_conditions: &[],
+                gate: None,
             },
             at(0),
         );
@@ -447,6 +453,7 @@ mod tests {
                 last_force_reopen: None,
                 hold: None,
                 previous_conditions: &ok.conditions,
+                gate: None,
             },
             at(30),
         );
@@ -502,6 +509,7 @@ mod tests {
                 last_force_reopen: None,
                 hold: None,
                 previous_conditions: &[],
+                gate: None,
             },
             at(100),
         );
@@ -537,6 +545,7 @@ mod tests {
                     last_force_reopen: None,
                     hold: None,
                     previous_conditions: prev,
+                    gate: None,
                 },
                 at(t),
             )
@@ -629,6 +638,7 @@ mod tests {
                 last_force_reopen: None,
                 hold: None,
                 previous_conditions: &[],
+                gate: None,
             },
             at(0),
         );

@@ -77,6 +77,15 @@ explains each rule. Nothing here deletes, and nothing touches pods.
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- if .Values.gates.enabled }}
+# spec.gate (gates.enabled): the selector-less Service and EndpointSlice the operator owns.
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, patch, delete]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, patch, delete]
+{{- end }}
 {{- end }}
 
 {{/* Fails rendering on combinations that cannot work. */}}

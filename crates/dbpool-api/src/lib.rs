@@ -165,6 +165,34 @@ pub struct DbPoolSpec {
     /// Circuit breaker: when to stop treating the database as available, and when to retry.
     #[serde(default)]
     pub breaker: BreakerSpec,
+    /// A Service in this namespace that applications connect to instead of the database host.
+    /// The operator points it at the addresses where its probe logged in, and makes them not ready
+    /// while the breaker is open or half-open, so connects to it are refused at once by
+    /// kube-proxy. Only honoured where the operator was started with gates allowed
+    /// (--allow-gates-in); the condition Gate says what happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateSpec>,
+}
+
+/// The CEL rule on `gate.serviceName`: a DNS-1035 label, as Service names must be.
+pub const GATE_SERVICE_NAME_RULE: &str = "self.serviceName.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')";
+/// What the apiserver answers a gate.serviceName that is not a DNS-1035 label.
+pub const GATE_SERVICE_NAME_MESSAGE: &str = "gate.serviceName must be a DNS-1035 label: lower-case letters, digits and '-', starting with a letter and ending with a letter or digit";
+
+/// A selector-less Service (and its EndpointSlice) that the operator owns and keeps in step with
+/// the circuit breaker.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(GATE_SERVICE_NAME_RULE).message(GATE_SERVICE_NAME_MESSAGE))]
+pub struct GateSpec {
+    /// Name of the Service (DNS-1035 label). A Service of that name that the operator does not
+    /// own is never touched; the condition Gate then says so.
+    #[schemars(length(min = 1, max = 63))]
+    pub service_name: String,
+    /// Port the Service listens on; connections are forwarded to the database's port.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
 }
 
 /// Connection target and credentials. The password is only ever read from a Secret.

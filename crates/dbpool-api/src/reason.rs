@@ -39,6 +39,24 @@ pub const HALF_OPEN: &str = "HalfOpen";
 /// BreakerOpen=False.
 pub const CLOSED: &str = "Closed";
 
+// Condition reasons of `Gate` (only with spec.gate).
+/// Gate=True: the gate's endpoints are ready (breaker closed); connects go to the database.
+pub const GATE_OPEN: &str = "GateOpen";
+/// Gate=True: the gate's endpoints are not ready (breaker open or half-open); kube-proxy refuses
+/// connects to the Service at once.
+pub const GATE_REJECTING: &str = "GateRejecting";
+/// Gate=True: no probe has logged in yet, so the EndpointSlice holds no address; connects are
+/// refused.
+pub const GATE_NO_ADDRESS: &str = "NoAuthenticatedAddress";
+/// Gate=False: a Service (or EndpointSlice) of that name exists and is not owned by this DbPool;
+/// the operator leaves it alone.
+pub const GATE_SERVICE_NOT_OWNED: &str = "ServiceNotOwned";
+/// Gate=False: the operator was not started with gates allowed in this namespace
+/// (--allow-gates-in); no Service is created.
+pub const GATES_NOT_ALLOWED: &str = "GatesNotAllowed";
+/// Gate=False: writing the Service or EndpointSlice failed; retried at the next reconcile.
+pub const GATE_WRITE_FAILED: &str = "GateWriteFailed";
+
 // Condition reasons of the kstatus conditions `Reconciling` and `Stalled` (True: PENDING and
 // CONFIG_ERROR above).
 /// Reconciling=False: the pool was probed; the operator acts on the current spec.

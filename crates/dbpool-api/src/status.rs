@@ -20,6 +20,8 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_DEGRADED: &str = "Degraded";
 /// Condition type: the circuit breaker is open (or half-open, trying to close).
 pub const CONDITION_BREAKER_OPEN: &str = "BreakerOpen";
+/// Condition type: the state of the gate Service (present only when spec.gate is set).
+pub const CONDITION_GATE: &str = "Gate";
 /// Condition type (kstatus): the operator has seen the pool but not probed it yet (phase Pending).
 pub const CONDITION_RECONCILING: &str = "Reconciling";
 /// Condition type (kstatus): the operator cannot make progress until someone fixes the spec, its

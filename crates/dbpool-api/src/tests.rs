@@ -218,3 +218,32 @@ fn secrets_consent_per_host() {
     let no = BTreeMap::from([(CREDENTIALS_LABEL.to_owned(), "false".to_owned())]);
     assert!(!secret_consents(Some(&no), Some(&hosts), "db.prod.svc"));
 }
+
+#[test]
+fn gate_is_optional_and_its_port_defaults_to_5432() {
+    let pool: DbPool = serde_json::from_value(minimal_json()).expect("minimal manifest parses");
+    assert_eq!(pool.spec.gate, None);
+    let mut json = minimal_json();
+    json["spec"]["gate"] = serde_json::json!({ "serviceName": "orders-gate" });
+    let pool: DbPool = serde_json::from_value(json).expect("gate parses");
+    assert_eq!(
+        pool.spec.gate,
+        Some(GateSpec {
+            service_name: "orders-gate".into(),
+            port: 5432
+        })
+    );
+}
+
+#[test]
+fn the_crd_validates_the_gate() {
+    let crd = serde_json::to_value(DbPool::crd()).expect("crd serializes");
+    let gate = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["gate"];
+    assert_eq!(gate["properties"]["serviceName"]["maxLength"], 63);
+    assert_eq!(gate["properties"]["port"]["maximum"], 65535.0);
+    assert_eq!(
+        gate["x-kubernetes-validations"][0]["rule"],
+        GATE_SERVICE_NAME_RULE
+    );
+}

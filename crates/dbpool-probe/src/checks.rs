@@ -40,6 +40,8 @@ pub(crate) struct Findings {
     pub saturation: Option<Saturation>,
     /// Why saturation is unknown although the probe succeeded.
     pub saturation_note: Option<String>,
+    /// The resolved address of the authenticated session the checks ran on.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 /// Connection slots on the server.

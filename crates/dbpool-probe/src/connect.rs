@@ -50,6 +50,8 @@ pub(crate) struct Opened {
     pub server_version: Option<String>,
     /// The address actually connected to, for messages.
     pub peer: String,
+    /// The resolved address actually connected to (and authenticated at).
+    pub peer_addr: SocketAddr,
 }
 
 /// Opens a new session to `target`, recording each stage on `clock`.
@@ -172,7 +174,7 @@ async fn open_at(
         pg.ssl_mode(PgSslMode::Disable);
         let (policy, verdict) = guard(false);
         let stream = Guarded::new(stream, policy, Arc::clone(&verdict));
-        return authenticate(&pg, stream, NoTls, None, &verdict, &peer, clock).await;
+        return authenticate(&pg, stream, NoTls, None, &verdict, addr, clock).await;
     };
     if ServerName::try_from(target.host.as_str()).is_err() {
         return Err(Failure::config(
@@ -205,7 +207,7 @@ async fn open_at(
             pg.ssl_mode(PgSslMode::Disable);
             let (policy, verdict) = guard(false);
             let stream = Guarded::new(stream, policy, Arc::clone(&verdict));
-            authenticate(&pg, stream, NoTls, None, &verdict, &peer, clock).await
+            authenticate(&pg, stream, NoTls, None, &verdict, addr, clock).await
         }
         SslAnswer::Supported => {
             // The server said 'S' to our SSLRequest, so the next bytes are the TLS handshake:
@@ -225,7 +227,7 @@ async fn open_at(
                 connector,
                 Some((tls_started, done)),
                 &verdict,
-                &peer,
+                addr,
                 clock,
             )
             .await
@@ -246,7 +248,7 @@ async fn authenticate<S, T>(
     connector: T,
     tls: Option<TlsTiming>,
     verdict: &VerdictCell,
-    peer: &str,
+    peer_addr: SocketAddr,
     clock: &mut Clock,
 ) -> Result<Opened, Failure>
 where
@@ -255,6 +257,8 @@ where
     T::Stream: Send + 'static,
     T::Future: Send,
 {
+    let peer = peer_addr.to_string();
+    let peer = peer.as_str();
     let auth_started = Instant::now();
     let result = tokio::time::timeout(clock.remaining(), async {
         let (client, connection) = pg.connect_raw(stream, connector).await?;
@@ -300,7 +304,7 @@ where
             ProbeStage::Auth,
             format!("{peer}: {message}"),
         )),
-        (result, _) => classify_login(result, handshake_done, peer, clock),
+        (result, _) => classify_login(result, handshake_done, peer_addr, clock),
     }
 }
 
@@ -311,15 +315,18 @@ type Session = (Client, ConnectionTask, Option<String>);
 fn classify_login(
     result: Result<Result<Session, tokio_postgres::Error>, tokio::time::error::Elapsed>,
     handshake_done: bool,
-    peer: &str,
+    peer_addr: SocketAddr,
     clock: &Clock,
 ) -> Result<Opened, Failure> {
+    let peer = peer_addr.to_string();
+    let peer = peer.as_str();
     match result {
         Ok(Ok((client, connection, server_version))) => Ok(Opened {
             client,
             connection,
             server_version,
             peer: peer.to_owned(),
+            peer_addr,
         }),
         Ok(Err(err)) if !handshake_done => Err(match find_io(&err) {
             Some(io) => from_tls_io_error(io, peer),

@@ -113,6 +113,11 @@ pub struct ProbeReport {
     pub fresh_connection: bool,
     /// Wall time of each stage that ran, in order.
     pub stage_latencies: Vec<(ProbeStage, Duration)>,
+    /// The resolved address (IP and port) of the session the checks ran on: one at which the
+    /// probe authenticated to the declared database, found by resolving `host` when the session
+    /// was opened (so a name that moves is followed at the next reconnect). `None` when no
+    /// authenticated session was reached.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 impl ProbeReport {

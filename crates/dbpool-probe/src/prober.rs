@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     fmt,
     hash::{BuildHasher, RandomState},
+    net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -84,6 +85,8 @@ struct Live {
     opened_at: Instant,
     server_version: Option<String>,
     peer: String,
+    /// The resolved address the session is connected (and authenticated) to.
+    peer_addr: SocketAddr,
     /// Set before the prober drops the connection on purpose, so its end is not reported.
     closing: Arc<AtomicBool>,
 }
@@ -289,6 +292,7 @@ async fn checks_on(
     clock: &mut Clock,
     findings: &mut Findings,
 ) -> Result<(), Failure> {
+    findings.peer = Some(live.peer_addr);
     checks::run(
         &live.client,
         target,
@@ -374,6 +378,7 @@ impl Inner {
             connection,
             server_version,
             peer,
+            peer_addr,
         } = opened;
         let live = Live {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -381,6 +386,7 @@ impl Inner {
             opened_at: Instant::now(),
             server_version,
             peer,
+            peer_addr,
             closing: Arc::new(AtomicBool::new(false)),
         };
         let replaced = {
@@ -499,6 +505,7 @@ fn build_report(
         ),
     };
     let saturation = findings.saturation;
+    let peer = findings.peer;
     ProbeReport {
         outcome,
         stage,
@@ -513,6 +520,7 @@ fn build_report(
         pool_fits: saturation.map(|s| s.pool_fits),
         fresh_connection: fresh,
         stage_latencies: clock.stages,
+        peer,
     }
 }
 
@@ -597,6 +605,7 @@ mod tests {
                 10,
             ),
             saturation_note: None,
+            peer: None,
         };
         let message = success_message(&findings, &target("x"));
         assert_eq!(

@@ -99,6 +99,7 @@ pub async fn open_session(target: &ProbeTarget) -> Result<Session, SessionError>
         connection,
         server_version,
         peer,
+        ..
     } = opened;
     if target.target_session_attrs == TargetSessionAttrs::ReadWrite {
         // The connection must run for the query to progress; it is handed back unspawned, so

@@ -75,6 +75,8 @@ async fn healthy_probe_runs_every_stage_then_reuses_the_connection() {
     assert_eq!(first.outcome, ProbeOutcome::Success, "{first:?}");
     assert_eq!(first.stage, ProbeStage::Saturation);
     assert!(first.fresh_connection);
+    // The resolved address the probe logged in at (what a gate may point at).
+    assert_eq!(first.peer, Some(pg.addr()), "{first:?}");
     // Every stage but Credentials (the operator's, before connecting), in order.
     assert_eq!(stages(&first), ProbeStage::ALL[1..]);
     assert!(
@@ -109,6 +111,11 @@ async fn healthy_probe_runs_every_stage_then_reuses_the_connection() {
     );
 
     let second = prober.probe("ns/a", &t).await;
+    assert_eq!(
+        second.peer,
+        Some(pg.addr()),
+        "a reused session reports its address too"
+    );
     assert_eq!(second.outcome, ProbeOutcome::Success, "{second:?}");
     assert!(!second.fresh_connection);
     assert_eq!(
