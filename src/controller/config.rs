@@ -23,6 +23,13 @@ pub struct OperatorConfig {
     pub max_concurrent_api_requests: usize,
     /// In a steady state, refresh lastProbe in status at most this often.
     pub status_refresh: Duration,
+    /// At most one status write per pool this often, except transitions and force-reopen
+    /// acknowledgements (see `write`).
+    pub min_status_period: Duration,
+    /// Counter-only write requests per second, all pools together (token bucket, burst = rate).
+    pub counter_write_rate: u32,
+    /// Transition write requests per second, all pools together (token bucket, burst = rate).
+    pub transition_write_rate: u32,
     /// Reopen each persistent probe connection this often, to test the full connect path.
     pub reconnect_every: Duration,
     /// Name of this operator instance in events and in the leader lease (e.g. the pod name).

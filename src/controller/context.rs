@@ -26,8 +26,12 @@ use tokio::sync::Semaphore;
 use tracing::debug;
 
 use super::{
-    OperatorConfig, credentials::SecretCache, leadership::WriteGate, observer::Observer,
+    OperatorConfig,
+    credentials::SecretCache,
+    leadership::WriteGate,
+    observer::Observer,
     status::restore_state,
+    write::{WriteBudget, WriterSlot},
 };
 use crate::{
     api::{
@@ -55,6 +59,8 @@ pub(super) struct Context {
     pub pools: Mutex<HashMap<ObjectRef<DbPool>, PoolSlot>>,
     pub probe_slots: Semaphore,
     pub api_slots: Arc<Semaphore>,
+    /// The global write budget (two token buckets; see `write`).
+    pub write_budget: WriteBudget,
     pub metrics: Arc<Metrics>,
     pub observer: Arc<dyn Observer>,
     /// Leadership as of now: every write checks it right before sending.
@@ -72,6 +78,8 @@ pub(super) struct PoolSlot {
     pub probe_requested: bool,
     /// Failed reconciles in a row, for the retry delay.
     pub error_count: u32,
+    /// What waits to be written, and the pool's writer (see `write`).
+    pub writer: WriterSlot,
 }
 
 /// The recovery memory of one pool. The durable copy is the status; this is rebuilt from it.
@@ -84,8 +92,11 @@ pub(super) struct PoolMemory {
     pub last_force_reopen: Option<ForceReopenRecord>,
     /// The maintenance hold acted on, as [`Hold::describe`](crate::api::Hold::describe) puts it.
     pub hold: Option<String>,
+    /// The last status handed to the pool's writer (written, or waiting to be: the latest wins),
+    /// or restored from the object.
     pub last_written: Option<DbPoolStatus>,
     pub last_written_at: Option<Timestamp>,
+    /// The last breaker label handed to the writer.
     pub label_written: Option<String>,
     pub label_written_at: Option<Timestamp>,
     pub credentials_fingerprint: Option<String>,

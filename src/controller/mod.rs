@@ -11,7 +11,7 @@
 //! - `triggers`: which events a reconcile feeds the engine (pure, unit-tested);
 //! - `reconcile`: the reconcile pipeline and the error policy;
 //! - `status`: the status a user sees, conditions, the visible-change rule, restart restore;
-//! - `write`: status and label writes; `events`: Kubernetes Events;
+//! - `write`: the per-pool writer and the write budget; `events`: Kubernetes Events;
 //! - `credentials`: reading Secrets; `observer`: the typed window for benchmarks and tests;
 //! - `running`: [`RunningOperator`], an operator on a tokio task.
 //!

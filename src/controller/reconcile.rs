@@ -1,15 +1,19 @@
 //! One reconcile of one pool, as a pipeline of short steps.
 //!
 //! Lives here: [`reconcile`] and its steps: recall the pool's memory, load its credentials,
-//! apply the [`triggers`](super::triggers), probe when due, record metrics, write what a user
-//! would see changed, publish events, store the memory and requeue at the engine's next
-//! deadline; and [`error_policy`]. Must not live here: the engine's rules (`dbpool-recovery`),
+//! apply the [`triggers`](super::triggers), probe when due, record metrics, hand what a user
+//! would see changed (status, label, events) to the pool's writer without waiting for it, store
+//! the memory and requeue at the engine's next deadline; which changes are transitions
+//! ([`is_transition`]); and [`error_policy`]. Must not live here: the engine's rules (`dbpool-recovery`),
 //! the shape of the status (`status`), the wording of events (`events`) or the writes
 //! themselves (`write`).
 
 use std::{sync::Arc, time::Duration};
 
-use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::{SignedDuration, Timestamp},
+};
 use kube::{
     ResourceExt,
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
@@ -20,16 +24,17 @@ use super::{
     Error,
     context::{Context, PoolMemory, owner_key, pool_labels},
     credentials::{CredentialError, Credentials},
-    events::{publish, publish_events},
+    events::{PendingEvent, events_of},
     observer::ProbeObservation,
-    status::{StatusInputs, desired_status},
+    status::{StatusInputs, desired_status, needs_write},
     triggers::{Observed, Trigger, triggers},
-    write::write_visible_changes,
+    write::{Outbox, submit},
 };
 use crate::{
     api::{
-        BreakerMode, BreakerState, DbPool, FORCE_REOPEN_ANNOTATION, ForceReopenRecord, Hold,
-        ProbeOutcome, ProbeStage, ProbeSummary, RELEASED_BY_ANNOTATION, reason,
+        BREAKER_LABEL, BreakerMode, BreakerState, CONDITION_READY, DbPool, DbPoolStatus,
+        FORCE_REOPEN_ANNOTATION, ForceReopenRecord, Hold, ProbeOutcome, ProbeStage, ProbeSummary,
+        RELEASED_BY_ANNOTATION, reason,
     },
     probe::ProbeTarget,
     recovery::{Effect, Event, FailureKind, Policy, add},
@@ -70,15 +75,14 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
             run.memory.state.consecutive_failures,
         );
     }
-    let written = run.write(&pool, &ctx).await;
+    run.write(&pool, &ctx);
     let requeue = run.memory.requeue_after(&run.policy);
     // Deleted while this reconcile ran: remember nothing (no entry, series or probe connection).
     if !ctx.exists(&pool, &run.key) {
         ctx.forget(&run.key);
         return Ok(Action::await_change());
     }
-    ctx.store_memory(&run.key, run.memory, written.is_ok());
-    written?;
+    ctx.store_memory(&run.key, run.memory, true);
     Ok(Action::requeue(requeue))
 }
 
@@ -288,14 +292,14 @@ impl Run {
         Ok(())
     }
 
-    /// Step 4: write the status and label a user would see changed, then publish the events of
-    /// this reconcile's effects.
-    async fn write(&mut self, pool: &DbPool, ctx: &Context) -> Result<(), Error> {
-        let before_phase = self.memory.last_written.as_ref().and_then(|s| s.phase);
-        let previous_conditions = self
-            .memory
-            .last_written
-            .as_ref()
+    /// Step 4: hand what a user would see changed (status, breaker label, this reconcile's
+    /// events) to the pool's writer, marked urgent when it is a transition or a force-reopen
+    /// acknowledgement. Returns at once: the writer sends it within the write budget.
+    fn write(&mut self, pool: &Arc<DbPool>, ctx: &Arc<Context>) {
+        let now = Timestamp::now();
+        let last = self.memory.last_written.as_ref();
+        let before_phase = last.and_then(|s| s.phase);
+        let previous_conditions = last
             .or(pool.status.as_ref())
             .map(|s| s.conditions.clone())
             .unwrap_or_default();
@@ -310,32 +314,81 @@ impl Run {
                 hold: self.hold.as_ref(),
                 previous_conditions: &previous_conditions,
             },
-            Timestamp::now(),
+            now,
         );
-        let written = write_visible_changes(
-            ctx,
-            pool,
-            &self.key,
-            &mut self.memory,
+        let status_changed = needs_write(
             &desired,
-            self.policy.interval,
-        )
-        .await;
-        publish_events(
-            ctx,
-            pool,
+            last,
+            self.memory.last_written_at,
+            ctx.config.status_refresh,
+            now,
+        );
+        let urgent = status_changed && is_transition(last, &desired);
+        let label = self.label_to_write(pool, now);
+        let mut events = events_of(
             &self.memory,
             &self.policy,
             &self.effects,
             before_phase,
             desired.phase,
-        )
-        .await;
+        );
         for (type_, reason, note) in self.notes.drain(..) {
-            publish(ctx, pool, type_, reason, note).await;
+            events.push(PendingEvent::new(type_, reason, note));
         }
-        written
+        let outbox = Outbox {
+            pool: pool.clone(),
+            status: status_changed.then(|| desired.clone()),
+            label,
+            events,
+            urgent: urgent || label.is_some(),
+        };
+        submit(ctx, &self.key, outbox);
+        if status_changed {
+            self.memory.last_written = Some(desired);
+            self.memory.last_written_at = Some(now);
+        }
+        if let Some(label) = label {
+            self.memory.label_written = Some(label.to_owned());
+            self.memory.label_written_at = Some(now);
+        }
     }
+
+    /// The breaker label to write, if the object's differs. The object may lag our own write by
+    /// a moment; a label changed by hand is put back once the last write is a probe interval
+    /// old, so drift lasts at most about one interval.
+    fn label_to_write(&self, pool: &DbPool, now: Timestamp) -> Option<&'static str> {
+        let label = self.memory.state.breaker.label_value();
+        let current = pool.labels().get(BREAKER_LABEL).map(String::as_str);
+        let settled = self.memory.label_written_at.is_none_or(|at| {
+            now.duration_since(at)
+                >= SignedDuration::try_from(self.policy.interval).unwrap_or(SignedDuration::MAX)
+        });
+        (current != Some(label) && (self.memory.label_written.as_deref() != Some(label) || settled))
+            .then_some(label)
+    }
+}
+
+/// Whether writing `desired` over `last` goes at once, past the pool's `--min-status-period`:
+/// a first status, a new breaker state, a new `Ready` verdict (the first failure of a healthy
+/// pool, a recovery), a force-reopen acknowledgement, or a new observed generation (a person's
+/// spec change, acknowledged). Everything else — counters, times, messages, and phase changes
+/// among the failing phases — is coalesced: the latest value is written at most once per
+/// period. A spec alone cannot make these fast: the breaker's state and the Ready verdict change
+/// only when the database's answers change (a trial that fails goes Open → HalfOpen → Open
+/// within one reconcile, and a refusing server keeps Ready False).
+pub(super) fn is_transition(last: Option<&DbPoolStatus>, desired: &DbPoolStatus) -> bool {
+    let Some(last) = last else { return true };
+    let ready = |s: &DbPoolStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_READY)
+            .map(|c| c.status.clone())
+    };
+    ready(last) != ready(desired)
+        || last.breaker.as_ref().map(|b| b.state) != desired.breaker.as_ref().map(|b| b.state)
+        || last.observed_generation != desired.observed_generation
+        || last.last_force_reopen.as_ref().map(|r| &r.token)
+            != desired.last_force_reopen.as_ref().map(|r| &r.token)
 }
 
 /// What the probe needs from the spec and the Secrets.

@@ -40,6 +40,7 @@ use super::{
     liveness::WatchHealth,
     observer::Observer,
     reconcile::{error_policy, reconcile},
+    write::WriteBudget,
 };
 use crate::{
     api::{DbPool, FORCE_REOPEN_ANNOTATION, HELD_BY_ANNOTATION, HOLD_ANNOTATION},
@@ -86,6 +87,7 @@ pub(super) async fn run_controller(
         secrets: SecretCache::new(client.clone(), secret_reader.clone(), api_slots.clone()),
         probe_slots: Semaphore::new(config.max_concurrent_probes.max(1)),
         api_slots,
+        write_budget: WriteBudget::new(config.counter_write_rate, config.transition_write_rate),
         config,
         prober,
         recorder,
