@@ -76,6 +76,9 @@ pub struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "DBPOOL_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Reconcile only DbPools matching this label selector (default: all).
+    #[arg(long, env = "DBPOOL_POOL_SELECTOR")]
+    pub pool_selector: Option<String>,
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, env = "DBPOOL_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
@@ -162,6 +165,7 @@ impl RunArgs {
         });
         OperatorConfig {
             namespace: self.namespace.clone(),
+            pool_selector: self.pool_selector.clone(),
             max_concurrent_probes: self.max_concurrent_probes,
             max_concurrent_api_requests: self.max_concurrent_api_requests,
             status_refresh: self.status_refresh.as_std(),
@@ -181,6 +185,7 @@ impl Default for OperatorConfig {
     fn default() -> Self {
         Self {
             namespace: None,
+            pool_selector: None,
             max_concurrent_probes: defaults::MAX_CONCURRENT_PROBES,
             max_concurrent_api_requests: defaults::MAX_CONCURRENT_API_REQUESTS,
             status_refresh: defaults::STATUS_REFRESH,

@@ -14,6 +14,9 @@ pub const FIELD_MANAGER: &str = "dbpool-operator";
 pub struct OperatorConfig {
     /// Watch only this namespace (None: all namespaces).
     pub namespace: Option<String>,
+    /// Reconcile only DbPools whose labels match this selector (None: all). For sharding pools
+    /// across operator installations, and for tests that must ignore other tests' pools.
+    pub pool_selector: Option<String>,
     /// Probes running at once, across all pools.
     pub max_concurrent_probes: usize,
     /// Requests (status, label and event writes, Secret reads) in flight to the apiserver at once,

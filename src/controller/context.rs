@@ -30,6 +30,7 @@ use super::{
     credentials::SecretCache,
     leadership::WriteGate,
     observer::Observer,
+    slots::ProbeSlots,
     status::restore_state,
     write::{WriteBudget, WriterSlot},
 };
@@ -57,7 +58,8 @@ pub(super) struct Context {
     pub secrets: SecretCache,
     pub recorder: Recorder,
     pub pools: Mutex<HashMap<ObjectRef<DbPool>, PoolSlot>>,
-    pub probe_slots: Semaphore,
+    /// The probe slots, shared fairly across namespaces and targets (see `slots`).
+    pub probe_slots: ProbeSlots,
     pub api_slots: Arc<Semaphore>,
     /// The global write budget (two token buckets; see `write`).
     pub write_budget: WriteBudget,

@@ -10,6 +10,8 @@
 //! - `context`: the shared state and the one per-pool map entry;
 //! - `triggers`: which events a reconcile feeds the engine (pure, unit-tested);
 //! - `reconcile`: the reconcile pipeline and the error policy;
+//! - `slots`: the probe slots, round-robin across namespaces with per-namespace and per-target
+//!   shares;
 //! - `status`: the status a user sees, conditions, the visible-change rule, restart restore;
 //! - `write`: the per-pool writer and the write budget; `events`: Kubernetes Events;
 //! - `credentials`: reading Secrets; `observer`: the typed window for benchmarks and tests;
@@ -31,6 +33,7 @@ mod liveness;
 mod observer;
 mod reconcile;
 mod running;
+mod slots;
 pub mod status;
 mod triggers;
 mod watches;

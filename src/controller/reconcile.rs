@@ -240,7 +240,13 @@ impl Run {
             Ok(creds) => {
                 let target = probe_target(pool, creds);
                 let report = {
-                    let _slot = ctx.probe_slots.acquire().await;
+                    let _slot = ctx
+                        .probe_slots
+                        .acquire(
+                            self.key.namespace.as_deref().unwrap_or_default(),
+                            &target_key(&target),
+                        )
+                        .await;
                     // Deleted while queued for a slot: open no connection for it.
                     if !ctx.exists(pool, &self.key) {
                         return Err(Error::Deleted);
@@ -407,6 +413,13 @@ fn probe_target(pool: &DbPool, creds: Credentials) -> ProbeTarget {
         pool_max_size: u32::try_from(pool.spec.pool.max_size).unwrap_or(0),
         timeout: pool.spec.health_check.timeout.as_std(),
     }
+}
+
+/// The target a probe slot is counted against: `host:port` as the spec writes it (lowercased).
+/// Names are not resolved before a slot is granted (a lookup is part of the bounded probe), so
+/// two names for one address count as two targets.
+fn target_key(target: &ProbeTarget) -> String {
+    format!("{}:{}", target.host.to_ascii_lowercase(), target.port)
 }
 
 /// The status's lastProbe for credentials that could not be used.
