@@ -32,6 +32,7 @@ use super::{
     observer::Observer,
     slots::ProbeSlots,
     status::restore_state,
+    targets::Targets,
     write::{WriteBudget, WriterSlot},
 };
 use crate::{
@@ -58,6 +59,8 @@ pub(super) struct Context {
     pub secrets: SecretCache,
     pub recorder: Recorder,
     pub pools: Mutex<HashMap<ObjectRef<DbPool>, PoolSlot>>,
+    /// Per-target shared connect schedules and results (see `targets`).
+    pub targets: Targets,
     /// The probe slots, shared fairly across namespaces and targets (see `slots`).
     pub probe_slots: ProbeSlots,
     pub api_slots: Arc<Semaphore>,
@@ -102,8 +105,12 @@ pub(super) struct PoolMemory {
     pub label_written: Option<String>,
     pub label_written_at: Option<Timestamp>,
     pub credentials_fingerprint: Option<String>,
-    /// No probe before this instant (restart spreading, rate limit of loss-triggered probes).
+    /// No probe before this instant (restart spreading, rate limit of loss-triggered probes,
+    /// the next shared attempt of a target that is down).
     pub not_before: Option<Timestamp>,
+    /// Since when a pool that is due "now" (never probed) has waited for its target's shared
+    /// attempt: the deadline a shared result must satisfy. Cleared by a probe.
+    pub due_since: Option<Timestamp>,
 }
 
 /// The labels of a pool's metric series.
@@ -174,6 +181,7 @@ impl Context {
     pub fn forget(&self, pool: &ObjectRef<DbPool>) {
         lock(&self.pools).remove(pool);
         self.prober.forget(&owner_key(pool));
+        self.targets.forget(pool);
         self.metrics.forget(&pool_labels(pool));
         debug!(pool = %pool, "forgot deleted pool");
     }
@@ -242,6 +250,7 @@ impl PoolMemory {
                 label_written_at: None,
                 credentials_fingerprint: None,
                 not_before: None,
+                due_since: None,
             };
         };
         let state = restore_state(status, seed);
@@ -278,6 +287,7 @@ impl PoolMemory {
             label_written_at: None,
             credentials_fingerprint: None,
             not_before: Some(add(now, spread)),
+            due_since: None,
         }
     }
 

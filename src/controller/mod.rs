@@ -10,6 +10,7 @@
 //! - `context`: the shared state and the one per-pool map entry;
 //! - `triggers`: which events a reconcile feeds the engine (pure, unit-tested);
 //! - `reconcile`: the reconcile pipeline and the error policy;
+//! - `targets`: one shared connect schedule per target while it is down, results fanned out;
 //! - `slots`: the probe slots, round-robin across namespaces with per-namespace and per-target
 //!   shares;
 //! - `status`: the status a user sees, conditions, the visible-change rule, restart restore;
@@ -35,6 +36,7 @@ mod reconcile;
 mod running;
 mod slots;
 pub mod status;
+mod targets;
 mod triggers;
 mod watches;
 mod write;

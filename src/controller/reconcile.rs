@@ -27,6 +27,7 @@ use super::{
     events::{PendingEvent, events_of},
     observer::ProbeObservation,
     status::{StatusInputs, desired_status, needs_write},
+    targets::{Claim, SharedFailure},
     triggers::{Observed, Trigger, triggers},
     write::{Outbox, submit},
 };
@@ -37,7 +38,7 @@ use crate::{
         RELEASED_BY_ANNOTATION, reason,
     },
     probe::ProbeTarget,
-    recovery::{Effect, Event, FailureKind, Policy, add},
+    recovery::{self, Effect, Event, FailureKind, Policy, add},
 };
 
 /// What one reconcile works on: the pool's memory and the effects gathered so far.
@@ -57,9 +58,20 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
     let (mut run, connection_lost) = Run::recall(&pool, &ctx);
     let credentials = load_credentials(&pool, &ctx).await;
     run.apply_triggers(&pool, connection_lost, &credentials);
-    if run.probe_due()
-        && let Err(err) = run.probe(&pool, &ctx, credentials).await
-    {
+    let mut due = run.probe_due();
+    let mut shared = None;
+    if due && credentials.is_ok() {
+        match run.claim_target(&pool, &ctx) {
+            Claim::Probe => {}
+            Claim::Use(result) => shared = Some(result),
+            Claim::Wait(at) => {
+                // The target is down and its next shared attempt will answer for this pool too.
+                run.memory.not_before = Some(at);
+                due = false;
+            }
+        }
+    }
+    if due && let Err(err) = run.probe(&pool, &ctx, credentials, shared).await {
         if matches!(err, Error::Deleted) || !ctx.exists(&pool, &run.key) {
             ctx.forget(&run.key);
             return Ok(Action::await_change());
@@ -212,6 +224,23 @@ impl Run {
         self.memory.credentials_fingerprint = Some(fingerprint);
     }
 
+    /// Step 2b: ask the pool's target what to do (see `targets`). A requested probe (force
+    /// reopen, lost connection, new Secret) always probes itself.
+    fn claim_target(&mut self, pool: &DbPool, ctx: &Context) -> Claim {
+        if self.memory.state.probe_requested {
+            return Claim::Probe;
+        }
+        let now = Timestamp::now();
+        // A pool due "now" (never probed) keeps the instant it first became due, so a shared
+        // result finished after it satisfies it (else it would chase every new attempt).
+        let due = match recovery::next_deadline(&self.memory.state, &self.policy) {
+            Some(deadline) => deadline,
+            None => *self.memory.due_since.get_or_insert(now),
+        };
+        ctx.targets
+            .claim(&spec_target_key(pool), &self.key, &self.policy, due, now)
+    }
+
     /// Whether the engine's deadline (or the rate limit) says probe now.
     fn probe_due(&self) -> bool {
         let now = Timestamp::now();
@@ -225,6 +254,7 @@ impl Run {
         pool: &DbPool,
         ctx: &Context,
         credentials: Result<Credentials, CredentialError>,
+        shared: Option<SharedFailure>,
     ) -> Result<(), Error> {
         let recovering = self.memory.state.consecutive_failures > 0
             || self.memory.state.breaker != BreakerState::Closed;
@@ -237,22 +267,31 @@ impl Run {
         let seq = self.memory.state.probe_seq;
         let labels = pool_labels(&self.key);
         let (summary, kind, degraded) = match credentials {
+            // The target's latest failed attempt answers for this pool (no connection of its own).
+            Ok(_) if let Some(shared) = shared => {
+                (shared.summary, Some(FailureKind::Outage), false)
+            }
             Ok(creds) => {
                 let target = probe_target(pool, creds);
+                let target_key = target_key(&target);
                 let report = {
                     let _slot = ctx
                         .probe_slots
                         .acquire(
                             self.key.namespace.as_deref().unwrap_or_default(),
-                            &target_key(&target),
+                            &target_key,
                         )
                         .await;
                     // Deleted while queued for a slot: open no connection for it.
                     if !ctx.exists(pool, &self.key) {
+                        ctx.targets.abandon(&target_key);
                         return Err(Error::Deleted);
                     }
-                    ctx.prober.probe(&owner_key(&self.key), &target).await
+                    let started = Timestamp::now();
+                    let report = ctx.prober.probe(&owner_key(&self.key), &target).await;
+                    (started, report)
                 };
+                let (started, report) = report;
                 let finished = Timestamp::now();
                 ctx.observer.probe_finished(&ProbeObservation {
                     pool: &self.key,
@@ -270,6 +309,7 @@ impl Run {
                     );
                 }
                 let summary = ProbeSummary::from_report(&report, MicroTime(finished));
+                ctx.targets.record(&target_key, started, &summary);
                 (
                     summary,
                     report.outcome.failure_kind(),
@@ -295,6 +335,7 @@ impl Run {
             .apply(event, Timestamp::now(), &self.policy, &mut self.effects);
         self.memory.last_probe = Some(summary);
         self.memory.not_before = None;
+        self.memory.due_since = None;
         Ok(())
     }
 
@@ -413,6 +454,16 @@ fn probe_target(pool: &DbPool, creds: Credentials) -> ProbeTarget {
         pool_max_size: u32::try_from(pool.spec.pool.max_size).unwrap_or(0),
         timeout: pool.spec.health_check.timeout.as_std(),
     }
+}
+
+/// The target key of a pool's spec (see [`target_key`]).
+fn spec_target_key(pool: &DbPool) -> String {
+    let db = &pool.spec.database;
+    format!(
+        "{}:{}",
+        db.host.to_ascii_lowercase(),
+        u16::try_from(db.port).unwrap_or(5432)
+    )
 }
 
 /// The target a probe slot is counted against: `host:port` as the spec writes it (lowercased).

@@ -41,6 +41,7 @@ use super::{
     observer::Observer,
     reconcile::{error_policy, reconcile},
     slots::ProbeSlots,
+    targets::Targets,
     write::WriteBudget,
 };
 use crate::{
@@ -86,6 +87,7 @@ pub(super) async fn run_controller(
     let ctx = Arc::new(Context {
         client: client.clone(),
         secrets: SecretCache::new(client.clone(), secret_reader.clone(), api_slots.clone()),
+        targets: Targets::default(),
         probe_slots: ProbeSlots::new(config.max_concurrent_probes),
         api_slots,
         write_budget: WriteBudget::new(config.counter_write_rate, config.transition_write_rate),
