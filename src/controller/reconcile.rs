@@ -506,3 +506,52 @@ pub(super) fn error_policy(pool: Arc<DbPool>, error: &Error, ctx: Arc<Context>) 
     warn!(pool = %key, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BreakerStatus, Phase};
+
+    fn status(phase: Phase, breaker: BreakerState, failures: i32) -> DbPoolStatus {
+        DbPoolStatus {
+            phase: Some(phase),
+            breaker: Some(BreakerStatus {
+                state: breaker,
+                since: None,
+                next_probe_at: None,
+                open_count: 1,
+                half_open_successes: 0,
+            }),
+            consecutive_failures: failures,
+            observed_generation: Some(1),
+            ..DbPoolStatus::default()
+        }
+    }
+
+    #[test]
+    fn counters_and_failing_phases_wait_but_breaker_changes_go_at_once() {
+        let open = status(Phase::BreakerOpen, BreakerState::Open, 5);
+        assert!(is_transition(None, &open), "a first status goes at once");
+        assert!(!is_transition(
+            Some(&open),
+            &status(Phase::BreakerOpen, BreakerState::Open, 6)
+        ));
+        assert!(!is_transition(
+            Some(&open),
+            &status(Phase::CoolingDown, BreakerState::Open, 7)
+        ));
+        assert!(is_transition(
+            Some(&status(Phase::Recovering, BreakerState::Closed, 4)),
+            &open
+        ));
+        let mut spec_changed = open.clone();
+        spec_changed.observed_generation = Some(2);
+        assert!(is_transition(Some(&open), &spec_changed));
+        let mut acknowledged = open.clone();
+        acknowledged.last_force_reopen = Some(ForceReopenRecord {
+            token: "t".into(),
+            time: MicroTime(Timestamp::UNIX_EPOCH),
+        });
+        assert!(is_transition(Some(&open), &acknowledged));
+    }
+}

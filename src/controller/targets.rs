@@ -153,3 +153,102 @@ impl Targets {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::SignedDuration};
+
+    use super::*;
+    use crate::api::DbPoolSpec;
+
+    fn policy() -> Policy {
+        let spec: DbPoolSpec = serde_json::from_value(serde_json::json!({
+            "database": {"host": "h", "dbname": "d", "user": "u"},
+            "backoff": {"initialDelay": "200ms", "maxDelay": "200ms", "multiplier": 1.0, "jitter": 0.0},
+        }))
+        .expect("spec");
+        spec.policy()
+    }
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000)
+            .expect("valid")
+            .checked_add(SignedDuration::from_millis(ms))
+            .expect("valid")
+    }
+
+    fn refused(finished: Timestamp) -> ProbeSummary {
+        ProbeSummary {
+            time: MicroTime(finished),
+            outcome: ProbeOutcome::TransientFailure,
+            stage: Some(ProbeStage::Connect),
+            latency_ms: 1,
+            message: Some("connection refused".into()),
+            sql_state: None,
+            server_version: None,
+            in_recovery: None,
+            connections: None,
+            max_connections: None,
+        }
+    }
+
+    #[test]
+    fn a_down_target_is_attempted_once_per_shared_delay_and_fans_out() {
+        let targets = Targets::default();
+        let (a, b) = (
+            ObjectRef::<DbPool>::new("a").within("ns"),
+            ObjectRef::<DbPool>::new("b").within("ns"),
+        );
+        let p = policy();
+        // Not known down: both probe.
+        assert!(matches!(
+            targets.claim("h:1", &a, &p, at(0), at(0)),
+            Claim::Probe
+        ));
+        targets.record("h:1", at(0), &refused(at(1)));
+        // b was due at 0: the attempt that finished at 1 answers for it.
+        assert!(matches!(
+            targets.claim("h:1", &b, &p, at(0), at(5)),
+            Claim::Use(_)
+        ));
+        // a is due again at 201: the next shared attempt is at 200, so a makes it ...
+        assert!(matches!(
+            targets.claim("h:1", &a, &p, at(201), at(201)),
+            Claim::Probe
+        ));
+        // ... and b, due at 205 while it is in flight, looks again shortly.
+        assert!(matches!(
+            targets.claim("h:1", &b, &p, at(205), at(205)),
+            Claim::Wait(_)
+        ));
+        targets.record("h:1", at(201), &refused(at(210)));
+        assert!(matches!(
+            targets.claim("h:1", &b, &p, at(205), at(211)),
+            Claim::Use(_)
+        ));
+        // Due at 215 with the next attempt at 401: wait for it.
+        match targets.claim("h:1", &b, &p, at(215), at(215)) {
+            Claim::Wait(until) => assert_eq!(until, at(401)),
+            _ => panic!("expected a wait for the next shared attempt"),
+        }
+    }
+
+    #[test]
+    fn an_answer_from_a_server_is_not_shared() {
+        let mut auth = refused(at(1));
+        auth.stage = Some(ProbeStage::Auth);
+        auth.sql_state = Some("28P01".into());
+        assert!(!is_path_failure(&auth));
+        assert!(is_path_failure(&refused(at(1))));
+        let targets = Targets::default();
+        let a = ObjectRef::<DbPool>::new("a").within("ns");
+        let _ = targets.claim("h:1", &a, &policy(), at(0), at(0));
+        targets.record("h:1", at(0), &auth);
+        assert!(matches!(
+            targets.claim("h:1", &a, &policy(), at(5), at(5)),
+            Claim::Probe
+        ));
+        targets.forget(&a);
+        assert!(lock(&targets.map).is_empty());
+    }
+}
