@@ -35,6 +35,12 @@ pub mod defaults {
     pub const MAX_CONCURRENT_API_REQUESTS: usize = 16;
     /// In a healthy steady state, refresh status.lastProbe at most this often.
     pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
+    /// At most one counter-only status write per pool this often (transitions go at once).
+    pub const MIN_STATUS_PERIOD: Duration = Duration::from_millis(1000);
+    /// Counter-only writes (status, label, event requests) per second, all pools together.
+    pub const COUNTER_WRITE_RATE: u32 = 50;
+    /// Transition writes (status, label, event requests) per second, all pools together.
+    pub const TRANSITION_WRITE_RATE: u32 = 1000;
     /// Reopen each persistent probe connection this often.
     pub const RECONNECT_EVERY: Duration = Duration::from_secs(300);
     /// /healthz fails once the watches have failed this long without a success.
@@ -72,6 +78,9 @@ pub struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "DBPOOL_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Reconcile only DbPools matching this label selector (default: all).
+    #[arg(long, env = "DBPOOL_POOL_SELECTOR")]
+    pub pool_selector: Option<String>,
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, env = "DBPOOL_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
@@ -99,6 +108,19 @@ pub struct RunArgs {
     /// In a healthy steady state, refresh status.lastProbe at most this often.
     #[arg(long, env = "DBPOOL_STATUS_REFRESH", default_value_t = GoDuration(defaults::STATUS_REFRESH))]
     pub status_refresh: GoDuration,
+    /// At most one status write per pool this often, except breaker and phase transitions and
+    /// force-reopen acknowledgements, which go at once (counter-only changes are coalesced: the
+    /// latest value wins).
+    #[arg(long, env = "DBPOOL_MIN_STATUS_PERIOD", default_value_t = GoDuration(defaults::MIN_STATUS_PERIOD))]
+    pub min_status_period: GoDuration,
+    /// Counter-only write requests (status, label, event) per second across all pools; a
+    /// fixed ceiling no DbPool spec can raise.
+    #[arg(long, env = "DBPOOL_COUNTER_WRITE_RATE", default_value_t = defaults::COUNTER_WRITE_RATE)]
+    pub counter_write_rate: u32,
+    /// Transition write requests (status, label, event) per second across all pools: a budget
+    /// of their own, so a flood of counter updates never delays an Open.
+    #[arg(long, env = "DBPOOL_TRANSITION_WRITE_RATE", default_value_t = defaults::TRANSITION_WRITE_RATE)]
+    pub transition_write_rate: u32,
     /// Reopen each persistent probe connection this often (tests the full connect path).
     #[arg(long, env = "DBPOOL_RECONNECT_EVERY", default_value_t = GoDuration(defaults::RECONNECT_EVERY))]
     pub reconnect_every: GoDuration,
@@ -151,9 +173,13 @@ impl RunArgs {
         });
         OperatorConfig {
             namespace: self.namespace.clone(),
+            pool_selector: self.pool_selector.clone(),
             max_concurrent_probes: self.max_concurrent_probes,
             max_concurrent_api_requests: self.max_concurrent_api_requests,
             status_refresh: self.status_refresh.as_std(),
+            min_status_period: self.min_status_period.as_std(),
+            counter_write_rate: self.counter_write_rate.max(1),
+            transition_write_rate: self.transition_write_rate.max(1),
             reconnect_every: self.reconnect_every.as_std(),
             instance,
             leader_election,
@@ -168,9 +194,13 @@ impl Default for OperatorConfig {
     fn default() -> Self {
         Self {
             namespace: None,
+            pool_selector: None,
             max_concurrent_probes: defaults::MAX_CONCURRENT_PROBES,
             max_concurrent_api_requests: defaults::MAX_CONCURRENT_API_REQUESTS,
             status_refresh: defaults::STATUS_REFRESH,
+            min_status_period: defaults::MIN_STATUS_PERIOD,
+            counter_write_rate: defaults::COUNTER_WRITE_RATE,
+            transition_write_rate: defaults::TRANSITION_WRITE_RATE,
             reconnect_every: defaults::RECONNECT_EVERY,
             instance: defaults::INSTANCE.to_owned(),
             leader_election: None,
@@ -207,6 +237,9 @@ mod tests {
         );
         assert_eq!(config.status_refresh, default.status_refresh);
         assert_eq!(config.reconnect_every, default.reconnect_every);
+        assert_eq!(config.min_status_period, default.min_status_period);
+        assert_eq!(config.counter_write_rate, default.counter_write_rate);
+        assert_eq!(config.transition_write_rate, default.transition_write_rate);
         assert_eq!(config.instance, default.instance);
         assert!(config.leader_election.is_none());
         assert_eq!(config.gates, default.gates);

@@ -185,7 +185,16 @@ async fn outage_opens_the_breaker_on_schedule_and_recovery_closes_it() {
     let t = setup().await;
     let mut pg = PgServer::start().await;
     t.secret(APP_PASSWORD).await;
-    let _op = RunningOperator::start(t.client.clone(), t.ns());
+    // Every failure count must reach the status to check the schedule: no per-pool coalescing
+    // (the write budget has its own test, tests/write_budget.rs).
+    let _op = RunningOperator::start_with(
+        t.client.clone(),
+        dbpool_operator::controller::OperatorConfig {
+            namespace: Some(t.ns().to_owned()),
+            min_status_period: Duration::ZERO,
+            ..Default::default()
+        },
+    );
     let spec = pool(
         "flappy",
         pg.port(),
@@ -201,6 +210,7 @@ async fn outage_opens_the_breaker_on_schedule_and_recovery_closes_it() {
     // Watch the pool and record, for each new failure count, the failure time the operator wrote
     // (microsecond precision): the attempt times the schedule is checked against.
     let api = t.api();
+    let (listed_tx, listed) = tokio::sync::oneshot::channel::<()>();
     let observed = tokio::spawn(async move {
         let mut seen: Vec<(i32, k8s_openapi::jiff::Timestamp)> = Vec::new();
         let mut stream = watcher(
@@ -209,7 +219,12 @@ async fn outage_opens_the_breaker_on_schedule_and_recovery_closes_it() {
         )
         .applied_objects()
         .boxed();
+        let mut listed_tx = Some(listed_tx);
         while let Ok(Some(p)) = stream.try_next().await {
+            // The watch has listed the pool: the outage may start.
+            if let Some(tx) = listed_tx.take() {
+                let _ = tx.send(());
+            }
             let failures = p
                 .status
                 .as_ref()
@@ -227,6 +242,12 @@ async fn outage_opens_the_breaker_on_schedule_and_recovery_closes_it() {
         }
         seen
     });
+    // Stop the database only once the watch sees the pool, so it cannot miss the first failure
+    // (writes no longer wait for the reconcile, so they can beat a slow initial list).
+    tokio::time::timeout(Duration::from_secs(10), listed)
+        .await
+        .expect("the watch listed the pool within 10s")
+        .expect("watch task");
     pg.stop().await;
     let seen = tokio::time::timeout(Duration::from_secs(30), observed)
         .await

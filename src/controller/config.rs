@@ -14,6 +14,9 @@ pub const FIELD_MANAGER: &str = "dbpool-operator";
 pub struct OperatorConfig {
     /// Watch only this namespace (None: all namespaces).
     pub namespace: Option<String>,
+    /// Reconcile only DbPools whose labels match this selector (None: all). For sharding pools
+    /// across operator installations, and for tests that must ignore other tests' pools.
+    pub pool_selector: Option<String>,
     /// Probes running at once, across all pools.
     pub max_concurrent_probes: usize,
     /// Requests (status, label and event writes, Secret reads) in flight to the apiserver at once,
@@ -23,6 +26,13 @@ pub struct OperatorConfig {
     pub max_concurrent_api_requests: usize,
     /// In a steady state, refresh lastProbe in status at most this often.
     pub status_refresh: Duration,
+    /// At most one status write per pool this often, except transitions and force-reopen
+    /// acknowledgements (see `write`).
+    pub min_status_period: Duration,
+    /// Counter-only write requests per second, all pools together (token bucket, burst = rate).
+    pub counter_write_rate: u32,
+    /// Transition write requests per second, all pools together (token bucket, burst = rate).
+    pub transition_write_rate: u32,
     /// Reopen each persistent probe connection this often, to test the full connect path.
     pub reconnect_every: Duration,
     /// Name of this operator instance in events and in the leader lease (e.g. the pod name).

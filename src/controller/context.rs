@@ -26,8 +26,14 @@ use tokio::sync::Semaphore;
 use tracing::debug;
 
 use super::{
-    OperatorConfig, credentials::SecretCache, leadership::WriteGate, observer::Observer,
+    OperatorConfig,
+    credentials::SecretCache,
+    leadership::WriteGate,
+    observer::Observer,
+    slots::ProbeSlots,
     status::restore_state,
+    targets::Targets,
+    write::{WriteBudget, WriterSlot},
 };
 use crate::{
     api::{
@@ -53,8 +59,13 @@ pub(super) struct Context {
     pub secrets: SecretCache,
     pub recorder: Recorder,
     pub pools: Mutex<HashMap<ObjectRef<DbPool>, PoolSlot>>,
-    pub probe_slots: Semaphore,
+    /// Per-target shared connect schedules and results (see `targets`).
+    pub targets: Targets,
+    /// The probe slots, shared fairly across namespaces and targets (see `slots`).
+    pub probe_slots: ProbeSlots,
     pub api_slots: Arc<Semaphore>,
+    /// The global write budget (two token buckets; see `write`).
+    pub write_budget: WriteBudget,
     pub metrics: Arc<Metrics>,
     pub observer: Arc<dyn Observer>,
     /// Leadership as of now: every write checks it right before sending.
@@ -72,6 +83,8 @@ pub(super) struct PoolSlot {
     pub probe_requested: bool,
     /// Failed reconciles in a row, for the retry delay.
     pub error_count: u32,
+    /// What waits to be written, and the pool's writer (see `write`).
+    pub writer: WriterSlot,
 }
 
 /// The recovery memory of one pool. The durable copy is the status; this is rebuilt from it.
@@ -84,17 +97,24 @@ pub(super) struct PoolMemory {
     pub last_force_reopen: Option<ForceReopenRecord>,
     /// The maintenance hold acted on, as [`Hold::describe`](crate::api::Hold::describe) puts it.
     pub hold: Option<String>,
+    /// The last status handed to the pool's writer (written, or waiting to be: the latest wins),
+    /// or restored from the object.
     pub last_written: Option<DbPoolStatus>,
     pub last_written_at: Option<Timestamp>,
+    /// The last breaker label handed to the writer.
     pub label_written: Option<String>,
     pub label_written_at: Option<Timestamp>,
     pub credentials_fingerprint: Option<String>,
-    /// No probe before this instant (restart spreading, rate limit of loss-triggered probes).
+    /// No probe before this instant (restart spreading, rate limit of loss-triggered probes,
+    /// the next shared attempt of a target that is down).
     pub not_before: Option<Timestamp>,
     /// The address of the last probe that logged in: the only address a gate may point at.
     pub gate_peer: Option<std::net::SocketAddr>,
     /// The gate Service this process last wrote for the pool (to remove it when undeclared).
     pub gate_applied: Option<String>,
+    /// Since when a pool that is due "now" (never probed) has waited for its target's shared
+    /// attempt: the deadline a shared result must satisfy. Cleared by a probe.
+    pub due_since: Option<Timestamp>,
 }
 
 /// The labels of a pool's metric series.
@@ -165,6 +185,7 @@ impl Context {
     pub fn forget(&self, pool: &ObjectRef<DbPool>) {
         lock(&self.pools).remove(pool);
         self.prober.forget(&owner_key(pool));
+        self.targets.forget(pool);
         self.metrics.forget(&pool_labels(pool));
         debug!(pool = %pool, "forgot deleted pool");
     }
@@ -235,6 +256,7 @@ impl PoolMemory {
                 not_before: None,
                 gate_peer: None,
                 gate_applied: None,
+                due_since: None,
             };
         };
         let state = restore_state(status, seed);
@@ -273,6 +295,7 @@ impl PoolMemory {
             not_before: Some(add(now, spread)),
             gate_peer: None,
             gate_applied: None,
+            due_since: None,
         }
     }
 

@@ -1,9 +1,11 @@
 //! Kubernetes Events for what a person should notice: breaker changes, cooldowns, recoveries,
 //! force reopens and configuration errors.
 //!
-//! Lives here: the wording of every event ([`publish_events`]) and sending one through the
-//! request budget ([`publish`]), only while this process leads. Must not live here: deciding
-//! what happened (the engine's effects say it) or the reasons' spelling (`dbpool_api::reason`).
+//! Lives here: the wording of every event ([`events_of`]), [`PendingEvent`] (an event waiting
+//! in a pool's outbox, with repeats folded in) and sending one through the request budget
+//! ([`publish`]), only while this process leads. Must not live here: deciding what happened (the
+//! engine's effects say it), the reasons' spelling (`dbpool_api::reason`) or when an event goes
+//! out (the pool's writer in `write` decides, with the status it belongs to).
 
 use kube::{
     Resource, ResourceExt,
@@ -20,17 +22,53 @@ use crate::{
     recovery::{Effect, Policy},
 };
 
-/// Publishes the events of one reconcile: one per effect, plus ConfigError on entering that
-/// phase.
-pub(super) async fn publish_events(
-    ctx: &Context,
-    pool: &DbPool,
+/// An event waiting to be published, with how many more of the same reason were folded into it
+/// while it waited (the latest note wins).
+#[derive(Clone, Debug)]
+pub(super) struct PendingEvent {
+    pub type_: EventType,
+    pub reason: &'static str,
+    pub note: String,
+    /// Events of the same reason folded into this one.
+    pub folded: u32,
+}
+
+impl PendingEvent {
+    /// A new pending event.
+    pub fn new(type_: EventType, reason: &'static str, note: String) -> Self {
+        Self {
+            type_,
+            reason,
+            note,
+            folded: 0,
+        }
+    }
+}
+
+/// Adds `newer` to `events`, folding an event into a pending one of the same reason: at most one
+/// event per reason waits per pool, whatever a spec makes the engine do.
+pub(super) fn fold(events: &mut Vec<PendingEvent>, newer: Vec<PendingEvent>) {
+    for event in newer {
+        match events.iter_mut().find(|e| e.reason == event.reason) {
+            Some(pending) => {
+                pending.folded = pending.folded.saturating_add(event.folded + 1);
+                pending.type_ = event.type_;
+                pending.note = event.note;
+            }
+            None => events.push(event),
+        }
+    }
+}
+
+/// The events of one reconcile: one per effect, plus ConfigError on entering that phase.
+pub(super) fn events_of(
     memory: &PoolMemory,
     policy: &Policy,
     effects: &[Effect],
     before: Option<Phase>,
     after: Option<Phase>,
-) {
+) -> Vec<PendingEvent> {
+    let mut events = Vec::new();
     let last_message = memory
         .last_probe
         .as_ref()
@@ -38,19 +76,17 @@ pub(super) async fn publish_events(
         .unwrap_or_default();
     for effect in effects {
         if let Some((type_, reason, note)) = describe(effect, memory, policy, &last_message) {
-            publish(ctx, pool, type_, reason, note).await;
+            events.push(PendingEvent::new(type_, reason, note));
         }
     }
     if after == Some(Phase::ConfigError) && before != Some(Phase::ConfigError) {
-        publish(
-            ctx,
-            pool,
+        events.push(PendingEvent::new(
             EventType::Warning,
             reason::CONFIG_ERROR,
             last_message,
-        )
-        .await;
+        ));
     }
+    events
 }
 
 /// The event an effect deserves, if any: (type, reason, note).
@@ -137,16 +173,19 @@ fn cut_note(mut note: String) -> String {
 /// Sends one event about `pool`, unless this process has stopped leading. An event carries no
 /// precondition: the window in which a deposed leader can still publish one is the time between
 /// the gate check and the apiserver receiving the request, bounded by the rest of its term.
-pub(super) async fn publish(
-    ctx: &Context,
-    pool: &DbPool,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
+/// Folded repeats are counted in the note.
+pub(super) async fn publish(ctx: &Context, pool: &DbPool, pending: PendingEvent) {
+    let note = if pending.folded > 0 {
+        format!(
+            "{} (and {} more like it, folded by the write budget)",
+            pending.note, pending.folded
+        )
+    } else {
+        pending.note
+    };
     let event = KubeEvent {
-        type_,
-        reason: reason.to_owned(),
+        type_: pending.type_,
+        reason: pending.reason.to_owned(),
         note: Some(cut_note(note)),
         action: "Probe".to_owned(),
         secondary: None,

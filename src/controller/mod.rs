@@ -10,8 +10,11 @@
 //! - `context`: the shared state and the one per-pool map entry;
 //! - `triggers`: which events a reconcile feeds the engine (pure, unit-tested);
 //! - `reconcile`: the reconcile pipeline and the error policy;
+//! - `targets`: one shared connect schedule per target while it is down, results fanned out;
+//! - `slots`: the probe slots, round-robin across namespaces with per-namespace and per-target
+//!   shares;
 //! - `status`: the status a user sees, conditions, the visible-change rule, restart restore;
-//! - `write`: status and label writes, and `fenced`, the one way to send a write;
+//! - `write`: the per-pool writer, the write budget, and `fenced`, the one way to send a write;
 //! - `gate`: the gate Service and EndpointSlice of `spec.gate`; `events`: Kubernetes Events;
 //! - `credentials`: reading Secrets; `observer`: the typed window for benchmarks and tests;
 //! - `running`: [`RunningOperator`], an operator on a tokio task.
@@ -33,7 +36,9 @@ mod liveness;
 mod observer;
 mod reconcile;
 mod running;
+mod slots;
 pub mod status;
+mod targets;
 mod triggers;
 mod watches;
 mod write;

@@ -1,15 +1,19 @@
 //! One reconcile of one pool, as a pipeline of short steps.
 //!
 //! Lives here: [`reconcile`] and its steps: recall the pool's memory, load its credentials,
-//! apply the [`triggers`](super::triggers), probe when due, record metrics, write what a user
-//! would see changed, publish events, store the memory and requeue at the engine's next
-//! deadline; and [`error_policy`]. Must not live here: the engine's rules (`dbpool-recovery`),
+//! apply the [`triggers`](super::triggers), probe when due, record metrics, hand what a user
+//! would see changed (status, label, events) to the pool's writer without waiting for it, store
+//! the memory and requeue at the engine's next deadline; which changes are transitions
+//! ([`is_transition`]); and [`error_policy`]. Must not live here: the engine's rules (`dbpool-recovery`),
 //! the shape of the status (`status`), the wording of events (`events`) or the writes
 //! themselves (`write`).
 
 use std::{sync::Arc, time::Duration};
 
-use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::{SignedDuration, Timestamp},
+};
 use kube::{
     ResourceExt,
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
@@ -20,20 +24,22 @@ use super::{
     Error,
     context::{Context, PoolMemory, owner_key, pool_labels},
     credentials::{CredentialError, Credentials},
-    events::{publish, publish_events},
+    events::{PendingEvent, events_of},
     gate::{self, GateOutcome},
     observer::ProbeObservation,
-    status::{StatusInputs, desired_status},
+    status::{StatusInputs, desired_status, needs_write},
+    targets::{Claim, SharedFailure},
     triggers::{Observed, Trigger, triggers},
-    write::write_visible_changes,
+    write::{Outbox, submit},
 };
 use crate::{
     api::{
-        BreakerMode, BreakerState, DbPool, FORCE_REOPEN_ANNOTATION, ForceReopenRecord, Hold,
-        ProbeOutcome, ProbeStage, ProbeSummary, RELEASED_BY_ANNOTATION, reason,
+        BREAKER_LABEL, BreakerMode, BreakerState, CONDITION_READY, DbPool, DbPoolStatus,
+        FORCE_REOPEN_ANNOTATION, ForceReopenRecord, Hold, ProbeOutcome, ProbeStage, ProbeSummary,
+        RELEASED_BY_ANNOTATION, reason,
     },
     probe::ProbeTarget,
-    recovery::{Effect, Event, FailureKind, Policy, add},
+    recovery::{self, Effect, Event, FailureKind, Policy, add},
 };
 
 /// What one reconcile works on: the pool's memory and the effects gathered so far.
@@ -60,9 +66,20 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
         return Err(err.into());
     }
     run.apply_triggers(&pool, connection_lost, &credentials);
-    if run.probe_due()
-        && let Err(err) = run.probe(&pool, &ctx, credentials).await
-    {
+    let mut due = run.probe_due();
+    let mut shared = None;
+    if due && credentials.is_ok() {
+        match run.claim_target(&pool, &ctx) {
+            Claim::Probe => {}
+            Claim::Use(result) => shared = Some(result),
+            Claim::Wait(at) => {
+                // The target is down and its next shared attempt will answer for this pool too.
+                run.memory.not_before = Some(at);
+                due = false;
+            }
+        }
+    }
+    if due && let Err(err) = run.probe(&pool, &ctx, credentials, shared).await {
         if matches!(err, Error::Deleted) || !ctx.exists(&pool, &run.key) {
             ctx.forget(&run.key);
             return Ok(Action::await_change());
@@ -78,15 +95,14 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
             run.memory.state.consecutive_failures,
         );
     }
-    let written = run.write(&pool, &ctx).await;
+    run.write(&pool, &ctx).await;
     let requeue = run.memory.requeue_after(&run.policy);
     // Deleted while this reconcile ran: remember nothing (no entry, series or probe connection).
     if !ctx.exists(&pool, &run.key) {
         ctx.forget(&run.key);
         return Ok(Action::await_change());
     }
-    ctx.store_memory(&run.key, run.memory, written.is_ok());
-    written?;
+    ctx.store_memory(&run.key, run.memory, true);
     Ok(Action::requeue(requeue))
 }
 
@@ -217,6 +233,23 @@ impl Run {
         self.memory.credentials_fingerprint = Some(fingerprint);
     }
 
+    /// Step 2b: ask the pool's target what to do (see `targets`). A requested probe (force
+    /// reopen, lost connection, new Secret) always probes itself.
+    fn claim_target(&mut self, pool: &DbPool, ctx: &Context) -> Claim {
+        if self.memory.state.probe_requested {
+            return Claim::Probe;
+        }
+        let now = Timestamp::now();
+        // A pool due "now" (never probed) keeps the instant it first became due, so a shared
+        // result finished after it satisfies it (else it would chase every new attempt).
+        let due = match recovery::next_deadline(&self.memory.state, &self.policy) {
+            Some(deadline) => deadline,
+            None => *self.memory.due_since.get_or_insert(now),
+        };
+        ctx.targets
+            .claim(&spec_target_key(pool), &self.key, &self.policy, due, now)
+    }
+
     /// Whether the engine's deadline (or the rate limit) says probe now.
     fn probe_due(&self) -> bool {
         let now = Timestamp::now();
@@ -230,6 +263,7 @@ impl Run {
         pool: &DbPool,
         ctx: &Context,
         credentials: Result<Credentials, CredentialError>,
+        shared: Option<SharedFailure>,
     ) -> Result<(), Error> {
         let recovering = self.memory.state.consecutive_failures > 0
             || self.memory.state.breaker != BreakerState::Closed;
@@ -242,16 +276,31 @@ impl Run {
         let seq = self.memory.state.probe_seq;
         let labels = pool_labels(&self.key);
         let (summary, kind, degraded) = match credentials {
+            // The target's latest failed attempt answers for this pool (no connection of its own).
+            Ok(_) if let Some(shared) = shared => {
+                (shared.summary, Some(FailureKind::Outage), false)
+            }
             Ok(creds) => {
                 let target = probe_target(pool, creds);
+                let target_key = target_key(&target);
                 let report = {
-                    let _slot = ctx.probe_slots.acquire().await;
+                    let _slot = ctx
+                        .probe_slots
+                        .acquire(
+                            self.key.namespace.as_deref().unwrap_or_default(),
+                            &target_key,
+                        )
+                        .await;
                     // Deleted while queued for a slot: open no connection for it.
                     if !ctx.exists(pool, &self.key) {
+                        ctx.targets.abandon(&target_key);
                         return Err(Error::Deleted);
                     }
-                    ctx.prober.probe(&owner_key(&self.key), &target).await
+                    let started = Timestamp::now();
+                    let report = ctx.prober.probe(&owner_key(&self.key), &target).await;
+                    (started, report)
                 };
+                let (started, report) = report;
                 let finished = Timestamp::now();
                 ctx.observer.probe_finished(&ProbeObservation {
                     pool: &self.key,
@@ -273,6 +322,7 @@ impl Run {
                     self.memory.gate_peer = report.peer;
                 }
                 let summary = ProbeSummary::from_report(&report, MicroTime(finished));
+                ctx.targets.record(&target_key, started, &summary);
                 (
                     summary,
                     report.outcome.failure_kind(),
@@ -298,17 +348,19 @@ impl Run {
             .apply(event, Timestamp::now(), &self.policy, &mut self.effects);
         self.memory.last_probe = Some(summary);
         self.memory.not_before = None;
+        self.memory.due_since = None;
         Ok(())
     }
 
-    /// Step 4: write the status and label a user would see changed, then publish the events of
-    /// this reconcile's effects.
-    async fn write(&mut self, pool: &DbPool, ctx: &Context) -> Result<(), Error> {
-        let before_phase = self.memory.last_written.as_ref().and_then(|s| s.phase);
-        let previous_conditions = self
-            .memory
-            .last_written
-            .as_ref()
+    /// Step 4: hand what a user would see changed (status, breaker label, this reconcile's
+    /// events) to the pool's writer, marked urgent when it is a transition or a force-reopen
+    /// acknowledgement. Returns once handed over: the writer sends it within the write budget.
+    /// (Only a declared gate is synced inline, before the status that reports it.)
+    async fn write(&mut self, pool: &Arc<DbPool>, ctx: &Arc<Context>) {
+        let now = Timestamp::now();
+        let last = self.memory.last_written.as_ref();
+        let before_phase = last.and_then(|s| s.phase);
+        let previous_conditions = last
             .or(pool.status.as_ref())
             .map(|s| s.conditions.clone())
             .unwrap_or_default();
@@ -339,32 +391,81 @@ impl Run {
                 previous_conditions: &previous_conditions,
                 gate: gate_condition.as_ref(),
             },
-            Timestamp::now(),
+            now,
         );
-        let written = write_visible_changes(
-            ctx,
-            pool,
-            &self.key,
-            &mut self.memory,
+        let status_changed = needs_write(
             &desired,
-            self.policy.interval,
-        )
-        .await;
-        publish_events(
-            ctx,
-            pool,
+            last,
+            self.memory.last_written_at,
+            ctx.config.status_refresh,
+            now,
+        );
+        let urgent = status_changed && is_transition(last, &desired);
+        let label = self.label_to_write(pool, now);
+        let mut events = events_of(
             &self.memory,
             &self.policy,
             &self.effects,
             before_phase,
             desired.phase,
-        )
-        .await;
+        );
         for (type_, reason, note) in self.notes.drain(..) {
-            publish(ctx, pool, type_, reason, note).await;
+            events.push(PendingEvent::new(type_, reason, note));
         }
-        written
+        let outbox = Outbox {
+            pool: pool.clone(),
+            status: status_changed.then(|| desired.clone()),
+            label,
+            events,
+            urgent: urgent || label.is_some(),
+        };
+        submit(ctx, &self.key, outbox);
+        if status_changed {
+            self.memory.last_written = Some(desired);
+            self.memory.last_written_at = Some(now);
+        }
+        if let Some(label) = label {
+            self.memory.label_written = Some(label.to_owned());
+            self.memory.label_written_at = Some(now);
+        }
     }
+
+    /// The breaker label to write, if the object's differs. The object may lag our own write by
+    /// a moment; a label changed by hand is put back once the last write is a probe interval
+    /// old, so drift lasts at most about one interval.
+    fn label_to_write(&self, pool: &DbPool, now: Timestamp) -> Option<&'static str> {
+        let label = self.memory.state.breaker.label_value();
+        let current = pool.labels().get(BREAKER_LABEL).map(String::as_str);
+        let settled = self.memory.label_written_at.is_none_or(|at| {
+            now.duration_since(at)
+                >= SignedDuration::try_from(self.policy.interval).unwrap_or(SignedDuration::MAX)
+        });
+        (current != Some(label) && (self.memory.label_written.as_deref() != Some(label) || settled))
+            .then_some(label)
+    }
+}
+
+/// Whether writing `desired` over `last` goes at once, past the pool's `--min-status-period`:
+/// a first status, a new breaker state, a new `Ready` verdict (the first failure of a healthy
+/// pool, a recovery), a force-reopen acknowledgement, or a new observed generation (a person's
+/// spec change, acknowledged). Everything else — counters, times, messages, and phase changes
+/// among the failing phases — is coalesced: the latest value is written at most once per
+/// period. A spec alone cannot make these fast: the breaker's state and the Ready verdict change
+/// only when the database's answers change (a trial that fails goes Open → HalfOpen → Open
+/// within one reconcile, and a refusing server keeps Ready False).
+pub(super) fn is_transition(last: Option<&DbPoolStatus>, desired: &DbPoolStatus) -> bool {
+    let Some(last) = last else { return true };
+    let ready = |s: &DbPoolStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_READY)
+            .map(|c| c.status.clone())
+    };
+    ready(last) != ready(desired)
+        || last.breaker.as_ref().map(|b| b.state) != desired.breaker.as_ref().map(|b| b.state)
+        || last.observed_generation != desired.observed_generation
+        || last.last_force_reopen.as_ref().map(|r| &r.token)
+            != desired.last_force_reopen.as_ref().map(|r| &r.token)
 }
 
 /// What the probe needs from the spec and the Secrets.
@@ -384,6 +485,23 @@ fn probe_target(pool: &DbPool, creds: Credentials) -> ProbeTarget {
         pool_max_size: u32::try_from(pool.spec.pool.max_size).unwrap_or(0),
         timeout: pool.spec.health_check.timeout.as_std(),
     }
+}
+
+/// The target key of a pool's spec (see [`target_key`]).
+fn spec_target_key(pool: &DbPool) -> String {
+    let db = &pool.spec.database;
+    format!(
+        "{}:{}",
+        db.host.to_ascii_lowercase(),
+        u16::try_from(db.port).unwrap_or(5432)
+    )
+}
+
+/// The target a probe slot is counted against: `host:port` as the spec writes it (lowercased).
+/// Names are not resolved before a slot is granted (a lookup is part of the bounded probe), so
+/// two names for one address count as two targets.
+fn target_key(target: &ProbeTarget) -> String {
+    format!("{}:{}", target.host.to_ascii_lowercase(), target.port)
 }
 
 /// The status's lastProbe for credentials that could not be used.
@@ -418,4 +536,53 @@ pub(super) fn error_policy(pool: Arc<DbPool>, error: &Error, ctx: Arc<Context>) 
     }
     warn!(pool = %key, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BreakerStatus, Phase};
+
+    fn status(phase: Phase, breaker: BreakerState, failures: i32) -> DbPoolStatus {
+        DbPoolStatus {
+            phase: Some(phase),
+            breaker: Some(BreakerStatus {
+                state: breaker,
+                since: None,
+                next_probe_at: None,
+                open_count: 1,
+                half_open_successes: 0,
+            }),
+            consecutive_failures: failures,
+            observed_generation: Some(1),
+            ..DbPoolStatus::default()
+        }
+    }
+
+    #[test]
+    fn counters_and_failing_phases_wait_but_breaker_changes_go_at_once() {
+        let open = status(Phase::BreakerOpen, BreakerState::Open, 5);
+        assert!(is_transition(None, &open), "a first status goes at once");
+        assert!(!is_transition(
+            Some(&open),
+            &status(Phase::BreakerOpen, BreakerState::Open, 6)
+        ));
+        assert!(!is_transition(
+            Some(&open),
+            &status(Phase::CoolingDown, BreakerState::Open, 7)
+        ));
+        assert!(is_transition(
+            Some(&status(Phase::Recovering, BreakerState::Closed, 4)),
+            &open
+        ));
+        let mut spec_changed = open.clone();
+        spec_changed.observed_generation = Some(2);
+        assert!(is_transition(Some(&open), &spec_changed));
+        let mut acknowledged = open.clone();
+        acknowledged.last_force_reopen = Some(ForceReopenRecord {
+            token: "t".into(),
+            time: MicroTime(Timestamp::UNIX_EPOCH),
+        });
+        assert!(is_transition(Some(&open), &acknowledged));
+    }
 }

@@ -40,6 +40,9 @@ use super::{
     liveness::WatchHealth,
     observer::Observer,
     reconcile::{error_policy, reconcile},
+    slots::ProbeSlots,
+    targets::Targets,
+    write::WriteBudget,
 };
 use crate::{
     api::{
@@ -91,8 +94,10 @@ pub(super) async fn run_controller(
             pool_reader.clone(),
             api_slots.clone(),
         ),
-        probe_slots: Semaphore::new(config.max_concurrent_probes.max(1)),
+        targets: Targets::default(),
+        probe_slots: ProbeSlots::new(config.max_concurrent_probes),
         api_slots,
+        write_budget: WriteBudget::new(config.counter_write_rate, config.transition_write_rate),
         config,
         prober,
         recorder,
@@ -131,7 +136,11 @@ pub(super) async fn run_controller(
     let pools_synced = synced.clone();
     let pool_metrics = metrics.clone();
     let pool_health = WatchHealth::new("DbPools", metrics.clone());
-    let pool_stream = watcher(pools_api, watcher::Config::default().any_semantic())
+    let mut pool_watch = watcher::Config::default().any_semantic();
+    if let Some(selector) = &ctx.config.pool_selector {
+        pool_watch = pool_watch.labels(selector);
+    }
+    let pool_stream = watcher(pools_api, pool_watch)
         .default_backoff()
         .reflect(pool_writer)
         .inspect(move |event| pool_health.note(event))

@@ -1,8 +1,9 @@
 //! The recovery engine: reconnect backoff, circuit breaker and phase, as pure functions.
 //!
 //! Lives here: [`Policy`] (the spec's knobs, clamped), [`PoolState`] (one pool's recovery
-//! memory), [`apply`] (event → new state + effects), [`next_deadline`], [`phase`] and
-//! [`backoff_delay`]. Must not live here: I/O, async, the Kubernetes client, logging, or reading
+//! memory), [`apply`] (event → new state + effects), [`next_deadline`], [`phase`],
+//! [`backoff_delay`], and the shared connect schedule of a target that is down
+//! ([`shared_policy`], [`TargetSchedule`]). Must not live here: I/O, async, the Kubernetes client, logging, or reading
 //! the clock. Time is a [`Timestamp`](jiff::Timestamp) passed in by the caller, so
 //! every rule is testable by replaying events at chosen instants.
 //!
@@ -79,12 +80,14 @@ mod backoff;
 mod engine;
 mod policy;
 mod state;
+mod target;
 mod types;
 
 pub use backoff::backoff_delay;
 pub use engine::{add, apply, next_deadline, phase};
 pub use policy::{MAX_MULTIPLIER, MIN_DURATION, Policy};
 pub use state::{Effect, Event, FailureKind, PoolState};
+pub use target::{TargetSchedule, shared_policy};
 pub use types::{BreakerMode, BreakerState, Phase};
 
 #[cfg(test)]

@@ -1,0 +1,254 @@
+//! Coalescing probes per target while it is down: one connect schedule per `host:port`, its
+//! results fanned out to the pools that point there.
+//!
+//! Lives here: [`Targets`] (per target: its owners' policies, the shared
+//! [`TargetSchedule`](crate::recovery::TargetSchedule), the latest failed attempt), [`Claim`]
+//! (what a due pool does: probe, take the latest result, or wait for the next shared attempt)
+//! and [`is_path_failure`] (which results say the target itself is down). Must not live here:
+//! the schedule's arithmetic (`dbpool-recovery`), what a result means for one pool (its own
+//! engine and policy).
+//!
+//! Only failures that no server answer explains are shared — the lookup, the TCP connect, or
+//! the transport dying before authentication completed, without a SQLSTATE — because they hold
+//! for every credential at that address. While the target is healthy every pool probes on its
+//! own schedule (over the persistent connection its credentials share, see `dbpool-probe`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
+
+use super::context::lock;
+use crate::{
+    api::{DbPool, ProbeOutcome, ProbeStage, ProbeSummary},
+    recovery::{Policy, TargetSchedule, add, shared_policy},
+};
+
+/// While another owner's attempt is in flight, a due pool looks again this soon.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(50);
+
+/// A failed attempt against a target, as every owner will see it.
+#[derive(Clone)]
+pub(super) struct SharedFailure {
+    /// When the attempt finished (its summary's time).
+    pub finished: Timestamp,
+    /// The result, as the pool that made it saw it.
+    pub summary: ProbeSummary,
+}
+
+/// What a pool that is due does about its target.
+pub(super) enum Claim {
+    /// Probe (the target is not known down, or this pool makes the shared attempt).
+    Probe,
+    /// Take this result: it is at least as fresh as the pool's deadline.
+    Use(SharedFailure),
+    /// Wait until this instant: the next shared attempt (or the one in flight) will tell.
+    Wait(Timestamp),
+}
+
+#[derive(Default)]
+struct Entry {
+    owners: HashMap<ObjectRef<DbPool>, Policy>,
+    schedule: TargetSchedule,
+    last: Option<SharedFailure>,
+    in_flight: bool,
+}
+
+/// Every target some pool probed, keyed by `host:port`.
+#[derive(Default)]
+pub(super) struct Targets {
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+/// Whether a probe result says the target itself is down: an outage at the lookup, the
+/// connect, TLS or authentication stage without any SQLSTATE (no server answered).
+pub(super) fn is_path_failure(summary: &ProbeSummary) -> bool {
+    summary.outcome == ProbeOutcome::TransientFailure
+        && summary.sql_state.is_none()
+        && matches!(
+            summary.stage,
+            Some(ProbeStage::Resolve | ProbeStage::Connect | ProbeStage::Tls | ProbeStage::Auth)
+        )
+}
+
+/// A stable seed for a target's jitter (FNV-1a of its key).
+fn seed(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+impl Targets {
+    /// What `pool` (due since `due`, with `policy`) does about `target` at `now`. Records the
+    /// pool as an owner; a `Probe` while the target is down makes this pool the shared attempt.
+    pub fn claim(
+        &self,
+        target: &str,
+        pool: &ObjectRef<DbPool>,
+        policy: &Policy,
+        due: Timestamp,
+        now: Timestamp,
+    ) -> Claim {
+        let mut map = lock(&self.map);
+        let entry = map.entry(target.to_owned()).or_insert_with(|| Entry {
+            schedule: TargetSchedule::new(seed(target)),
+            ..Entry::default()
+        });
+        entry.owners.insert(pool.clone(), *policy);
+        if !entry.schedule.is_down() {
+            return Claim::Probe;
+        }
+        if let Some(last) = entry.last.as_ref().filter(|l| l.finished >= due) {
+            return Claim::Use(last.clone());
+        }
+        if entry.in_flight {
+            return Claim::Wait(add(now, IN_FLIGHT_POLL));
+        }
+        let shared = shared_policy(entry.owners.values()).unwrap_or(*policy);
+        match entry.schedule.next_attempt(&shared) {
+            Some(at) if at > now => Claim::Wait(at),
+            _ => {
+                entry.in_flight = true;
+                Claim::Probe
+            }
+        }
+    }
+
+    /// Records the result of a probe of `target` that started at `started`.
+    pub fn record(&self, target: &str, started: Timestamp, summary: &ProbeSummary) {
+        let mut map = lock(&self.map);
+        let Some(entry) = map.get_mut(target) else {
+            return;
+        };
+        entry.in_flight = false;
+        if is_path_failure(summary) {
+            let shared = shared_policy(entry.owners.values());
+            if let Some(shared) = shared {
+                entry.schedule.failed(started, &shared);
+            }
+            entry.last = Some(SharedFailure {
+                finished: summary.time.0,
+                summary: summary.clone(),
+            });
+        } else {
+            entry.schedule.reachable();
+            entry.last = None;
+        }
+    }
+
+    /// A probe that was to be the shared attempt did not run (the reconcile ended first).
+    pub fn abandon(&self, target: &str) {
+        if let Some(entry) = lock(&self.map).get_mut(target) {
+            entry.in_flight = false;
+        }
+    }
+
+    /// Forgets `pool` as an owner everywhere; a target without owners is dropped.
+    pub fn forget(&self, pool: &ObjectRef<DbPool>) {
+        lock(&self.map).retain(|_, entry| {
+            entry.owners.remove(pool);
+            !entry.owners.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::SignedDuration};
+
+    use super::*;
+    use crate::api::DbPoolSpec;
+
+    fn policy() -> Policy {
+        let spec: DbPoolSpec = serde_json::from_value(serde_json::json!({
+            "database": {"host": "h", "dbname": "d", "user": "u"},
+            "backoff": {"initialDelay": "200ms", "maxDelay": "200ms", "multiplier": 1.0, "jitter": 0.0},
+        }))
+        .expect("spec");
+        spec.policy()
+    }
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000)
+            .expect("valid")
+            .checked_add(SignedDuration::from_millis(ms))
+            .expect("valid")
+    }
+
+    fn refused(finished: Timestamp) -> ProbeSummary {
+        ProbeSummary {
+            time: MicroTime(finished),
+            outcome: ProbeOutcome::TransientFailure,
+            stage: Some(ProbeStage::Connect),
+            latency_ms: 1,
+            message: Some("connection refused".into()),
+            sql_state: None,
+            server_version: None,
+            in_recovery: None,
+            connections: None,
+            max_connections: None,
+        }
+    }
+
+    #[test]
+    fn a_down_target_is_attempted_once_per_shared_delay_and_fans_out() {
+        let targets = Targets::default();
+        let (a, b) = (
+            ObjectRef::<DbPool>::new("a").within("ns"),
+            ObjectRef::<DbPool>::new("b").within("ns"),
+        );
+        let p = policy();
+        // Not known down: both probe.
+        assert!(matches!(
+            targets.claim("h:1", &a, &p, at(0), at(0)),
+            Claim::Probe
+        ));
+        targets.record("h:1", at(0), &refused(at(1)));
+        // b was due at 0: the attempt that finished at 1 answers for it.
+        assert!(matches!(
+            targets.claim("h:1", &b, &p, at(0), at(5)),
+            Claim::Use(_)
+        ));
+        // a is due again at 201: the next shared attempt is at 200, so a makes it ...
+        assert!(matches!(
+            targets.claim("h:1", &a, &p, at(201), at(201)),
+            Claim::Probe
+        ));
+        // ... and b, due at 205 while it is in flight, looks again shortly.
+        assert!(matches!(
+            targets.claim("h:1", &b, &p, at(205), at(205)),
+            Claim::Wait(_)
+        ));
+        targets.record("h:1", at(201), &refused(at(210)));
+        assert!(matches!(
+            targets.claim("h:1", &b, &p, at(205), at(211)),
+            Claim::Use(_)
+        ));
+        // Due at 215 with the next attempt at 401: wait for it.
+        match targets.claim("h:1", &b, &p, at(215), at(215)) {
+            Claim::Wait(until) => assert_eq!(until, at(401)),
+            _ => panic!("expected a wait for the next shared attempt"),
+        }
+    }
+
+    #[test]
+    fn an_answer_from_a_server_is_not_shared() {
+        let mut auth = refused(at(1));
+        auth.stage = Some(ProbeStage::Auth);
+        auth.sql_state = Some("28P01".into());
+        assert!(!is_path_failure(&auth));
+        assert!(is_path_failure(&refused(at(1))));
+        let targets = Targets::default();
+        let a = ObjectRef::<DbPool>::new("a").within("ns");
+        let _ = targets.claim("h:1", &a, &policy(), at(0), at(0));
+        targets.record("h:1", at(0), &auth);
+        assert!(matches!(
+            targets.claim("h:1", &a, &policy(), at(5), at(5)),
+            Claim::Probe
+        ));
+        targets.forget(&a);
+        assert!(lock(&targets.map).is_empty());
+    }
+}
