@@ -73,7 +73,9 @@ async fn flood_a_pool_with_the_smallest_timings_stays_within_the_write_budget() 
         proxy.port(),
         None,
         serde_json::json!({
-            "healthCheck": { "interval": "100ms", "timeout": "50ms" },
+            // The smallest timings admission takes: every duration at its 100ms floor, and the
+            // interval just above the timeout it must exceed.
+            "healthCheck": { "interval": "101ms", "timeout": "100ms" },
             "backoff": { "initialDelay": "100ms", "maxDelay": "100ms", "multiplier": 1.0,
                          "maxAttempts": 3, "cooldown": "100ms", "jitter": 0.0 },
             "breaker": { "failureThreshold": 1, "openTimeout": "100ms", "successThreshold": 1 },

@@ -204,7 +204,14 @@ async fn drain(weak: Weak<Context>, key: ObjectRef<DbPool>) {
                     finish(&ctx, &key);
                     return;
                 }
-                match send(&ctx, &key, &outbox).await {
+                let sent = send(&ctx, &key, &outbox).await;
+                if !ctx.exists(&outbox.pool, &key) {
+                    // Deleted while the write was in flight: whatever it recorded (a write
+                    // counted, an error counted) must not outlive the pool.
+                    ctx.forget(&key);
+                    return;
+                }
+                match sent {
                     Ok(true) => failures = 0,
                     Ok(false) => {
                         // Not leading any more: a deposed leader writes nothing.
