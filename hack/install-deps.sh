@@ -14,6 +14,8 @@ command -v ps >/dev/null || need_apt+=(procps)
 command -v promtool >/dev/null || need_apt+=(prometheus)
 # hack/gate-netns.sh: kube-proxy's iptables mode needs iptables (Debian's is the nft backend).
 command -v iptables >/dev/null || need_apt+=(iptables)
+# hack/gate-netns.sh: network namespaces and addresses.
+command -v ip >/dev/null || need_apt+=(iproute2)
 python3 -c 'import yaml' 2>/dev/null || /usr/bin/python3 -c 'import yaml' 2>/dev/null || need_apt+=(python3-yaml)
 if ((${#need_apt[@]})); then
   echo "[deps] apt-get install ${need_apt[*]}" >&2
