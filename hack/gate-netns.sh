@@ -58,8 +58,10 @@ log "network namespace $NS: lo up with $DB_ADDR and $CLIENT_ADDR, $SERVICE_CIDR 
 
 eval "$(nsx env DBPOOL_ENV_DIR="$STATE/env" hack/env.sh up)"
 
-# No conntrack sysctls (they are per host, not per namespace), no Node object needed.
-nsx "$KUBE_PROXY" --kubeconfig="$KUBECONFIG" --proxy-mode=iptables --hostname-override=gate-test \
+# No conntrack sysctls (they are per host, not per namespace), no Node object needed. Started
+# with `ip netns exec` directly (not through the nsx function, whose subshell would be the PID we
+# kill, leaving kube-proxy running): ip execs kube-proxy, so $! is kube-proxy itself.
+ip netns exec "$NS" "$KUBE_PROXY" --kubeconfig="$KUBECONFIG" --proxy-mode=iptables --hostname-override=gate-test \
   --conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0s \
   --conntrack-tcp-timeout-close-wait=0s --iptables-min-sync-period=0s --iptables-sync-period=30s \
   --metrics-bind-address=127.0.0.1:10249 --healthz-bind-address=127.0.0.1:10256 \
