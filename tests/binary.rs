@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use dbpool_operator::api::{BreakerState, DbPool, DbPoolStatus, Phase};
 use kube::{Api, Client};
 use support::{
-    kube::{TestNamespace, create_consenting_secret, install_crd},
+    kube::{TestNamespace, namespace_with_secret},
     pools::{create, pool, status, wait_status},
     postgres::{APP_PASSWORD, PgServer},
     process::{OperatorProcess, sample},
@@ -30,19 +30,7 @@ fn healthy(s: &DbPoolStatus) -> bool {
 }
 
 async fn setup() -> (Client, TestNamespace) {
-    let client = support::kube::client().await;
-    install_crd(&client).await;
-    let ns = TestNamespace::new(&client).await;
-    create_consenting_secret(
-        &client,
-        ns.name(),
-        SECRET,
-        KEY,
-        APP_PASSWORD,
-        &["127.0.0.1"],
-    )
-    .await;
-    (client, ns)
+    namespace_with_secret(SECRET, KEY, APP_PASSWORD).await
 }
 
 /// /healthz, /readyz and /metrics answer; after a forced outage the breaker gauge flips to open

@@ -24,7 +24,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use support::{
-    kube::{TestNamespace, create_consenting_secret, install_crd, kubeconfig_path, unique_name},
+    kube::{TestNamespace, kubeconfig_path, namespace_with_secret, unique_name},
     pools::{create, pool, wait_status},
     postgres::{APP_PASSWORD, PgServer},
     process::{OperatorProcess, sample},
@@ -38,19 +38,7 @@ const KEY: &str = "password";
 const LEASE_DURATION: Duration = Duration::from_secs(3);
 
 async fn setup() -> (Client, TestNamespace) {
-    let client = support::kube::client().await;
-    install_crd(&client).await;
-    let ns = TestNamespace::new(&client).await;
-    create_consenting_secret(
-        &client,
-        ns.name(),
-        SECRET,
-        KEY,
-        APP_PASSWORD,
-        &["127.0.0.1"],
-    )
-    .await;
-    (client, ns)
+    namespace_with_secret(SECRET, KEY, APP_PASSWORD).await
 }
 
 /// Leader-election flags with a lease of this test's own (3s, renewed 1s before expiry).

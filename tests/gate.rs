@@ -19,7 +19,10 @@ use dbpool_testkit as support;
 use std::{
     collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -538,9 +541,11 @@ async fn kube_proxy_refuses_connects_while_the_breaker_is_open() {
     // The recovery herd: 50 clients retrying every 100 ms at the closed gate, each recording how
     // its failed attempts failed and how long its successful login took.
     let reopened_at = Arc::new(Mutex::new(None::<Instant>));
+    let refusals = Arc::new(AtomicUsize::new(0));
     let mut clients = Vec::new();
     for _ in 0..50 {
         let reopened_at = reopened_at.clone();
+        let refusals = refusals.clone();
         clients.push(tokio::spawn(async move {
             let mut herd = HerdClient::default();
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -552,19 +557,28 @@ async fn kube_proxy_refuses_connects_while_the_breaker_is_open() {
                         herd.after_close = reopened_at.lock().expect("lock").map(|t| t.elapsed());
                         return herd;
                     }
-                    Err(e) if e.contains("refused") => herd.refused += 1,
+                    Err(e) if e.contains("refused") => {
+                        herd.refused += 1;
+                        refusals.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(e) if e.contains("timed out") || e.contains("timeout") => {
                         herd.timed_out += 1
                     }
                     Err(_) => herd.other += 1,
                 }
+                // A client's own retry pace (the workload, not a wait in the test).
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             herd
         }));
     }
-    // Let the herd wait at the closed gate for a while.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The herd waits at the closed gate: every client refused a few times over.
+    wait_until(
+        "the herd refused at the closed gate",
+        Duration::from_secs(30),
+        || async { refusals.load(Ordering::Relaxed) >= 50 * 3 },
+    )
+    .await;
 
     // Recovery: the database is back; a force reopen closes the breaker at the next probe.
     pg.start().await;

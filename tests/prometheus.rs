@@ -18,7 +18,7 @@ use dbpool_operator::api::Phase;
 use serde_json::{Value, json};
 use support::{
     helm::{parse_docs, repo_root, template},
-    kube::{TestNamespace, create_consenting_secret, install_crd, kubeconfig_path},
+    kube::{kubeconfig_path, namespace_with_secret},
     pools::{create, pool, wait_status},
     ports::free_port,
     postgres::{APP_PASSWORD, PgServer},
@@ -122,18 +122,7 @@ async fn render_rules(path: &Path) {
 #[tokio::test]
 async fn alerts_fire_during_an_outage_and_resolve_after_it_and_the_dashboard_has_data() {
     let started = Instant::now();
-    let client = support::kube::client().await;
-    install_crd(&client).await;
-    let ns = TestNamespace::new(&client).await;
-    create_consenting_secret(
-        &client,
-        ns.name(),
-        SECRET,
-        KEY,
-        APP_PASSWORD,
-        &["127.0.0.1"],
-    )
-    .await;
+    let (client, ns) = namespace_with_secret(SECRET, KEY, APP_PASSWORD).await;
     let mut pg = PgServer::start().await;
 
     // The operator binary, as it runs in the cluster.

@@ -261,6 +261,21 @@ impl Drop for TestNamespace {
     }
 }
 
+/// The usual start of an end-to-end test: a client of the test control plane, the CRD installed,
+/// a fresh namespace, and in it a Secret `secret` holding `key: value` that consents to host
+/// 127.0.0.1 (where every test database listens).
+pub async fn namespace_with_secret(
+    secret: &str,
+    key: &str,
+    value: &str,
+) -> (Client, TestNamespace) {
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(&client).await;
+    create_consenting_secret(&client, ns.name(), secret, key, value, &["127.0.0.1"]).await;
+    (client, ns)
+}
+
 /// Creates an Opaque Secret `name` in `ns` holding `key: value` that consents to being used by
 /// DbPools whose host is one of `hosts`: the label `dbpool.io/credentials: "true"` and the
 /// annotation `dbpool.io/allowed-hosts`. Every test, the demo and the benchmark create their
