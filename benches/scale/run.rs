@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     operator::Operator,
+    phases::Together,
     procfs::{control_plane_cpu, now_us, postgres_usage, us},
     report::Report,
     settings::{API_CONCURRENCY, KEY, LONG_OPEN_TIMEOUT, Mode, SECRET, Settings, pool_policy},
@@ -59,6 +60,8 @@ pub struct Run {
     log_dir: PathBuf,
     /// kube-apiserver + etcd CPU seconds per second in a window without status writes.
     pub control_plane_idle: Option<f64>,
+    /// What the fault phase saw, for the floor phase's comparison.
+    pub together: Option<Together>,
 }
 
 /// Resource usage of the operator and the servers over a window.
@@ -153,6 +156,7 @@ impl Run {
             watch,
             log_dir,
             control_plane_idle: None,
+            together: None,
         }
     }
 
@@ -384,6 +388,7 @@ impl Run {
         let t0 = Instant::now();
         let phase = |name: &str| self.s.phases.iter().any(|p| p == name);
         let (steady, fast, fault) = (phase("steady"), phase("fast"), phase("fault"));
+        let (isolated, floor) = (phase("isolated"), phase("floor"));
         let (restart, coalescing) = (phase("restart"), phase("coalescing"));
         self.setup().await;
         if steady {
@@ -391,6 +396,9 @@ impl Run {
         }
         if fast {
             self.fast().await;
+        }
+        if isolated {
+            self.isolated().await;
         }
         if fault {
             self.fault().await;
@@ -401,6 +409,10 @@ impl Run {
         }
         if coalescing {
             self.coalescing().await;
+        }
+        if floor {
+            // Last: it stops the operator and overwrites the statuses of the pools it writes.
+            self.floor().await;
         }
         let relists = self.store.relists.load(Ordering::Relaxed);
         if relists > 1 {

@@ -79,6 +79,10 @@ pub struct Settings {
     pub short_refresh: Duration,
     /// Whether to run the one-connection-per-pool comparison (`BENCH_DISTINCT`).
     pub distinct: bool,
+    /// Pools that fail one at a time in the isolated-faults phase (`BENCH_VICTIMS`).
+    pub victims: usize,
+    /// Faults of the isolated-faults phase, in all (`BENCH_ISOLATED_FAULTS`).
+    pub isolated_faults: usize,
     /// The phases to run (`BENCH_PHASES`).
     pub phases: Vec<String>,
     /// Where the report goes (`BENCH_OUT`).
@@ -126,8 +130,12 @@ impl Settings {
             sample: env_u64("BENCH_SAMPLE").unwrap_or(50) as usize,
             short_refresh: secs("BENCH_SHORT_REFRESH_SECS", 10),
             distinct: env_u64("BENCH_DISTINCT").unwrap_or(1) != 0,
+            victims: env_u64("BENCH_VICTIMS").unwrap_or(10).max(1) as usize,
+            isolated_faults: env_u64("BENCH_ISOLATED_FAULTS").unwrap_or(100) as usize,
             phases: std::env::var("BENCH_PHASES")
-                .unwrap_or_else(|_| "steady,fast,fault,restart,coalescing".to_owned())
+                .unwrap_or_else(|_| {
+                    "steady,fast,isolated,fault,floor,restart,coalescing".to_owned()
+                })
                 .split(',')
                 .map(|p| p.trim().to_owned())
                 .collect(),

@@ -16,6 +16,7 @@ use dbpool_operator::{
 
 use crate::{
     apiserver::{ApiSample, apiserver_latency, apiserver_sample},
+    phases::Together,
     procfs::{control_plane_cpu, now_us, us},
     report::{ratio, show, stats, verdict},
     run::Run,
@@ -54,6 +55,19 @@ struct OpenFigures {
     to_ack: Vec<f64>,
     ack_to_watch: Vec<f64>,
     schedule: Vec<f64>,
+    /// The earliest crossing and the latest Open seen (µs).
+    first_crossing_us: Option<i64>,
+    last_open_us: Option<i64>,
+}
+
+impl OpenFigures {
+    /// The first crossing → the last Open seen, ms.
+    fn span_ms(&self) -> f64 {
+        match (self.first_crossing_us, self.last_open_us) {
+            (Some(a), Some(b)) => (b - a) as f64 / 1000.0,
+            _ => f64::NAN,
+        }
+    }
 }
 
 /// Time to Closed of the pools outside the sample: measured, theoretical, late.
@@ -76,8 +90,14 @@ impl Run {
             since_stop.entry(o.pool).or_default().push(o);
         }
         let open = self.open_figures(&outage, &probes, &since_stop);
+        self.together = Some(Together {
+            pools: outage.affected.clone(),
+            last_open_ms: open.overhead.iter().copied().fold(f64::NAN, f64::max),
+            span_ms: open.span_ms(),
+        });
         let closed = closed_figures(&outage, &since_stop);
         self.report_open(&outage, open);
+        self.report_attempts(&outage, &probes);
         self.report_closed(&outage, closed);
     }
 
@@ -164,7 +184,10 @@ impl Run {
                 continue;
             };
             f.to_open.push((open.at_us - t_stop) as f64 / 1000.0);
+            f.last_open_us = f.last_open_us.max(Some(open.at_us));
             if let Some(failed_at) = open.snap.last_failure_us {
+                f.first_crossing_us =
+                    Some(f.first_crossing_us.map_or(failed_at, |a| a.min(failed_at)));
                 f.overhead.push((open.at_us - failed_at) as f64 / 1000.0);
                 // The operator's acknowledged write of that status splits the overhead.
                 if let Some((_, acked, _)) = acks.iter().find(|(pool, at, phase)| {
@@ -273,6 +296,74 @@ impl Run {
                 100.0 * cpu / wall
             ));
         }
+    }
+}
+
+impl Run {
+    /// The row about connect attempts against the stopped servers: every real probe of a pool
+    /// on a stopped server while it was down (each is one connection attempt: the shared
+    /// connection died with the server), per server, against the attempts one pool's schedule
+    /// makes in the same span (the tightest policy of the owners: the pools outside the sample).
+    fn report_attempts(&mut self, outage: &Outage, probes: &[Vec<ProbeEvent>]) {
+        let policy = pool_policy(self.s.steady_interval);
+        let mut ratios = Vec::new();
+        let mut text = Vec::new();
+        for server in 0..outage.down {
+            let attempts: Vec<&ProbeEvent> = outage
+                .affected
+                .iter()
+                .filter(|p| self.target_of(**p) == server)
+                .flat_map(|p| probes[*p as usize].iter())
+                .filter(|e| !e.ok && e.start_us >= outage.t_stop && e.start_us < outage.t_started)
+                .collect();
+            let Some(first) = attempts.iter().map(|e| e.start_us).min() else {
+                continue;
+            };
+            let span = outage.t_started - first;
+            let single = single_pool_attempts(&policy, span);
+            let ratio = attempts.len() as f64 / single as f64;
+            ratios.push(ratio);
+            let owners = outage
+                .affected
+                .iter()
+                .filter(|p| self.target_of(**p) == server)
+                .count();
+            text.push(format!(
+                "server {server}: {} attempts by {owners} pools in {:.1} s, one pool's schedule \
+                 {single} ({ratio:.2}×)",
+                attempts.len(),
+                span as f64 / 1e6
+            ));
+        }
+        let worst = ratios.iter().copied().fold(f64::NAN, f64::max);
+        self.report.row(
+            "K pools on one stopped server: connect attempts while it is down (real probes; \
+             each opens a connection) against one pool's schedule over the same span",
+            text.join("; "),
+            "≤ 1.1×",
+            &verdict(worst <= 1.1),
+        );
+    }
+}
+
+/// Attempts one pool makes against a dead server in `span_us` from its first failure: the
+/// backoff delays until the threshold, then one half-open trial per openTimeout.
+fn single_pool_attempts(policy: &Policy, span_us: i64) -> usize {
+    let mut at = 0i64;
+    let mut attempts = 1;
+    let mut streak = 1usize;
+    loop {
+        let delay = if streak < policy.failure_threshold as usize {
+            pool_backoff(streak - 1)
+        } else {
+            policy.open_timeout.max(pool_backoff(streak - 1))
+        };
+        at += us(delay);
+        if at > span_us {
+            return attempts;
+        }
+        attempts += 1;
+        streak += 1;
     }
 }
 

@@ -6,10 +6,12 @@
 //! - `steady`: the long interval: CPU, RSS, schedule fidelity, status writes;
 //! - `fast`: every pool patched to the short interval, a quiet window; `churn`: a window with
 //!   connection churn on every server;
+//! - `isolated`: one pool failing at a time among N healthy ones, many staggered faults;
 //! - `fault`: stop servers, time to Open and detection overhead, start them, time to Closed;
 //! - `force_reopen`: the annotation on the sample (breaker Open, database up);
 //! - `restart`: SIGKILL into a new operator, resume spread, writes and memory;
-//! - `coalescing`: shared connections against one connection per pool.
+//! - `coalescing`: shared connections against one connection per pool;
+//! - `floor` (last): the apiserver's own time for the fault's N status writes, operator stopped.
 //!
 //! Must not live here: helpers more than one phase uses (`run`), formatting (`report`), /proc
 //! (`procfs`).
@@ -18,7 +20,11 @@ mod churn;
 mod coalescing;
 mod fast;
 mod fault;
+mod floor;
 mod force_reopen;
+mod isolated;
 mod restart;
 mod setup;
 mod steady;
+
+pub use floor::Together;
