@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     api::GoDuration,
-    controller::{GateAllowlist, LeaderElection, OperatorConfig},
+    controller::{FleetGuardSettings, GateAllowlist, LeaderElection, OperatorConfig},
 };
 
 /// Every default of the operator process. The chart's `values.yaml` documents the same values.
@@ -49,6 +49,17 @@ pub mod defaults {
     pub const ALLOW_GATES_IN: &str = "";
     /// Instance name when neither the flag, $POD_NAME nor $HOSTNAME gives one.
     pub const INSTANCE: &str = "dbpool-operator";
+    /// The fleet guard holds breakers (false: it only reports `dbpool_fleet_suspect`).
+    pub const FLEET_GUARD: bool = true;
+    /// Share of eligible targets per namespace, and of namespaces, that must fail on the path.
+    pub const FLEET_GUARD_SHARE: f64 = 0.5;
+    /// Eligible targets needed before the fleet guard may trip.
+    pub const FLEET_GUARD_MIN_TARGETS: u32 = 3;
+    /// A failure streak counts for the fleet guard if it began this recently: two default
+    /// probe intervals (30s), so a fleet probed on the default interval falls into one window.
+    pub const FLEET_GUARD_WINDOW: Duration = Duration::from_secs(60);
+    /// A pool's breaker is held at most this long.
+    pub const FLEET_GUARD_MAX_HOLD: Duration = Duration::from_secs(600);
 }
 
 /// Kubernetes operator that keeps PostgreSQL connection pools out of a permanent failure state.
@@ -134,6 +145,26 @@ pub struct RunArgs {
     /// (CVE-2021-25740).
     #[arg(long, env = "DBPOOL_ALLOW_GATES_IN", default_value = defaults::ALLOW_GATES_IN, value_parser = GateAllowlist::parse)]
     pub allow_gates_in: GateAllowlist,
+    /// Let the fleet guard hold breakers from opening while most targets that were healthy fail
+    /// on the network path at once (timeouts, unreachable, DNS): the operator's own network is
+    /// then the likelier culprit. With false the verdict is still exported as
+    /// dbpool_fleet_suspect, but nothing is held.
+    #[arg(long, env = "DBPOOL_FLEET_GUARD", default_value_t = defaults::FLEET_GUARD, action = clap::ArgAction::Set)]
+    pub fleet_guard: bool,
+    /// The fleet guard trips when at least this share (0.01–1) of each agreeing namespace's
+    /// eligible targets fail on the path, and at least this share of namespaces agree.
+    #[arg(long, env = "DBPOOL_FLEET_GUARD_SHARE", default_value_t = defaults::FLEET_GUARD_SHARE)]
+    pub fleet_guard_share: f64,
+    /// The fleet guard never trips with fewer eligible targets (namespace and host:port) than this.
+    #[arg(long, env = "DBPOOL_FLEET_GUARD_MIN_TARGETS", default_value_t = defaults::FLEET_GUARD_MIN_TARGETS)]
+    pub fleet_guard_min_targets: u32,
+    /// A target's failures count for the fleet guard if they began within this window.
+    #[arg(long, env = "DBPOOL_FLEET_GUARD_WINDOW", default_value_t = GoDuration(defaults::FLEET_GUARD_WINDOW))]
+    pub fleet_guard_window: GoDuration,
+    /// The fleet guard holds one pool's breaker at most this long; the first path failure after
+    /// that opens it.
+    #[arg(long, env = "DBPOOL_FLEET_GUARD_MAX_HOLD", default_value_t = GoDuration(defaults::FLEET_GUARD_MAX_HOLD))]
+    pub fleet_guard_max_hold: GoDuration,
     /// Log format.
     #[arg(long, env = "DBPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -184,6 +215,17 @@ impl RunArgs {
             instance,
             leader_election,
             gates: self.allow_gates_in.clone(),
+            fleet_guard: FleetGuardSettings {
+                enabled: self.fleet_guard,
+                share: if self.fleet_guard_share.is_finite() {
+                    self.fleet_guard_share.clamp(0.01, 1.0)
+                } else {
+                    defaults::FLEET_GUARD_SHARE
+                },
+                min_targets: self.fleet_guard_min_targets.max(1),
+                window: self.fleet_guard_window.as_std(),
+                max_hold: self.fleet_guard_max_hold.as_std(),
+            },
         }
     }
 }
@@ -205,6 +247,13 @@ impl Default for OperatorConfig {
             instance: defaults::INSTANCE.to_owned(),
             leader_election: None,
             gates: GateAllowlist::Nowhere,
+            fleet_guard: FleetGuardSettings {
+                enabled: defaults::FLEET_GUARD,
+                share: defaults::FLEET_GUARD_SHARE,
+                min_targets: defaults::FLEET_GUARD_MIN_TARGETS,
+                window: defaults::FLEET_GUARD_WINDOW,
+                max_hold: defaults::FLEET_GUARD_MAX_HOLD,
+            },
         }
     }
 }
@@ -244,6 +293,29 @@ mod tests {
         assert!(config.leader_election.is_none());
         assert_eq!(config.gates, default.gates);
         assert!(!config.gates.enabled());
+        assert_eq!(config.fleet_guard, default.fleet_guard);
+    }
+
+    #[test]
+    fn the_fleet_guard_flags_map_and_clamp() {
+        let config = parse(&[
+            "run",
+            "--fleet-guard=false",
+            "--fleet-guard-share",
+            "7",
+            "--fleet-guard-min-targets",
+            "0",
+            "--fleet-guard-window",
+            "2m",
+            "--fleet-guard-max-hold",
+            "1h",
+        ])
+        .operator_config(|_| None);
+        let guard = config.fleet_guard;
+        assert!(!guard.enabled);
+        assert_eq!((guard.share, guard.min_targets), (1.0, 1));
+        assert_eq!(guard.window, Duration::from_secs(120));
+        assert_eq!(guard.max_hold, Duration::from_secs(3600));
     }
 
     #[test]

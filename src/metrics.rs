@@ -77,6 +77,8 @@ pub struct Metrics {
     reconcile_errors: Family<PoolLabels, Counter>,
     leader: Gauge,
     controller_contexts: Gauge,
+    fleet_suspect: Gauge,
+    fleet_held_openings: Counter,
     ready: AtomicBool,
     is_leader: AtomicBool,
     /// Since when the watches have failed without a success in between.
@@ -153,8 +155,22 @@ impl Metrics {
             "Live controller contexts (probe connections, caches, pool map): 1 while leading, else 0",
             controller_contexts.clone(),
         );
+        let fleet_suspect = Gauge::default();
+        registry.register(
+            "fleet_suspect",
+            "1 while the fleet guard suspects the operator's own network (most targets that were healthy fail on the network path at once); breakers are then held from opening",
+            fleet_suspect.clone(),
+        );
+        let fleet_held_openings = Counter::default();
+        registry.register(
+            "fleet_held_openings",
+            "Breaker openings the fleet guard held (one per pool per hold)",
+            fleet_held_openings.clone(),
+        );
         Self {
             registry,
+            fleet_suspect,
+            fleet_held_openings,
             recovery_attempts,
             breaker_state,
             consecutive_failures,
@@ -275,6 +291,7 @@ impl Metrics {
     /// Removes every per-pool series (this process stopped leading: a standby exports none, so a
     /// stale breaker state can neither fire nor hide an alert).
     pub fn forget_all_pools(&self) {
+        self.fleet_suspect.set(0);
         self.recovery_attempts.clear();
         self.breaker_state.clear();
         self.consecutive_failures.clear();
@@ -305,6 +322,21 @@ impl Metrics {
                 outcome: outcome.name().to_owned(),
             });
         }
+    }
+
+    /// Sets `dbpool_fleet_suspect` (the fleet guard's verdict).
+    pub fn fleet_suspect(&self, suspect: bool) {
+        self.fleet_suspect.set(i64::from(suspect));
+    }
+
+    /// The current `dbpool_fleet_suspect`.
+    pub fn is_fleet_suspect(&self) -> bool {
+        self.fleet_suspect.get() == 1
+    }
+
+    /// Counts a breaker opening the fleet guard held (the start of one pool's hold).
+    pub fn fleet_opening_held(&self) {
+        self.fleet_held_openings.inc();
     }
 
     /// Counts a controller context created (+1) or dropped (-1).

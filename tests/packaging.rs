@@ -224,7 +224,7 @@ async fn helm_lint_passes_in_every_mode() {
 #[tokio::test]
 async fn impossible_values_are_rejected_when_rendering() {
     let chart = chart_dir();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--set", "leaderElection.enabled=false"],
             "replicaCount > 1 needs leaderElection.enabled",
@@ -239,6 +239,8 @@ async fn impossible_values_are_rejected_when_rendering() {
             "statusRefresh",
         ),
         (&["--set", "replicas=3"], "additional properties 'replicas'"),
+        (&["--set", "operator.fleetGuard.share=2"], "share"),
+        (&["--set", "operator.fleetGuard.window=1 minute"], "window"),
     ];
     for (extra, expected) in cases {
         let mut args: Vec<&str> = vec!["template", "x", chart.to_str().expect("UTF-8 path")];
@@ -726,6 +728,11 @@ async fn the_deployment_is_hardened_and_wired_as_documented() {
             "--metrics-addr=0.0.0.0:8080",
             "--max-concurrent-probes=64",
             "--status-refresh=5m",
+            "--fleet-guard=true",
+            "--fleet-guard-share=0.5",
+            "--fleet-guard-min-targets=3",
+            "--fleet-guard-window=1m",
+            "--fleet-guard-max-hold=10m",
             "--log-format=json",
         ]
     );

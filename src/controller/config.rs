@@ -41,6 +41,25 @@ pub struct OperatorConfig {
     pub leader_election: Option<LeaderElection>,
     /// The namespaces in which a DbPool's spec.gate is honoured (--allow-gates-in).
     pub gates: GateAllowlist,
+    /// The fleet guard: hold breakers from opening while most targets fail on the network path
+    /// at once (see `controller::fleet`).
+    pub fleet_guard: FleetGuardSettings,
+}
+
+/// Settings of the fleet guard (`--fleet-guard-*`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FleetGuardSettings {
+    /// Whether the guard may hold breakers at all (the verdict and its metric are computed
+    /// either way).
+    pub enabled: bool,
+    /// Share of eligible targets per namespace, and of namespaces, that must fail on the path.
+    pub share: f64,
+    /// Eligible targets (namespace and `host:port`) needed before the guard may trip.
+    pub min_targets: u32,
+    /// How recent a failure streak's start must be to count.
+    pub window: Duration,
+    /// A pool is held at most this long; its next path failure after that opens the breaker.
+    pub max_hold: Duration,
 }
 
 /// Where a DbPool's `spec.gate` is honoured. Off by default: a Service whose endpoints the

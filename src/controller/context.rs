@@ -28,6 +28,7 @@ use tracing::debug;
 use super::{
     OperatorConfig,
     credentials::SecretCache,
+    fleet::Fleet,
     leadership::WriteGate,
     observer::Observer,
     slots::ProbeSlots,
@@ -61,6 +62,8 @@ pub(super) struct Context {
     pub pools: Mutex<HashMap<ObjectRef<DbPool>, PoolSlot>>,
     /// Per-target shared connect schedules and results (see `targets`).
     pub targets: Targets,
+    /// The fleet guard (see `fleet`).
+    pub fleet: Fleet,
     /// The probe slots, shared fairly across namespaces and targets (see `slots`).
     pub probe_slots: ProbeSlots,
     pub api_slots: Arc<Semaphore>,
@@ -186,6 +189,7 @@ impl Context {
         lock(&self.pools).remove(pool);
         self.prober.forget(&owner_key(pool));
         self.targets.forget(pool);
+        self.fleet.forget(pool);
         self.metrics.forget(&pool_labels(pool));
         debug!(pool = %pool, "forgot deleted pool");
     }
@@ -316,7 +320,20 @@ impl PoolMemory {
         policy: &Policy,
         effects: &mut Vec<Effect>,
     ) {
-        let (state, mut new_effects) = recovery::apply(&self.state, event, now, policy);
+        self.apply_guarded(event, now, policy, false, effects);
+    }
+
+    /// [`PoolMemory::apply`] with the fleet guard's word on this event (see `fleet`).
+    pub fn apply_guarded(
+        &mut self,
+        event: Event,
+        now: Timestamp,
+        policy: &Policy,
+        hold_opening: bool,
+        effects: &mut Vec<Effect>,
+    ) {
+        let (state, mut new_effects) =
+            recovery::apply_guarded(&self.state, event, now, policy, hold_opening);
         self.state = state;
         effects.append(&mut new_effects);
     }

@@ -1,5 +1,5 @@
 //! Kubernetes Events for what a person should notice: breaker changes, cooldowns, recoveries,
-//! force reopens and configuration errors.
+//! force reopens, configuration errors and breaker openings held by the fleet guard.
 //!
 //! Lives here: the wording of every event ([`events_of`]), [`PendingEvent`] (an event waiting
 //! in a pool's outbox, with repeats folded in) and sending one through the request budget
@@ -147,6 +147,18 @@ fn describe(
                 format!("force-reopen {token:?}: backoff and cooldown reset, probing now"),
             )
         }
+        Effect::OpeningHeld => (
+            EventType::Warning,
+            reason::FLEET_SUSPECT,
+            format!(
+                "circuit breaker held Closed after {} consecutive failures: most targets that were \
+                 healthy fail on the network path at once, so the fleet guard suspects the \
+                 operator's own network (dbpool_fleet_suspect); failures are still counted, and \
+                 the breaker opens at the first failure once the guard clears or the hold reaches \
+                 --fleet-guard-max-hold: {last_message}",
+                memory.state.consecutive_failures
+            ),
+        ),
         Effect::Ignored => return None,
     })
 }

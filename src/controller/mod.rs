@@ -11,6 +11,7 @@
 //! - `triggers`: which events a reconcile feeds the engine (pure, unit-tested);
 //! - `reconcile`: the reconcile pipeline and the error policy;
 //! - `targets`: one shared connect schedule per target while it is down, results fanned out;
+//! - `fleet`: the fleet guard's evidence and whether a failure's breaker opening is held;
 //! - `slots`: the probe slots, round-robin across namespaces with per-namespace and per-target
 //!   shares;
 //! - `status`: the status a user sees, conditions, the visible-change rule, restart restore;
@@ -30,6 +31,7 @@ mod config;
 mod context;
 mod credentials;
 mod events;
+mod fleet;
 mod gate;
 mod leadership;
 mod liveness;
@@ -48,7 +50,9 @@ use std::{future::Future, sync::Arc};
 use futures::FutureExt;
 use kube::Client;
 
-pub use config::{FIELD_MANAGER, GateAllowlist, LeaderElection, OperatorConfig};
+pub use config::{
+    FIELD_MANAGER, FleetGuardSettings, GateAllowlist, LeaderElection, OperatorConfig,
+};
 pub use leadership::{Leadership, WriteGate};
 pub use observer::{NoObserver, Observer, ProbeObservation};
 pub use running::RunningOperator;

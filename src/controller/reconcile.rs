@@ -25,6 +25,7 @@ use super::{
     context::{Context, PoolMemory, owner_key, pool_labels},
     credentials::{CredentialError, Credentials},
     events::{PendingEvent, events_of},
+    fleet::{self, Seen},
     gate::{self, GateOutcome},
     observer::ProbeObservation,
     status::{StatusInputs, desired_status, needs_write},
@@ -137,7 +138,11 @@ impl Run {
             if ctx.gate.may_write() {
                 ctx.metrics.pool_seen(&pool_labels(&key));
             }
-            PoolMemory::restore(pool, &policy, Timestamp::now())
+            let memory = PoolMemory::restore(pool, &policy, Timestamp::now());
+            let held = memory.state.held_since.is_some();
+            ctx.fleet
+                .restored(&key, &spec_target_key(pool), &memory.state, held);
+            memory
         });
         let run = Self {
             key,
@@ -275,11 +280,16 @@ impl Run {
         );
         let seq = self.memory.state.probe_seq;
         let labels = pool_labels(&self.key);
-        let (summary, kind, degraded) = match credentials {
+        let (summary, kind, degraded, observed) = match credentials {
             // The target's latest failed attempt answers for this pool (no connection of its own).
-            Ok(_) if let Some(shared) = shared => {
-                (shared.summary, Some(FailureKind::Outage), false)
-            }
+            Ok(_) if let Some(shared) = shared => (
+                shared.summary,
+                Some(FailureKind::Outage),
+                false,
+                Some(Seen::Failed {
+                    path: shared.path_evidence,
+                }),
+            ),
             Ok(creds) => {
                 let target = probe_target(pool, creds);
                 let target_key = target_key(&target);
@@ -322,11 +332,20 @@ impl Run {
                     self.memory.gate_peer = report.peer;
                 }
                 let summary = ProbeSummary::from_report(&report, MicroTime(finished));
-                ctx.targets.record(&target_key, started, &summary);
+                ctx.targets
+                    .record(&target_key, started, &summary, report.path_evidence);
+                let observed = if report.is_success() {
+                    Seen::Healthy
+                } else {
+                    Seen::Failed {
+                        path: report.path_evidence,
+                    }
+                };
                 (
                     summary,
                     report.outcome.failure_kind(),
                     report.pool_fits == Some(false),
+                    Some(observed),
                 )
             }
             Err(err) if err.is_config() => {
@@ -336,6 +355,7 @@ impl Run {
                     credential_failure(&err, Timestamp::now()),
                     Some(FailureKind::Config),
                     false,
+                    None,
                 )
             }
             Err(err) => return Err(err.into()),
@@ -344,8 +364,15 @@ impl Run {
             None => Event::ProbeSucceeded { seq, degraded },
             Some(kind) => Event::ProbeFailed { seq, kind },
         };
-        self.memory
-            .apply(event, Timestamp::now(), &self.policy, &mut self.effects);
+        fleet::apply_result(
+            ctx,
+            &self.key,
+            &spec_target_key(pool),
+            (event, observed),
+            &self.policy,
+            &mut self.memory,
+            &mut self.effects,
+        );
         self.memory.last_probe = Some(summary);
         self.memory.not_before = None;
         self.memory.due_since = None;
@@ -447,7 +474,7 @@ impl Run {
 
 /// Whether writing `desired` over `last` goes at once, past the pool's `--min-status-period`:
 /// a first status, a new breaker state, a new `Ready` verdict (the first failure of a healthy
-/// pool, a recovery), a force-reopen acknowledgement, or a new observed generation (a person's
+/// pool, a recovery), a fleet-guard hold starting or ending, a force-reopen acknowledgement, or a new observed generation (a person's
 /// spec change, acknowledged). Everything else — counters, times, messages, and phase changes
 /// among the failing phases — is coalesced: the latest value is written at most once per
 /// period. A spec alone cannot make these fast: the breaker's state and the Ready verdict change
@@ -461,7 +488,13 @@ pub(super) fn is_transition(last: Option<&DbPoolStatus>, desired: &DbPoolStatus)
             .find(|c| c.type_ == CONDITION_READY)
             .map(|c| c.status.clone())
     };
+    let held = |s: &DbPoolStatus| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == CONDITION_READY && c.reason == reason::FLEET_SUSPECT)
+    };
     ready(last) != ready(desired)
+        || held(last) != held(desired)
         || last.breaker.as_ref().map(|b| b.state) != desired.breaker.as_ref().map(|b| b.state)
         || last.observed_generation != desired.observed_generation
         || last.last_force_reopen.as_ref().map(|r| &r.token)

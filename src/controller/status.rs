@@ -79,6 +79,15 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
             reason::BREAKER_OPEN,
             &format!("circuit breaker is {:?}: {probe_message}", state.breaker),
         ),
+        Phase::Recovering | Phase::CoolingDown if let Some(since) = state.held_since => condition(
+            CONDITION_READY,
+            false,
+            reason::FLEET_SUSPECT,
+            &format!(
+                "failing, and held Closed by the fleet guard since {since}: most targets fail on \
+                 the network path at once (the operator's own network is suspect): {probe_message}"
+            ),
+        ),
         Phase::CoolingDown => condition(
             CONDITION_READY,
             false,
@@ -137,6 +146,16 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
             true,
             reason::HALF_OPEN,
             "trial probes decide whether the breaker closes",
+        ),
+        (BreakerState::Closed, _) if state.held_since.is_some() => condition(
+            CONDITION_BREAKER_OPEN,
+            false,
+            reason::FLEET_SUSPECT,
+            &format!(
+                "{} or more consecutive outage failures, but the fleet guard holds the breaker \
+                 closed",
+                inputs.policy.failure_threshold
+            ),
         ),
         (BreakerState::Closed, _) => condition(
             CONDITION_BREAKER_OPEN,
@@ -283,7 +302,8 @@ pub fn needs_write(
 ///
 /// The breaker keeps its state and `since`; attempts, backoff and cooldown continue. The status
 /// does not store the outage streak separately: it is taken to be `consecutiveFailures` when the
-/// last failure was an outage, and 0 otherwise.
+/// last failure was an outage, and 0 otherwise. A fleet-guard hold (Ready reason `FleetSuspect`)
+/// is kept, from Ready's `lastTransitionTime`.
 pub fn restore_state(status: &DbPoolStatus, seed: u64) -> PoolState {
     let mut state = PoolState::new(seed);
     let last_failure = status
@@ -315,6 +335,18 @@ pub fn restore_state(status: &DbPoolStatus, seed: u64) -> PoolState {
     state.last_failure_at = status.last_failure_time.as_ref().map(|t| t.0);
     state.last_failure = if failures > 0 { last_failure } else { None };
     state.degraded = status.phase == Some(Phase::Degraded);
+    // A breaker the previous process held stays held until a failure decides (else the first
+    // event after a restart would open it unprobed). The hold is taken to have started when
+    // Ready last changed, which is no later than the real start: `--fleet-guard-max-hold` can
+    // only end it sooner.
+    if state.breaker == BreakerState::Closed
+        && let Some(ready) = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_READY && c.reason == reason::FLEET_SUSPECT)
+    {
+        state.held_since = Some(ready.last_transition_time.0);
+    }
     state
 }
 

@@ -36,6 +36,8 @@ pub(super) struct SharedFailure {
     pub finished: Timestamp,
     /// The result, as the pool that made it saw it.
     pub summary: ProbeSummary,
+    /// The failure is evidence about the network path (the probe's `path_evidence`).
+    pub path_evidence: bool,
 }
 
 /// What a pool that is due does about its target.
@@ -116,8 +118,15 @@ impl Targets {
         }
     }
 
-    /// Records the result of a probe of `target` that started at `started`.
-    pub fn record(&self, target: &str, started: Timestamp, summary: &ProbeSummary) {
+    /// Records the result of a probe of `target` that started at `started`; `path_evidence` as
+    /// the probe reported it.
+    pub fn record(
+        &self,
+        target: &str,
+        started: Timestamp,
+        summary: &ProbeSummary,
+        path_evidence: bool,
+    ) {
         let mut map = lock(&self.map);
         let Some(entry) = map.get_mut(target) else {
             return;
@@ -131,6 +140,7 @@ impl Targets {
             entry.last = Some(SharedFailure {
                 finished: summary.time.0,
                 summary: summary.clone(),
+                path_evidence,
             });
         } else {
             entry.schedule.reachable();
@@ -205,7 +215,7 @@ mod tests {
             targets.claim("h:1", &a, &p, at(0), at(0)),
             Claim::Probe
         ));
-        targets.record("h:1", at(0), &refused(at(1)));
+        targets.record("h:1", at(0), &refused(at(1)), false);
         // b was due at 0: the attempt that finished at 1 answers for it.
         assert!(matches!(
             targets.claim("h:1", &b, &p, at(0), at(5)),
@@ -221,7 +231,7 @@ mod tests {
             targets.claim("h:1", &b, &p, at(205), at(205)),
             Claim::Wait(_)
         ));
-        targets.record("h:1", at(201), &refused(at(210)));
+        targets.record("h:1", at(201), &refused(at(210)), false);
         assert!(matches!(
             targets.claim("h:1", &b, &p, at(205), at(211)),
             Claim::Use(_)
@@ -243,7 +253,7 @@ mod tests {
         let targets = Targets::default();
         let a = ObjectRef::<DbPool>::new("a").within("ns");
         let _ = targets.claim("h:1", &a, &policy(), at(0), at(0));
-        targets.record("h:1", at(0), &auth);
+        targets.record("h:1", at(0), &auth, false);
         assert!(matches!(
             targets.claim("h:1", &a, &policy(), at(5), at(5)),
             Claim::Probe

@@ -17,6 +17,10 @@ pub const BREAKER_OPEN: &str = "BreakerOpen";
 pub const COOLING_DOWN: &str = "CoolingDown";
 /// Ready=False: retrying on the backoff schedule.
 pub const RECOVERING: &str = "Recovering";
+/// Ready=False and BreakerOpen=False: the outage streak reached the failure threshold, but the
+/// fleet guard holds the breaker Closed because most targets fail on the network path at once
+/// (the operator's own network is suspect). Also an event reason (Warning: a hold started).
+pub const FLEET_SUSPECT: &str = "FleetSuspect";
 
 // Condition reasons of `Degraded`.
 /// Degraded=True: probes are failing.

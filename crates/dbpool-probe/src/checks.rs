@@ -172,6 +172,7 @@ pub(crate) async fn run(
             ),
             sql_state: None,
             broken: false,
+            path_evidence: false,
         });
     }
 

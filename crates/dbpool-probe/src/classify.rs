@@ -42,6 +42,7 @@ pub(crate) fn from_pg_error(err: &tokio_postgres::Error, stage: ProbeStage, peer
             message: format!("{} ({code})", db.message()),
             sql_state: Some(code.to_owned()),
             broken: sqlstate_ends_session(code),
+            path_evidence: false,
         };
     }
     if err.is_closed() {
@@ -65,7 +66,9 @@ pub(crate) fn from_pg_error(err: &tokio_postgres::Error, stage: ProbeStage, peer
     }
 }
 
-/// Classifies an I/O error that happened in `stage` while talking to `peer`. All are outages.
+/// Classifies an I/O error that happened in `stage` while talking to `peer`. All are outages;
+/// a timeout and an unreachable network or host are also evidence about the path (the fleet
+/// guard's), while a refusal, a reset or a close prove that something at the address answered.
 pub(crate) fn from_io_error(err: &io::Error, stage: ProbeStage, peer: &str) -> Failure {
     use io::ErrorKind as K;
     let message = match err.kind() {
@@ -78,7 +81,22 @@ pub(crate) fn from_io_error(err: &io::Error, stage: ProbeStage, peer: &str) -> F
         K::HostUnreachable | K::NetworkUnreachable => format!("{peer} is unreachable ({err})"),
         _ => format!("{peer}: {err}"),
     };
-    Failure::transient(stage, message)
+    if is_path_error(err.kind()) {
+        Failure::path(stage, message)
+    } else {
+        Failure::transient(stage, message)
+    }
+}
+
+/// Whether an I/O error of this kind is evidence about the network path (see
+/// [`ProbeReport::path_evidence`](crate::ProbeReport::path_evidence)): timed out, host or network
+/// unreachable. Refused, reset, aborted and closed are not: a host answered.
+pub(crate) fn is_path_error(kind: io::ErrorKind) -> bool {
+    use io::ErrorKind as K;
+    matches!(
+        kind,
+        K::TimedOut | K::HostUnreachable | K::NetworkUnreachable
+    )
 }
 
 /// Classifies an error of the TLS handshake with `peer`: what rustls rejects (an untrusted or
@@ -155,6 +173,7 @@ pub(crate) fn redact(message: String, password: Option<&Password>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn sqlstates_map_to_outcomes() {
@@ -175,6 +194,26 @@ mod tests {
         assert!(sqlstate_ends_session("57P01"));
         assert!(sqlstate_ends_session("08006"));
         assert!(!sqlstate_ends_session("42P01"));
+    }
+
+    #[test]
+    fn only_timeouts_and_unreachable_networks_are_path_evidence() {
+        let peer = "127.0.0.1:5432";
+        for (kind, path) in [
+            (io::ErrorKind::TimedOut, true),
+            (io::ErrorKind::HostUnreachable, true),
+            (io::ErrorKind::NetworkUnreachable, true),
+            (io::ErrorKind::ConnectionRefused, false),
+            (io::ErrorKind::ConnectionReset, false),
+            (io::ErrorKind::UnexpectedEof, false),
+        ] {
+            let f = from_io_error(&io::Error::from(kind), ProbeStage::Connect, peer);
+            assert_eq!(f.path_evidence, path, "{kind:?}");
+            assert_eq!(f.outcome, ProbeOutcome::TransientFailure);
+        }
+        let timeout = Failure::timeout(ProbeStage::Auth, "login", Duration::from_secs(1));
+        assert!(timeout.path_evidence);
+        assert!(!Failure::transient(ProbeStage::Query, "closed").path_evidence);
     }
 
     #[test]

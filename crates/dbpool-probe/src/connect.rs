@@ -98,12 +98,14 @@ pub(crate) async fn open_any(
         }
     }
     let Some(mut last) = failures.pop() else {
-        return Err(Failure::transient(
+        return Err(Failure::path(
             ProbeStage::Resolve,
             format!("host \"{}\" resolved to no address", target.host),
         ));
     };
     if !failures.is_empty() {
+        // Path evidence only if every address said so (one refusal proves a path works).
+        last.path_evidence = last.path_evidence && failures.iter().all(|f| f.path_evidence);
         failures.push(last.clone());
         last.message = failures
             .iter()
@@ -372,13 +374,13 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Failure> {
         .await
         .map_err(|_| Failure::transient(ProbeStage::Resolve, "host lookup failed".to_owned()))?
         .map_err(|e| {
-            Failure::transient(
+            Failure::path(
                 ProbeStage::Resolve,
                 format!("could not resolve host \"{host}\": {e}"),
             )
         })?;
     if addrs.is_empty() {
-        return Err(Failure::transient(
+        return Err(Failure::path(
             ProbeStage::Resolve,
             format!("host \"{host}\" resolved to no address"),
         ));

@@ -111,6 +111,12 @@ pub struct ProbeReport {
     pub pool_fits: Option<bool>,
     /// Whether this probe opened a new connection (false: it reused the persistent one).
     pub fresh_connection: bool,
+    /// The failure is evidence about the network path, not the server (the fleet guard's
+    /// evidence): a timeout of any stage, an unreachable network or host, or a failed host
+    /// lookup. A refused connection, a reset or close, a SQLSTATE or a configuration failure
+    /// never is: each proves something at the address answered (or that the spec is wrong).
+    /// Always false on success. The one copy of this rule (`classify`).
+    pub path_evidence: bool,
     /// Wall time of each stage that ran, in order.
     pub stage_latencies: Vec<(ProbeStage, Duration)>,
     /// The resolved address (IP and port) of the session the checks ran on: one at which the

@@ -487,7 +487,7 @@ fn build_report(
     target: &ProbeTarget,
 ) -> ProbeReport {
     let latency = clock.elapsed();
-    let (outcome, stage, message, sql_state) = match result {
+    let (outcome, stage, message, sql_state, path_evidence) = match result {
         Ok(()) => (
             ProbeOutcome::Success,
             clock
@@ -496,12 +496,14 @@ fn build_report(
                 .map_or(ProbeStage::Saturation, |(stage, _)| *stage),
             success_message(&findings, target),
             None,
+            false,
         ),
         Err(failure) => (
             failure.outcome,
             failure.stage,
             failure.message,
             failure.sql_state,
+            failure.path_evidence,
         ),
     };
     let saturation = findings.saturation;
@@ -519,6 +521,7 @@ fn build_report(
         free_slots: saturation.map(|s| s.free),
         pool_fits: saturation.map(|s| s.pool_fits),
         fresh_connection: fresh,
+        path_evidence,
         stage_latencies: clock.stages,
         peer,
     }

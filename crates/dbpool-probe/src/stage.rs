@@ -24,6 +24,10 @@ pub(crate) struct Failure {
     /// The connection this happened on cannot be used any more (closed, reset, or a request is
     /// still pending after a timeout).
     pub broken: bool,
+    /// The failure is evidence about the network path rather than the server: a timeout (of
+    /// any stage), an unreachable network or host, or a failed host lookup. See
+    /// [`ProbeReport::path_evidence`](crate::ProbeReport::path_evidence).
+    pub path_evidence: bool,
 }
 
 impl Failure {
@@ -35,6 +39,16 @@ impl Failure {
             message: message.into(),
             sql_state: None,
             broken: true,
+            path_evidence: false,
+        }
+    }
+
+    /// An outage-type failure that is evidence about the network path (timeout, unreachable,
+    /// failed lookup).
+    pub fn path(stage: ProbeStage, message: impl Into<String>) -> Self {
+        Self {
+            path_evidence: true,
+            ..Self::transient(stage, message)
         }
     }
 
@@ -46,12 +60,13 @@ impl Failure {
             message: message.into(),
             sql_state: None,
             broken: false,
+            path_evidence: false,
         }
     }
 
     /// The stage ran out of the probe's budget while doing `what`.
     pub fn timeout(stage: ProbeStage, what: &str, budget: Duration) -> Self {
-        Self::transient(
+        Self::path(
             stage,
             format!("{what} timed out (probe timeout {budget:?})"),
         )

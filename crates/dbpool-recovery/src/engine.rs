@@ -24,6 +24,20 @@ pub fn apply(
     now: Timestamp,
     policy: &Policy,
 ) -> (PoolState, Vec<Effect>) {
+    apply_guarded(state, event, now, policy, false)
+}
+
+/// [`apply`], with the fleet guard's word on this event: `hold_opening` keeps a Closed breaker
+/// from opening on this outage failure (see the module docs, "Fleet guard"). With `false` it is
+/// [`apply`]; a breaker already held stays held until a failure without the hold opens it or a
+/// success ends the hold.
+pub fn apply_guarded(
+    state: &PoolState,
+    event: Event,
+    now: Timestamp,
+    policy: &Policy,
+    hold_opening: bool,
+) -> (PoolState, Vec<Effect>) {
     if let Event::ProbeSucceeded { seq, .. } | Event::ProbeFailed { seq, .. } = event
         && seq != state.probe_seq
     {
@@ -48,7 +62,9 @@ pub fn apply(
         Event::ProbeSucceeded { degraded, .. } => {
             on_success(&mut s, degraded, now, policy, &mut fx)
         }
-        Event::ProbeFailed { kind, .. } => on_failure(&mut s, kind, now, policy, &mut fx),
+        Event::ProbeFailed { kind, .. } => {
+            on_failure(&mut s, kind, now, policy, hold_opening, &mut fx)
+        }
         Event::ForceReopen => {
             if s.cooldown_until.take().is_some() {
                 fx.push(Effect::CooldownEnded);
@@ -159,6 +175,7 @@ fn on_success(
     s.last_probe_at = Some(now);
     s.last_success_at = Some(now);
     s.degraded = degraded;
+    s.held_since = None;
     if policy.mode == BreakerMode::Auto && s.breaker == BreakerState::HalfOpen {
         s.half_open_successes = s.half_open_successes.saturating_add(1);
         if s.half_open_successes >= policy.success_threshold {
@@ -175,6 +192,7 @@ fn on_failure(
     kind: FailureKind,
     now: Timestamp,
     policy: &Policy,
+    hold_opening: bool,
     fx: &mut Vec<Effect>,
 ) {
     // A cooldown that elapsed while the probe ran ends before this failure is counted, so the
@@ -205,7 +223,12 @@ fn on_failure(
             BreakerState::HalfOpen => true,
             BreakerState::Open => false,
         };
-        if open {
+        if open && hold_opening && s.breaker == BreakerState::Closed {
+            if s.held_since.is_none() {
+                s.held_since = Some(now);
+                fx.push(Effect::OpeningHeld);
+            }
+        } else if open {
             transition(s, BreakerState::Open, now, fx);
         }
     }
@@ -218,8 +241,9 @@ fn enforce_mode(s: &mut PoolState, now: Timestamp, policy: &Policy, fx: &mut Vec
     let target = match (policy.mode, s.breaker) {
         (BreakerMode::ForcedOpen, _) => BreakerState::Open,
         (BreakerMode::Disabled, _) => BreakerState::Closed,
+        // A breaker the fleet guard holds waits for a failure to decide (or a success).
         (BreakerMode::Auto, BreakerState::Closed)
-            if s.outage_streak >= policy.failure_threshold =>
+            if s.outage_streak >= policy.failure_threshold && s.held_since.is_none() =>
         {
             BreakerState::Open
         }
@@ -253,6 +277,7 @@ fn transition(s: &mut PoolState, to: BreakerState, now: Timestamp, fx: &mut Vec<
         to,
     });
     s.breaker = to;
+    s.held_since = None;
     s.breaker_since = Some(now);
     s.half_open_successes = 0;
     if to == BreakerState::Open {

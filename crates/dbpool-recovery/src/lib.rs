@@ -2,8 +2,8 @@
 //!
 //! Lives here: [`Policy`] (the spec's knobs, clamped), [`PoolState`] (one pool's recovery
 //! memory), [`apply`] (event → new state + effects), [`next_deadline`], [`phase`],
-//! [`backoff_delay`], and the shared connect schedule of a target that is down
-//! ([`shared_policy`], [`TargetSchedule`]). Must not live here: I/O, async, the Kubernetes client, logging, or reading
+//! [`backoff_delay`], the shared connect schedule of a target that is down
+//! ([`shared_policy`], [`TargetSchedule`]) and the fleet guard's verdict ([`FleetGuard`]). Must not live here: I/O, async, the Kubernetes client, logging, or reading
 //! the clock. Time is a [`Timestamp`](jiff::Timestamp) passed in by the caller, so
 //! every rule is testable by replaying events at chosen instants.
 //!
@@ -49,6 +49,13 @@
 //! threshold opens, and a HalfOpen one with enough successes closes (both only after a policy
 //! change). So `SpecChanged` applies a mode change at once, with a `BreakerChanged` effect.
 //!
+//! **Fleet guard** ([`apply_guarded`], [`FleetGuard`]). When the caller says `hold_opening`, an
+//! outage failure that would move a Closed breaker to Open leaves it Closed instead: the
+//! failure is counted and backed off as usual, `held_since` is set and the first such failure
+//! reports `OpeningHeld`. While held, the mode check does not open it either; the next outage
+//! failure without the hold opens it, a success ends the hold, and any breaker change clears
+//! it. HalfOpen → Open is never held: that breaker was open already.
+//!
 //! **Success.** `consecutive_failures = outage_streak = attempts = 0`, `current_backoff`,
 //! `cooldown_until` and `last_failure` cleared, `degraded` set from the probe; effect `Recovered`
 //! if there was at least one failure before it.
@@ -78,13 +85,15 @@
 
 mod backoff;
 mod engine;
+mod fleet;
 mod policy;
 mod state;
 mod target;
 mod types;
 
 pub use backoff::backoff_delay;
-pub use engine::{add, apply, next_deadline, phase};
+pub use engine::{add, apply, apply_guarded, next_deadline, phase};
+pub use fleet::{FLEET_ENTRY_TTL, FleetGuard, FleetGuardConfig, FleetVerdict, MAX_FLEET_ENTRIES};
 pub use policy::{MAX_MULTIPLIER, MIN_DURATION, Policy};
 pub use state::{Effect, Event, FailureKind, PoolState};
 pub use target::{TargetSchedule, shared_policy};

@@ -300,3 +300,35 @@ proptest! {
         prop_assert_eq!(state.breaker, BreakerState::Closed);
     }
 }
+
+proptest! {
+    /// Under any policy, a pool whose failures are all held never leaves Closed in mode Auto
+    /// (unless it was never Closed), and the first failure without the hold that reaches the
+    /// threshold opens it.
+    #[test]
+    fn held_failures_never_open_and_the_first_unheld_one_does(
+        policy in policy_with(Just(BreakerMode::Auto)),
+        held in 1u32..30,
+    ) {
+        let mut state = PoolState::new(7);
+        let mut now = t0();
+        let mut reports = 0;
+        for _ in 0..held {
+            let (s, _) = apply(&state, Event::ProbeStarted, now, &policy);
+            let seq = s.probe_seq;
+            let (s, fx) = apply_guarded(&s, Event::ProbeFailed { seq, kind: FailureKind::Outage }, now, &policy, true);
+            reports += fx.iter().filter(|e| **e == Effect::OpeningHeld).count();
+            prop_assert_eq!(s.breaker, BreakerState::Closed);
+            state = s;
+            now = next_deadline(&state, &policy).unwrap_or(now).max(add(now, ms(1)));
+        }
+        prop_assert_eq!(reports, usize::from(held >= policy.failure_threshold));
+        let (s, _) = apply(&state, Event::ProbeStarted, now, &policy);
+        prop_assert_eq!(s.breaker, BreakerState::Closed);
+        let seq = s.probe_seq;
+        let (s, _) = apply(&s, Event::ProbeFailed { seq, kind: FailureKind::Outage }, now, &policy);
+        let expect = if held + 1 >= policy.failure_threshold { BreakerState::Open } else { BreakerState::Closed };
+        prop_assert_eq!(s.breaker, expect);
+        prop_assert_eq!(s.held_since, None);
+    }
+}

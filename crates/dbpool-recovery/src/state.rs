@@ -57,6 +57,10 @@ pub struct PoolState {
     pub probe_seq: u64,
     /// A probe is wanted at once (force reopen, lost connection).
     pub probe_requested: bool,
+    /// Since when the fleet guard holds the breaker Closed although the outage streak reached
+    /// the threshold; None when not held. Ended by a success, by any breaker change, and by the
+    /// next outage failure without the hold (which opens the breaker).
+    pub held_since: Option<Timestamp>,
 }
 
 impl PoolState {
@@ -80,6 +84,7 @@ impl PoolState {
             degraded: false,
             probe_seq: 0,
             probe_requested: false,
+            held_since: None,
         }
     }
 }
@@ -135,4 +140,6 @@ pub enum Effect {
     ForceReopened,
     /// A stale probe result (its sequence number is not the current one) was dropped.
     Ignored,
+    /// The fleet guard kept a Closed breaker from opening: the start of a hold.
+    OpeningHeld,
 }

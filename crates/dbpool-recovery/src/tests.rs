@@ -715,3 +715,86 @@ fn max_attempts_one_cools_down_after_every_failure() {
         sim.wait();
     }
 }
+
+impl Sim {
+    /// Start then fail a probe now, with the fleet guard's hold as given.
+    fn probe_fail_guarded(&mut self, hold: bool) -> Vec<Effect> {
+        let mut fx = self.start();
+        let seq = self.state.probe_seq;
+        let (state, more) = apply_guarded(
+            &self.state,
+            Event::ProbeFailed {
+                seq,
+                kind: FailureKind::Outage,
+            },
+            self.now,
+            &self.policy,
+            hold,
+        );
+        self.state = state;
+        fx.extend(more);
+        fx
+    }
+}
+
+#[test]
+fn a_held_breaker_stays_closed_and_counts_until_a_failure_without_the_hold() {
+    let mut sim = Sim::new(exact());
+    for _ in 0..4 {
+        assert!(sim.probe_fail_guarded(true).is_empty());
+        sim.wait();
+    }
+    // The fifth failure would open it: held instead, reported once.
+    let held_at = sim.now;
+    assert_eq!(sim.probe_fail_guarded(true), vec![Effect::OpeningHeld]);
+    assert_eq!(sim.state.breaker, BreakerState::Closed);
+    assert_eq!(sim.state.held_since, Some(held_at));
+    assert_eq!(sim.phase(), Phase::Recovering);
+    sim.wait();
+    // Still held: counted and backed off, no second report, and starting a probe does not open
+    // it (the mode check waits for a failure to decide).
+    assert!(sim.probe_fail_guarded(true).is_empty());
+    assert_eq!((sim.state.consecutive_failures, sim.state.attempts), (6, 6));
+    assert_eq!(sim.state.current_backoff, Some(secs(32)));
+    sim.wait();
+    assert!(sim.start().is_empty());
+    assert_eq!(sim.state.breaker, BreakerState::Closed);
+    // The guard clears: the next failure opens it.
+    let seq = sim.state.probe_seq;
+    assert_eq!(
+        sim.apply(Event::ProbeFailed {
+            seq,
+            kind: FailureKind::Outage
+        }),
+        vec![opened()]
+    );
+    assert_eq!(sim.state.held_since, None);
+    assert_eq!(sim.state.open_count, 1);
+}
+
+#[test]
+fn a_success_ends_a_hold_and_half_open_is_never_held() {
+    let mut sim = Sim::new(exact());
+    for _ in 0..5 {
+        sim.probe_fail_guarded(true);
+        sim.wait();
+    }
+    assert!(sim.state.held_since.is_some());
+    let fx = sim.probe_ok();
+    assert_eq!(fx, vec![Effect::Recovered]);
+    assert_eq!(sim.state.held_since, None);
+    assert_eq!(sim.phase(), Phase::Healthy);
+    // Open it for real, then fail the trial with the hold: it reopens.
+    for _ in 0..5 {
+        sim.probe_fail(FailureKind::Outage);
+        sim.wait();
+    }
+    assert_eq!(sim.state.breaker, BreakerState::Open);
+    sim.wait();
+    let fx = sim.probe_fail_guarded(true);
+    assert!(fx.contains(&Effect::BreakerChanged {
+        from: BreakerState::HalfOpen,
+        to: BreakerState::Open
+    }));
+    assert_eq!(sim.state.held_since, None);
+}

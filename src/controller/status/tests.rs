@@ -325,3 +325,69 @@ fn outages_are_neither_reconciling_nor_stalled() {
     assert_eq!(find(&status, CONDITION_RECONCILING).status, "False");
     assert_eq!(find(&status, CONDITION_STALLED).status, "False");
 }
+
+#[test]
+fn a_fleet_guard_hold_is_visible_and_survives_a_restart() {
+    let policy = policy();
+    let mut state = healthy_state(0);
+    state.consecutive_failures = 6;
+    state.outage_streak = 6;
+    state.last_failure = Some(FailureKind::Outage);
+    state.last_failure_at = Some(at(20));
+    state.last_probe_at = Some(at(20));
+    state.held_since = Some(at(15));
+    let mut failed = probe(ProbeOutcome::TransientFailure, 20, 1000);
+    failed.message = Some("login to 127.0.0.1:1 timed out (probe timeout 1s)".into());
+    let inputs = |state: &PoolState, previous: &[Condition]| {
+        desired_status(
+            &StatusInputs {
+                writer_epoch: None,
+                generation: Some(1),
+                state,
+                policy: &policy,
+                last_probe: Some(&failed),
+                last_force_reopen: None,
+                hold: None,
+                previous_conditions: previous,
+                gate: None,
+            },
+            at(20),
+        )
+    };
+    let held = inputs(&state, &[]);
+    assert_eq!(held.phase, Some(Phase::Recovering));
+    let reasons: Vec<(&str, &str, &str)> = held
+        .conditions
+        .iter()
+        .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
+        .collect();
+    assert!(reasons.contains(&(CONDITION_READY, "False", reason::FLEET_SUSPECT)));
+    assert!(reasons.contains(&(CONDITION_BREAKER_OPEN, "False", reason::FLEET_SUSPECT)));
+    // One more held failure changes counters only: the hold's conditions stay as they were.
+    let mut next = state.clone();
+    next.consecutive_failures = 7;
+    next.outage_streak = 7;
+    let again = inputs(&next, &held.conditions);
+    let hold_conditions = |s: &DbPoolStatus| -> Vec<Condition> {
+        s.conditions
+            .iter()
+            .filter(|c| c.reason == reason::FLEET_SUSPECT)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(hold_conditions(&again), hold_conditions(&held));
+    // A restart keeps the hold (from Ready's transition time, no later than the real start).
+    let restored = restore_state(&held, 7);
+    assert_eq!(restored.held_since, Some(at(20)));
+    assert_eq!(restored.breaker, BreakerState::Closed);
+    // Without the hold the status says Recovering, as before.
+    state.held_since = None;
+    let plain = inputs(&state, &held.conditions);
+    assert!(
+        plain
+            .conditions
+            .iter()
+            .all(|c| c.reason != reason::FLEET_SUSPECT)
+    );
+    assert_eq!(restore_state(&plain, 7).held_since, None);
+}
