@@ -133,8 +133,15 @@ impl Targets {
         };
         entry.in_flight = false;
         if is_path_failure(summary) {
+            // Attempts that ran side by side (several owners probing at the moment the target
+            // went down) are one attempt for the schedule: counting each would run through
+            // maxAttempts at once and send every owner into the cooldown.
+            let concurrent = entry
+                .last
+                .as_ref()
+                .is_some_and(|last| started <= last.finished);
             let shared = shared_policy(entry.owners.values());
-            if let Some(shared) = shared {
+            if let Some(shared) = shared.filter(|_| !concurrent) {
                 entry.schedule.failed(started, &shared);
             }
             entry.last = Some(SharedFailure {
@@ -241,6 +248,31 @@ mod tests {
             Claim::Wait(until) => assert_eq!(until, at(401)),
             _ => panic!("expected a wait for the next shared attempt"),
         }
+    }
+
+    #[test]
+    fn attempts_side_by_side_count_once_for_the_schedule() {
+        let targets = Targets::default();
+        let p = policy();
+        let owners: Vec<ObjectRef<DbPool>> = (0..25)
+            .map(|i| ObjectRef::<DbPool>::new(&format!("p{i}")).within("ns"))
+            .collect();
+        // The target goes down under 25 owners probing at the same moment.
+        for owner in &owners {
+            assert!(matches!(
+                targets.claim("h:1", owner, &p, at(0), at(0)),
+                Claim::Probe
+            ));
+        }
+        for (i, _) in owners.iter().enumerate() {
+            targets.record("h:1", at(i as i64), &refused(at(30 + i as i64)), false);
+        }
+        // One failure for the schedule: the next attempt one initial delay (200ms) after the
+        // first, not a cooldown after maxAttempts.
+        let map = lock(&targets.map);
+        let entry = map.get("h:1").expect("entry");
+        assert_eq!(entry.schedule.failures, 1);
+        assert_eq!(entry.schedule.next_attempt(&p), Some(at(200)));
     }
 
     #[test]

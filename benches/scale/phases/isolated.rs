@@ -86,6 +86,7 @@ impl Run {
             proxies.push(FaultProxy::start(upstream.parse().expect("loopback address")).await);
         }
         let ports: Vec<u16> = proxies.iter().map(FaultProxy::port).collect();
+        let since = now_us();
         self.patch_pools(victims, |p| {
             let k = victims.iter().position(|v| *v == p).unwrap_or(0);
             Ok(serde_json::json!({"spec": {
@@ -94,7 +95,6 @@ impl Run {
             }}))
         })
         .await;
-        let since = now_us();
         wait_for(
             "the victims probing through their proxies",
             Duration::from_secs(60),
@@ -105,6 +105,15 @@ impl Run {
                         && s.phase == Some(Phase::Healthy)
                 });
                 std::future::ready((ok == victims.len()).then_some(()))
+            },
+        )
+        .await;
+        wait_for(
+            "every victim's probe connection through its proxy",
+            Duration::from_secs(60),
+            || {
+                let connected = proxies.iter().filter(|p| p.live_connections() > 0).count();
+                std::future::ready((connected == proxies.len()).then_some(()))
             },
         )
         .await;
