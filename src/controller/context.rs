@@ -30,6 +30,7 @@ use super::{
     credentials::SecretCache,
     leadership::WriteGate,
     observer::Observer,
+    sharing::Streams,
     slots::ProbeSlots,
     status::restore_state,
     targets::Targets,
@@ -61,6 +62,8 @@ pub(super) struct Context {
     pub pools: Mutex<HashMap<ObjectRef<DbPool>, PoolSlot>>,
     /// Per-target shared connect schedules and results (see `targets`).
     pub targets: Targets,
+    /// Per-credential probe streams of healthy targets (see `sharing`).
+    pub streams: Streams,
     /// The probe slots, shared fairly across namespaces and targets (see `slots`).
     pub probe_slots: ProbeSlots,
     pub api_slots: Arc<Semaphore>,
@@ -113,7 +116,8 @@ pub(super) struct PoolMemory {
     /// The gate Service this process last wrote for the pool (to remove it when undeclared).
     pub gate_applied: Option<String>,
     /// Since when a pool that is due "now" (never probed) has waited for its target's shared
-    /// attempt: the deadline a shared result must satisfy. Cleared by a probe.
+    /// attempt, or the deadline a pool first found due for a probe stream to answer (see
+    /// `sharing`): the deadline a shared result must satisfy. Cleared by a probe.
     pub due_since: Option<Timestamp>,
 }
 
@@ -186,6 +190,7 @@ impl Context {
         lock(&self.pools).remove(pool);
         self.prober.forget(&owner_key(pool));
         self.targets.forget(pool);
+        self.streams.forget(pool);
         self.metrics.forget(&pool_labels(pool));
         debug!(pool = %pool, "forgot deleted pool");
     }

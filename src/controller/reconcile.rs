@@ -1,7 +1,8 @@
 //! One reconcile of one pool, as a pipeline of short steps.
 //!
 //! Lives here: [`reconcile`] and its steps: recall the pool's memory, load its credentials,
-//! apply the [`triggers`](super::triggers), probe when due, record metrics, hand what a user
+//! apply the [`triggers`](super::triggers), probe when due (or take the result of the target's
+//! shared attempt while it is down, or of the pool's probe stream while it is healthy), record metrics, hand what a user
 //! would see changed (status, label, events) to the pool's writer without waiting for it, store
 //! the memory and requeue at the engine's next deadline; which changes are transitions
 //! ([`is_transition`]); and [`error_policy`]. Must not live here: the engine's rules (`dbpool-recovery`),
@@ -28,6 +29,7 @@ use super::{
     gate::{self, GateOutcome},
     observer::ProbeObservation,
     status::{StatusInputs, desired_status, needs_write},
+    sharing::{Decision, IN_FLIGHT_GRACE, ShareKey, SharedResult, Ticket},
     targets::{Claim, SharedFailure},
     triggers::{Observed, Trigger, triggers},
     write::{Outbox, submit},
@@ -41,6 +43,16 @@ use crate::{
     probe::ProbeTarget,
     recovery::{self, Effect, Event, FailureKind, Policy, add},
 };
+
+/// Where a due pool's probe result comes from.
+enum Source {
+    /// A probe of its own; with a ticket when it is its probe stream's probe in flight.
+    Own(Option<Ticket>),
+    /// The latest failed attempt of its target, which is down (see `targets`).
+    DownTarget(SharedFailure),
+    /// Another owner's equivalent probe (see `sharing`).
+    Stream(SharedResult),
+}
 
 /// What one reconcile works on: the pool's memory and the effects gathered so far.
 struct Run {
@@ -67,11 +79,12 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
     }
     run.apply_triggers(&pool, connection_lost, &credentials);
     let mut due = run.probe_due();
-    let mut shared = None;
-    if due && credentials.is_ok() {
+    let mut source = Source::Own(None);
+    if due && let Ok(creds) = &credentials {
         match run.claim_target(&pool, &ctx) {
-            Claim::Probe => {}
-            Claim::Use(result) => shared = Some(result),
+            Claim::Probe => source = run.share(&pool, &ctx, creds).await,
+            Claim::Attempt => {}
+            Claim::Use(result) => source = Source::DownTarget(result),
             Claim::Wait(at) => {
                 // The target is down and its next shared attempt will answer for this pool too.
                 run.memory.not_before = Some(at);
@@ -79,7 +92,7 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
             }
         }
     }
-    if due && let Err(err) = run.probe(&pool, &ctx, credentials, shared).await {
+    if due && let Err(err) = run.probe(&pool, &ctx, credentials, source).await {
         if matches!(err, Error::Deleted) || !ctx.exists(&pool, &run.key) {
             ctx.forget(&run.key);
             return Ok(Action::await_change());
@@ -250,6 +263,83 @@ impl Run {
             .claim(&spec_target_key(pool), &self.key, &self.policy, due, now)
     }
 
+    /// Step 2c (the target is not known down): ask the pool's probe stream whether a result of
+    /// an equivalent probe answers for this pool (see `sharing`). Waits for a probe in flight
+    /// at most the pool's timeout plus [`IN_FLIGHT_GRACE`]; a pool due "now" keeps the instant
+    /// it first became due as its deadline (`due_since`).
+    async fn share(&mut self, pool: &DbPool, ctx: &Context, creds: &Credentials) -> Source {
+        let key = ShareKey::of(&ctx.prober, &probe_target(pool, creds));
+        let bound = self.policy.timeout.saturating_add(IN_FLIGHT_GRACE);
+        let give_up = tokio::time::Instant::now() + bound;
+        let now = Timestamp::now();
+        let due = *self
+            .memory
+            .due_since
+            .get_or_insert(self.memory.deadline(&self.policy, now));
+        loop {
+            // Past the bound nobody is waited for: the decision is a probe or a result.
+            let waiting = if tokio::time::Instant::now() < give_up {
+                bound
+            } else {
+                Duration::ZERO
+            };
+            let decision = ctx.streams.decide(
+                &self.key,
+                &key,
+                &self.memory.state,
+                &self.policy,
+                due,
+                Timestamp::now(),
+                waiting,
+            );
+            match decision {
+                Decision::Probe(ticket) => return Source::Own(Some(ticket)),
+                Decision::Take(result) => return Source::Stream(result),
+                Decision::Join(mut ended) => {
+                    // Ended, dropped, or the bound passed: decide again either way.
+                    let _ = tokio::time::timeout_at(give_up, ended.changed()).await;
+                }
+            }
+        }
+    }
+
+    /// Step 3 for a result of the pool's probe stream: fed to the engine as this pool's probe,
+    /// started and finished at the instant the real probe finished (so the next deadline is
+    /// planned from it), reported to the observer as shared and counted as a shared result,
+    /// not as a probe.
+    fn take_shared(&mut self, ctx: &Context, result: SharedResult) {
+        let at = result.finished();
+        self.memory
+            .apply(Event::ProbeStarted, at, &self.policy, &mut self.effects);
+        let seq = self.memory.state.probe_seq;
+        let event = match result.kind {
+            None => Event::ProbeSucceeded {
+                seq,
+                degraded: result.degraded,
+            },
+            Some(kind) => Event::ProbeFailed { seq, kind },
+        };
+        self.memory
+            .apply(event, at, &self.policy, &mut self.effects);
+        if result.kind.is_none() {
+            self.memory.gate_peer = result.peer;
+        }
+        ctx.observer.probe_finished(&ProbeObservation {
+            pool: &self.key,
+            finished: at,
+            latency: result.latency,
+            outcome: result.summary.outcome,
+            fresh_connection: false,
+            shared: true,
+        });
+        if ctx.gate.may_write() {
+            ctx.metrics.result_shared(&pool_labels(&self.key));
+        }
+        self.memory.last_probe = Some(result.summary);
+        self.memory.not_before = None;
+        self.memory.due_since = None;
+    }
+
     /// Whether the engine's deadline (or the rate limit) says probe now.
     fn probe_due(&self) -> bool {
         let now = Timestamp::now();
@@ -263,8 +353,16 @@ impl Run {
         pool: &DbPool,
         ctx: &Context,
         credentials: Result<Credentials, CredentialError>,
-        shared: Option<SharedFailure>,
+        source: Source,
     ) -> Result<(), Error> {
+        let (shared, ticket) = match source {
+            Source::Stream(result) => {
+                self.take_shared(ctx, result);
+                return Ok(());
+            }
+            Source::DownTarget(failure) => (Some(failure), None),
+            Source::Own(ticket) => (None, ticket),
+        };
         let recovering = self.memory.state.consecutive_failures > 0
             || self.memory.state.breaker != BreakerState::Closed;
         self.memory.apply(
@@ -281,7 +379,7 @@ impl Run {
                 (shared.summary, Some(FailureKind::Outage), false)
             }
             Ok(creds) => {
-                let target = probe_target(pool, creds);
+                let target = probe_target(pool, &creds);
                 let target_key = target_key(&target);
                 let report = {
                     let _slot = ctx
@@ -308,6 +406,7 @@ impl Run {
                     latency: report.latency,
                     outcome: report.outcome,
                     fresh_connection: report.fresh_connection,
+                    shared: false,
                 });
                 if ctx.gate.may_write() {
                     ctx.metrics.probe_finished(
@@ -323,6 +422,16 @@ impl Run {
                 }
                 let summary = ProbeSummary::from_report(&report, MicroTime(finished));
                 ctx.targets.record(&target_key, started, &summary);
+                if let Some(ticket) = ticket {
+                    ticket.finish(SharedResult {
+                        summary: summary.clone(),
+                        kind: report.outcome.failure_kind(),
+                        degraded: report.pool_fits == Some(false),
+                        latency: report.latency,
+                        budget: target.timeout,
+                        peer: report.peer.filter(|_| report.is_success()),
+                    });
+                }
                 (
                     summary,
                     report.outcome.failure_kind(),
@@ -469,17 +578,17 @@ pub(super) fn is_transition(last: Option<&DbPoolStatus>, desired: &DbPoolStatus)
 }
 
 /// What the probe needs from the spec and the Secrets.
-fn probe_target(pool: &DbPool, creds: Credentials) -> ProbeTarget {
+fn probe_target(pool: &DbPool, creds: &Credentials) -> ProbeTarget {
     let db = &pool.spec.database;
     ProbeTarget {
         host: db.host.clone(),
         port: u16::try_from(db.port).unwrap_or(5432),
         dbname: db.dbname.clone(),
         user: db.user.clone(),
-        password: creds.password,
+        password: creds.password.clone(),
         allow_md5: db.allow_md5,
         ssl_mode: db.ssl_mode,
-        ca_pem: creds.ca_pem,
+        ca_pem: creds.ca_pem.clone(),
         target_session_attrs: db.target_session_attrs,
         application_name: db.application_name.clone(),
         pool_max_size: u32::try_from(pool.spec.pool.max_size).unwrap_or(0),

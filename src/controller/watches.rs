@@ -41,6 +41,7 @@ use super::{
     observer::Observer,
     reconcile::{error_policy, reconcile},
     slots::ProbeSlots,
+    sharing::Streams,
     targets::Targets,
     write::WriteBudget,
 };
@@ -95,6 +96,7 @@ pub(super) async fn run_controller(
             api_slots.clone(),
         ),
         targets: Targets::default(),
+        streams: Streams::default(),
         probe_slots: ProbeSlots::new(config.max_concurrent_probes),
         api_slots,
         write_budget: WriteBudget::new(config.counter_write_rate, config.transition_write_rate),
