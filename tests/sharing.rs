@@ -3,6 +3,9 @@
 //! still Healthy with its lastProbe advancing every interval; pools with other credentials on
 //! the same server are not shared; and when the server stops every owner notices.
 //!
+//! The shared pools are created one after another, so their own schedules start at different
+//! phases of the interval: they align on the stream's grid after one round.
+//!
 //! The count is the server's own: PostgreSQL logs every statement (`log_statement = all`) with
 //! the session's application name in front (`log_line_prefix = '%a|'`), and the test counts the
 //! role check (`SELECT pg_is_in_recovery()`, once per probe) per application name. The
@@ -88,18 +91,27 @@ async fn k_healthy_pools_with_one_secret_share_one_probe_stream() {
     );
     let shared: Vec<String> = (0..K).map(|i| format!("shared-{i}")).collect();
     let solo: Vec<String> = (0..SOLO).map(|i| format!("solo-{i}")).collect();
-    for name in &shared {
-        create(&client, ns.name(), &spec(name, pg.port(), SHARED_APP)).await;
-    }
-    for name in &solo {
-        create(&client, ns.name(), &spec(name, pg.port(), name)).await;
-    }
-    let all: Vec<String> = shared.iter().chain(&solo).cloned().collect();
     let phase = |name: String| {
         let client = client.clone();
         let ns = ns.name().to_owned();
         async move { status(&client, &ns, &name).await.and_then(|s| s.phase) }
     };
+    // One after another, each once the previous one is Healthy: their first probes (and so
+    // their own schedules) lie at different phases of the interval, further apart than the
+    // freshness tolerance, so only the stream's grid can align them.
+    for name in &shared {
+        create(&client, ns.name(), &spec(name, pg.port(), SHARED_APP)).await;
+        wait_until(
+            &format!("{name} Healthy"),
+            Duration::from_secs(15),
+            || async { phase(name.clone()).await == Some(Phase::Healthy) },
+        )
+        .await;
+    }
+    for name in &solo {
+        create(&client, ns.name(), &spec(name, pg.port(), name)).await;
+    }
+    let all: Vec<String> = shared.iter().chain(&solo).cloned().collect();
     wait_until("every pool Healthy", Duration::from_secs(30), || async {
         for name in &all {
             if phase(name.clone()).await != Some(Phase::Healthy) {

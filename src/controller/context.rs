@@ -119,6 +119,10 @@ pub(super) struct PoolMemory {
     /// attempt, or the deadline a pool first found due for a probe stream to answer (see
     /// `sharing`): the deadline a shared result must satisfy. Cleared by a probe.
     pub due_since: Option<Timestamp>,
+    /// The grid point of the pool's probe stream it plans its next probe at, when that is
+    /// before the engine's deadline (a steady pool only; see `sharing`). Recomputed after every
+    /// result, cleared by every trigger.
+    pub aligned: Option<Timestamp>,
 }
 
 /// The labels of a pool's metric series.
@@ -262,6 +266,7 @@ impl PoolMemory {
                 gate_peer: None,
                 gate_applied: None,
                 due_since: None,
+                aligned: None,
             };
         };
         let state = restore_state(status, seed);
@@ -301,12 +306,18 @@ impl PoolMemory {
             gate_peer: None,
             gate_applied: None,
             due_since: None,
+            aligned: None,
         }
     }
 
-    /// When the next probe is due: the engine's deadline, or `not_before` if later.
+    /// When the next probe is due: the engine's deadline (or the earlier grid point of the
+    /// pool's probe stream), or `not_before` if later.
     pub fn deadline(&self, policy: &Policy, now: Timestamp) -> Timestamp {
         let engine = recovery::next_deadline(&self.state, policy).unwrap_or(now);
+        let engine = match self.aligned {
+            Some(aligned) if aligned < engine => aligned,
+            _ => engine,
+        };
         match self.not_before {
             Some(nb) if nb > engine => nb,
             _ => engine,
@@ -382,6 +393,23 @@ mod tests {
             last_success_time: Some(MicroTime(at)),
             ..DbPoolStatus::default()
         }
+    }
+
+    #[test]
+    fn a_grid_point_before_the_engines_deadline_comes_first() {
+        let now = Timestamp::now();
+        let pool = pool_with_status("steady", Some(healthy_status(now)));
+        let policy = pool.spec.policy();
+        let mut memory = PoolMemory::restore(&pool, &policy, now);
+        memory.not_before = None;
+        let engine = memory.deadline(&policy, now);
+        assert_eq!(engine, add(now, policy.interval));
+        let earlier = add(now, policy.interval / 2);
+        memory.aligned = Some(earlier);
+        assert_eq!(memory.deadline(&policy, now), earlier);
+        // Never later than the engine asks for.
+        memory.aligned = Some(add(engine, policy.interval));
+        assert_eq!(memory.deadline(&policy, now), engine);
     }
 
     #[test]

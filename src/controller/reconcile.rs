@@ -28,8 +28,8 @@ use super::{
     events::{PendingEvent, events_of},
     gate::{self, GateOutcome},
     observer::ProbeObservation,
-    status::{StatusInputs, desired_status, needs_write},
     sharing::{Decision, IN_FLIGHT_GRACE, ShareKey, SharedResult, Ticket},
+    status::{StatusInputs, desired_status, needs_write},
     targets::{Claim, SharedFailure},
     triggers::{Observed, Trigger, triggers},
     write::{Outbox, submit},
@@ -64,6 +64,8 @@ struct Run {
     effects: Vec<Effect>,
     /// Events of this reconcile that no engine effect describes (holds set and released).
     notes: Vec<(EventType, &'static str, String)>,
+    /// The probe stream this reconcile asked (see `sharing`), if it did.
+    stream: Option<ShareKey>,
 }
 
 /// Reconciles one pool: see the module comment for the steps.
@@ -159,6 +161,7 @@ impl Run {
             memory,
             effects: Vec::new(),
             notes: Vec::new(),
+            stream: None,
         };
         (run, connection_lost)
     }
@@ -195,6 +198,7 @@ impl Run {
         };
         let fired = triggers(&observed);
         for trigger in fired {
+            self.memory.aligned = None;
             self.memory
                 .apply(trigger.event(), now, &self.policy, &mut self.effects);
             self.memory.not_before = match trigger {
@@ -269,6 +273,7 @@ impl Run {
     /// it first became due as its deadline (`due_since`).
     async fn share(&mut self, pool: &DbPool, ctx: &Context, creds: &Credentials) -> Source {
         let key = ShareKey::of(&ctx.prober, &probe_target(pool, creds));
+        self.stream = Some(key.clone());
         let bound = self.policy.timeout.saturating_add(IN_FLIGHT_GRACE);
         let give_up = tokio::time::Instant::now() + bound;
         let now = Timestamp::now();
@@ -358,6 +363,7 @@ impl Run {
         let (shared, ticket) = match source {
             Source::Stream(result) => {
                 self.take_shared(ctx, result);
+                self.align(ctx);
                 return Ok(());
             }
             Source::DownTarget(failure) => (Some(failure), None),
@@ -458,7 +464,28 @@ impl Run {
         self.memory.last_probe = Some(summary);
         self.memory.not_before = None;
         self.memory.due_since = None;
+        self.align(ctx);
         Ok(())
+    }
+
+    /// After a result: a steady pool that asked a probe stream plans its next probe at the
+    /// stream's grid point (`aligned_deadline`), when that is before the engine's deadline;
+    /// every other pool on the engine's deadline.
+    fn align(&mut self, ctx: &Context) {
+        self.memory.aligned = None;
+        let Some(key) = &self.stream else { return };
+        if !recovery::is_steady(&self.memory.state) {
+            return;
+        }
+        let state = &self.memory.state;
+        if let (Some(anchor), Some(last), Some(deadline)) = (
+            ctx.streams.anchor(key),
+            state.last_probe_at,
+            recovery::next_deadline(state, &self.policy),
+        ) {
+            self.memory.aligned =
+                recovery::aligned_deadline(anchor, self.policy.interval, last, deadline);
+        }
     }
 
     /// Step 4: hand what a user would see changed (status, breaker label, this reconcile's

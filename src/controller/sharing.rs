@@ -3,7 +3,7 @@
 //!
 //! Lives here: [`ShareKey`] (what makes two pools' probes equivalent), [`SharedResult`] (a real
 //! probe's result as another owner takes it, and whether it fits that owner's timeout),
-//! [`Streams`] (per key: the latest result, the probe in flight, its owners) with [`Streams::decide`]
+//! [`Streams`] (per key: the grid's anchor, the latest result, the probe in flight, its owners) with [`Streams::decide`]
 //! and the [`Ticket`] a real probe holds while it runs. Must not live here: the decision rule
 //! itself (`dbpool-recovery`'s `share.rs`, pure), what a result means for one pool (its own
 //! engine), the shared schedule of a target that is down (`targets`).
@@ -100,6 +100,8 @@ pub(super) enum Decision {
 }
 
 struct Stream {
+    /// When its first result finished: the origin of its grid (see `aligned_deadline`).
+    anchor: Option<Timestamp>,
     latest: Option<SharedResult>,
     in_flight: usize,
     in_flight_since: Option<Timestamp>,
@@ -126,6 +128,7 @@ impl Inner {
         self.streams
             .entry(key.clone())
             .or_insert_with(|| Stream {
+                anchor: None,
                 latest: None,
                 in_flight: 0,
                 in_flight_since: None,
@@ -175,6 +178,9 @@ impl Ticket {
         let Some(stream) = inner.streams.get_mut(&self.key) else {
             return;
         };
+        if let Some(result) = &result {
+            stream.anchor.get_or_insert(result.finished());
+        }
         if let Some(result) = result
             && stream
                 .latest
@@ -249,6 +255,14 @@ impl Streams {
             key: key.clone(),
             done,
         }
+    }
+
+    /// The origin of the grid of `key`'s stream: when its first result finished.
+    pub fn anchor(&self, key: &ShareKey) -> Option<Timestamp> {
+        lock(&self.inner)
+            .streams
+            .get(key)
+            .and_then(|stream| stream.anchor)
     }
 
     /// Forgets `pool` as an owner; a stream left without owners is dropped.

@@ -40,8 +40,8 @@ use super::{
     liveness::WatchHealth,
     observer::Observer,
     reconcile::{error_policy, reconcile},
-    slots::ProbeSlots,
     sharing::Streams,
+    slots::ProbeSlots,
     targets::Targets,
     write::WriteBudget,
 };

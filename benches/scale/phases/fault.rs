@@ -339,7 +339,10 @@ fn failure_schedule(events: &[ProbeEvent], t_stop: i64, policy: &Policy) -> Vec<
         } else {
             policy.open_timeout.max(pool_backoff(streak - 1))
         };
-        out.push((b.start_us - a.finish_us - us(planned)) as f64 / 1000.0);
+        // A result taken from the probe stream is not a probe start of its own.
+        if !b.shared {
+            out.push((b.start_us - a.finish_us - us(planned)) as f64 / 1000.0);
+        }
     }
     out
 }

@@ -88,7 +88,10 @@ mod types;
 pub use backoff::backoff_delay;
 pub use engine::{add, apply, next_deadline, phase};
 pub use policy::{MAX_MULTIPLIER, MIN_DURATION, Policy};
-pub use share::{MAX_FRESHNESS, ShareDecision, StreamView, freshness, is_steady, share_decision};
+pub use share::{
+    MAX_FRESHNESS, ShareDecision, StreamView, aligned_deadline, freshness, is_steady,
+    share_decision,
+};
 pub use state::{Effect, Event, FailureKind, PoolState};
 pub use target::{TargetSchedule, shared_policy};
 pub use types::{BreakerMode, BreakerState, Phase};

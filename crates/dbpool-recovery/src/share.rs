@@ -16,8 +16,14 @@
 //!    finish after `now ≥ d`, so it satisfies the deadline);
 //! 4. otherwise probes itself (and becomes the stream's probe in flight).
 //!
-//! The pool records `r` as its own last probe, so its next deadline is `r + interval`: owners
-//! with one interval align on one probe per interval after one round.
+//! The pool records `r` as its own last probe, so its next deadline is `r + interval`. That
+//! alone aligns only owners whose deadlines already lie within the tolerance of each other, so
+//! a steady pool also plans its next probe on the stream's **grid** ([`aligned_deadline`]):
+//! the last instant `anchor + k × interval` (the anchor is the stream's first result) that is
+//! after its last probe and not after its own deadline. That is never later than the pool asked
+//! for, at most one interval earlier once, and from then on every owner with the same interval
+//! is due at the same grid points: one probe per interval serves them all, the others join it
+//! or take its result.
 
 use std::time::Duration;
 
@@ -52,6 +58,29 @@ pub struct StreamView {
 /// at most [`MAX_FRESHNESS`].
 pub fn freshness(policy: &Policy) -> Duration {
     (policy.interval / 10).min(MAX_FRESHNESS)
+}
+
+/// The stream's grid point a steady pool plans its next probe at: the last `anchor + k ×
+/// interval` (k ≥ 0) after `last_probe` and at or before `deadline` (the engine's `last_probe +
+/// interval`). `None` when there is none (the anchor lies after the deadline).
+pub fn aligned_deadline(
+    anchor: Timestamp,
+    interval: Duration,
+    last_probe: Timestamp,
+    deadline: Timestamp,
+) -> Option<Timestamp> {
+    let step = i128::try_from(interval.as_micros())
+        .ok()
+        .filter(|s| *s > 0)?;
+    let since = i128::from(deadline.as_microsecond()) - i128::from(anchor.as_microsecond());
+    if since < 0 {
+        return None;
+    }
+    let back = i64::try_from(since % step).ok()?;
+    let point = deadline
+        .checked_sub(jiff::SignedDuration::from_micros(back))
+        .ok()?;
+    (point > last_probe).then_some(point)
 }
 
 /// Whether the pool is steady: breaker Closed, no failures counted, no cooldown.
@@ -182,11 +211,44 @@ mod tests {
     }
 
     #[test]
+    fn steady_pools_plan_on_the_streams_grid() {
+        let second = Duration::from_secs(1);
+        // Anchor 0, interval 1 s; last probe at 10.3 s, own deadline 11.3 s: the grid point 11 s.
+        assert_eq!(
+            aligned_deadline(t(0), second, t(10_300), t(11_300)),
+            Some(t(11_000))
+        );
+        // On the grid already (last probe 4 ms after a grid point): the next grid point.
+        assert_eq!(
+            aligned_deadline(t(0), second, t(11_004), t(12_004)),
+            Some(t(12_000))
+        );
+        // Never later than the pool's own deadline, never at or before its last probe.
+        assert_eq!(
+            aligned_deadline(t(0), second, t(12_000), t(13_000)),
+            Some(t(13_000))
+        );
+        assert_eq!(aligned_deadline(t(5_000), second, t(1_000), t(2_000)), None);
+        // Another interval has its own grid from the same anchor.
+        assert_eq!(
+            aligned_deadline(t(0), Duration::from_secs(3), t(10_000), t(13_000)),
+            Some(t(12_000))
+        );
+    }
+
+    #[test]
     fn a_requested_probe_is_real() {
         let p = policy();
         let mut s = healthy(0);
         s.probe_requested = true;
-        let d = share_decision(&s, &p, t(2000), &view(Some(2001), Some(2001)), t(2002), BOUND);
+        let d = share_decision(
+            &s,
+            &p,
+            t(2000),
+            &view(Some(2001), Some(2001)),
+            t(2002),
+            BOUND,
+        );
         assert_eq!(d, ShareDecision::Probe);
     }
 
@@ -208,10 +270,18 @@ mod tests {
         let due = next_deadline(&s, &p).expect("probed");
         assert_eq!(due, t(5200));
         let d = share_decision(&s, &p, due, &view(Some(5190), None), t(5200), BOUND);
-        assert_eq!(d, ShareDecision::Probe, "10 ms older than the trial's deadline");
+        assert_eq!(
+            d,
+            ShareDecision::Probe,
+            "10 ms older than the trial's deadline"
+        );
         let d = share_decision(&s, &p, due, &view(Some(5200), None), t(5210), BOUND);
         assert_eq!(d, ShareDecision::Take);
         let d = share_decision(&s, &p, due, &view(Some(5190), Some(5195)), t(5200), BOUND);
-        assert_eq!(d, ShareDecision::Join, "the probe in flight ends after the deadline");
+        assert_eq!(
+            d,
+            ShareDecision::Join,
+            "the probe in flight ends after the deadline"
+        );
     }
 }
