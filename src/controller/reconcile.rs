@@ -5,7 +5,8 @@
 //! shared attempt while it is down, or of the pool's probe stream while it is healthy), record metrics, hand what a user
 //! would see changed (status, label, events) to the pool's writer without waiting for it, store
 //! the memory and requeue at the engine's next deadline; which changes are transitions
-//! ([`is_transition`]); and [`error_policy`]. Must not live here: the engine's rules (`dbpool-recovery`),
+//! ([`is_transition`]); and [`error_policy`]. The steps that use the pool's probe stream are in
+//! `reconcile/stream.rs`. Must not live here: the engine's rules (`dbpool-recovery`),
 //! the shape of the status (`status`), the wording of events (`events`) or the writes
 //! themselves (`write`).
 
@@ -28,7 +29,7 @@ use super::{
     events::{PendingEvent, events_of},
     gate::{self, GateOutcome},
     observer::ProbeObservation,
-    sharing::{Decision, IN_FLIGHT_GRACE, ShareKey, SharedResult, Ticket},
+    sharing::{ShareKey, SharedResult, Ticket},
     status::{StatusInputs, desired_status, needs_write},
     targets::{Claim, SharedFailure},
     triggers::{Observed, Trigger, triggers},
@@ -267,84 +268,6 @@ impl Run {
             .claim(&spec_target_key(pool), &self.key, &self.policy, due, now)
     }
 
-    /// Step 2c (the target is not known down): ask the pool's probe stream whether a result of
-    /// an equivalent probe answers for this pool (see `sharing`). Waits for a probe in flight
-    /// at most the pool's timeout plus [`IN_FLIGHT_GRACE`]; a pool due "now" keeps the instant
-    /// it first became due as its deadline (`due_since`).
-    async fn share(&mut self, pool: &DbPool, ctx: &Context, creds: &Credentials) -> Source {
-        let key = ShareKey::of(&ctx.prober, &probe_target(pool, creds));
-        self.stream = Some(key.clone());
-        let bound = self.policy.timeout.saturating_add(IN_FLIGHT_GRACE);
-        let give_up = tokio::time::Instant::now() + bound;
-        let now = Timestamp::now();
-        let due = *self
-            .memory
-            .due_since
-            .get_or_insert(self.memory.deadline(&self.policy, now));
-        loop {
-            // Past the bound nobody is waited for: the decision is a probe or a result.
-            let waiting = if tokio::time::Instant::now() < give_up {
-                bound
-            } else {
-                Duration::ZERO
-            };
-            let decision = ctx.streams.decide(
-                &self.key,
-                &key,
-                &self.memory.state,
-                &self.policy,
-                due,
-                Timestamp::now(),
-                waiting,
-            );
-            match decision {
-                Decision::Probe(ticket) => return Source::Own(Some(ticket)),
-                Decision::Take(result) => return Source::Stream(result),
-                Decision::Join(mut ended) => {
-                    // Ended, dropped, or the bound passed: decide again either way.
-                    let _ = tokio::time::timeout_at(give_up, ended.changed()).await;
-                }
-            }
-        }
-    }
-
-    /// Step 3 for a result of the pool's probe stream: fed to the engine as this pool's probe,
-    /// started and finished at the instant the real probe finished (so the next deadline is
-    /// planned from it), reported to the observer as shared and counted as a shared result,
-    /// not as a probe.
-    fn take_shared(&mut self, ctx: &Context, result: SharedResult) {
-        let at = result.finished();
-        self.memory
-            .apply(Event::ProbeStarted, at, &self.policy, &mut self.effects);
-        let seq = self.memory.state.probe_seq;
-        let event = match result.kind {
-            None => Event::ProbeSucceeded {
-                seq,
-                degraded: result.degraded,
-            },
-            Some(kind) => Event::ProbeFailed { seq, kind },
-        };
-        self.memory
-            .apply(event, at, &self.policy, &mut self.effects);
-        if result.kind.is_none() {
-            self.memory.gate_peer = result.peer;
-        }
-        ctx.observer.probe_finished(&ProbeObservation {
-            pool: &self.key,
-            finished: at,
-            latency: result.latency,
-            outcome: result.summary.outcome,
-            fresh_connection: false,
-            shared: true,
-        });
-        if ctx.gate.may_write() {
-            ctx.metrics.result_shared(&pool_labels(&self.key));
-        }
-        self.memory.last_probe = Some(result.summary);
-        self.memory.not_before = None;
-        self.memory.due_since = None;
-    }
-
     /// Whether the engine's deadline (or the rate limit) says probe now.
     fn probe_due(&self) -> bool {
         let now = Timestamp::now();
@@ -466,26 +389,6 @@ impl Run {
         self.memory.due_since = None;
         self.align(ctx);
         Ok(())
-    }
-
-    /// After a result: a steady pool that asked a probe stream plans its next probe at the
-    /// stream's grid point (`aligned_deadline`), when that is before the engine's deadline;
-    /// every other pool on the engine's deadline.
-    fn align(&mut self, ctx: &Context) {
-        self.memory.aligned = None;
-        let Some(key) = &self.stream else { return };
-        if !recovery::is_steady(&self.memory.state) {
-            return;
-        }
-        let state = &self.memory.state;
-        if let (Some(anchor), Some(last), Some(deadline)) = (
-            ctx.streams.anchor(key),
-            state.last_probe_at,
-            recovery::next_deadline(state, &self.policy),
-        ) {
-            self.memory.aligned =
-                recovery::aligned_deadline(anchor, self.policy.interval, last, deadline);
-        }
     }
 
     /// Step 4: hand what a user would see changed (status, breaker label, this reconcile's
@@ -673,6 +576,8 @@ pub(super) fn error_policy(pool: Arc<DbPool>, error: &Error, ctx: Arc<Context>) 
     warn!(pool = %key, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
+
+mod stream;
 
 #[cfg(test)]
 mod tests {
