@@ -72,6 +72,7 @@ pub struct Metrics {
     consecutive_failures: Family<PoolLabels, Gauge>,
     health_check_failures: Family<PoolLabels, Counter>,
     probes: Family<ProbeLabels, Counter>,
+    results_shared: Family<PoolLabels, Counter>,
     probe_duration: Family<StageLabels, Histogram>,
     status_writes: Family<PoolLabels, Counter>,
     reconcile_errors: Family<PoolLabels, Counter>,
@@ -121,6 +122,12 @@ impl Metrics {
         );
         let probes = Family::<ProbeLabels, Counter>::default();
         registry.register("probes", "Probes run, by outcome", probes.clone());
+        let results_shared = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "probe_results_shared",
+            "Results of another pool's equivalent probe taken instead of probing",
+            results_shared.clone(),
+        );
         let probe_duration = Family::<StageLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -176,6 +183,7 @@ impl Metrics {
             consecutive_failures,
             health_check_failures,
             probes,
+            results_shared,
             probe_duration,
             status_writes,
             reconcile_errors,
@@ -205,6 +213,7 @@ impl Metrics {
         drop(self.recovery_attempts.get_or_create(pool));
         drop(self.consecutive_failures.get_or_create(pool));
         drop(self.health_check_failures.get_or_create(pool));
+        drop(self.results_shared.get_or_create(pool));
         drop(self.status_writes.get_or_create(pool));
         drop(self.reconcile_errors.get_or_create(pool));
         for outcome in ProbeOutcome::ALL {
@@ -258,6 +267,11 @@ impl Metrics {
         }
     }
 
+    /// Counts a result of another pool's equivalent probe that `pool` took instead of probing.
+    pub fn result_shared(&self, pool: &PoolLabels) {
+        self.results_shared.get_or_create(pool).inc();
+    }
+
     /// Sets the breaker and failure gauges of `pool`.
     pub fn pool_state(&self, pool: &PoolLabels, breaker: BreakerState, consecutive_failures: u32) {
         for (state, label) in [
@@ -297,6 +311,7 @@ impl Metrics {
         self.consecutive_failures.clear();
         self.health_check_failures.clear();
         self.probes.clear();
+        self.results_shared.clear();
         self.status_writes.clear();
         self.reconcile_errors.clear();
     }
@@ -306,6 +321,7 @@ impl Metrics {
         self.recovery_attempts.remove(pool);
         self.consecutive_failures.remove(pool);
         self.health_check_failures.remove(pool);
+        self.results_shared.remove(pool);
         self.status_writes.remove(pool);
         self.reconcile_errors.remove(pool);
         for state in [StateLabel::closed, StateLabel::open, StateLabel::half_open] {
@@ -458,6 +474,7 @@ mod tests {
             "dbpool_recovery_attempts_total",
             "dbpool_consecutive_failures",
             "dbpool_health_check_failures_total",
+            "dbpool_probe_results_shared_total",
             "dbpool_status_writes_total",
             "dbpool_reconcile_errors_total",
         ] {

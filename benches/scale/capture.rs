@@ -73,23 +73,27 @@ impl Observer for BenchObserver {
         let latency = latency_ms(probe.latency);
         let ok = probe.outcome == ProbeOutcome::Success;
         let fresh = probe.fresh_connection;
+        let shared = probe.shared;
         match &self.sink {
             Sink::Lines(buffer) => {
                 let mut buf = buffer.lock().unwrap_or_else(|e| e.into_inner());
                 // Writing into a Vec cannot fail.
                 let _ = writeln!(
                     buf,
-                    "P {} {finish_us} {latency} {} {}",
+                    "P {} {finish_us} {latency} {} {} {}",
                     probe.pool.name,
                     u8::from(ok),
-                    u8::from(fresh)
+                    u8::from(fresh),
+                    u8::from(shared)
                 );
             }
             Sink::Store { store, op, live } => {
                 if live.load(Ordering::Relaxed)
                     && let Some(pool) = pool_index(&probe.pool.name)
                 {
-                    store.push_probe(ProbeEvent::new(*op, pool, finish_us, latency, ok, fresh));
+                    store.push_probe(ProbeEvent::new(
+                        *op, pool, finish_us, latency, ok, fresh, shared,
+                    ));
                 }
             }
         }
@@ -132,7 +136,7 @@ pub fn spawn_stdout_flusher(buffer: Arc<Mutex<Vec<u8>>>) {
 /// One line of the child's stdout, read back.
 #[derive(Debug, PartialEq)]
 pub enum Line {
-    /// `P <pool> <finish µs> <latency ms> <ok 0/1> <fresh 0/1>`
+    /// `P <pool> <finish µs> <latency ms> <ok 0/1> <fresh 0/1> <shared 0/1>`
     Probe(ProbeEvent),
     /// `W <pool> <acknowledged µs> <phase or ->`
     Write(u32, i64, Option<Phase>),
@@ -149,7 +153,8 @@ pub fn parse_line(line: &str, op: u32) -> Option<Line> {
             let latency_ms = parts.next()?.parse().ok()?;
             let ok = parts.next()? == "1";
             let fresh = parts.next()? == "1";
-            let event = ProbeEvent::new(op, pool, at_us, latency_ms, ok, fresh);
+            let shared = parts.next() == Some("1");
+            let event = ProbeEvent::new(op, pool, at_us, latency_ms, ok, fresh, shared);
             Some(Line::Probe(event))
         }
         "W" => {

@@ -70,8 +70,10 @@ pub struct Usage {
     pub wall: f64,
     /// Operator CPU seconds.
     pub cpu: f64,
-    /// Probes the operator finished in the window.
+    /// Probes the operator finished in the window (real ones).
     pub probes: usize,
+    /// Results of a pool's probe stream taken instead of probing, in the window.
+    pub shared: usize,
     /// PostgreSQL CPU seconds.
     pub pg_cpu: f64,
     /// PostgreSQL server processes at the end.
@@ -317,6 +319,7 @@ impl Run {
                 wall: (to_us - from_us) as f64 / 1e6,
                 cpu,
                 probes: self.store.probe_count(generation, from_us, to_us),
+                shared: self.store.shared_count(generation, from_us, to_us),
                 pg_cpu: pg_cpu - pg0,
                 pg_processes,
                 hwm_kib,
@@ -336,7 +339,9 @@ impl Run {
     }
 
     /// Lateness (ms) of every probe of operator `op` that started in [from, to] after a successful
-    /// probe of the same pool: start − (previous finish + interval).
+    /// result of the same pool: start − (previous finish + interval). A result taken from the
+    /// pool's probe stream counts as the previous finish (the pool plans from it) but is not a
+    /// probe start of its own.
     pub fn interval_lateness(
         &self,
         op: u32,
@@ -349,7 +354,7 @@ impl Run {
         for events in &per_pool {
             for pair in events.windows(2) {
                 let (a, b) = (pair[0], pair[1]);
-                if a.ok && b.start_us >= from_us && b.start_us <= to_us {
+                if a.ok && !b.shared && b.start_us >= from_us && b.start_us <= to_us {
                     out.push((b.start_us - a.finish_us - us(interval)) as f64 / 1000.0);
                 }
             }

@@ -24,7 +24,8 @@ use kube::{
 
 use crate::procfs::{micro, now_us};
 
-/// One probe of one pool, as the operator's observer reported it.
+/// One probe of one pool, or one result of its probe stream it took instead (`shared`), as the
+/// operator's observer reported it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ProbeEvent {
     /// Which operator (generation) ran it.
@@ -39,11 +40,22 @@ pub struct ProbeEvent {
     pub ok: bool,
     /// Whether it opened a new connection.
     pub fresh: bool,
+    /// Whether it is another pool's equivalent probe, taken instead of probing: no probe ran,
+    /// `finish_us` is when the real one finished (the pool plans its next probe from it).
+    pub shared: bool,
 }
 
 impl ProbeEvent {
     /// An event from the observer's figures; the latency is whole milliseconds.
-    pub fn new(op: u32, pool: u32, finish_us: i64, latency_ms: u64, ok: bool, fresh: bool) -> Self {
+    pub fn new(
+        op: u32,
+        pool: u32,
+        finish_us: i64,
+        latency_ms: u64,
+        ok: bool,
+        fresh: bool,
+        shared: bool,
+    ) -> Self {
         let latency_us = i64::try_from(latency_ms.saturating_mul(1000)).unwrap_or(0);
         Self {
             op,
@@ -52,6 +64,7 @@ impl ProbeEvent {
             finish_us,
             ok,
             fresh,
+            shared,
         }
     }
 }
@@ -231,13 +244,27 @@ impl Store {
             .unwrap_or(0)
     }
 
-    /// Probes of operator `op` that finished in [from, to].
+    /// Real probes (not shared results) of operator `op` that finished in [from, to].
     pub fn probe_count(&self, op: u32, from_us: i64, to_us: i64) -> usize {
+        self.event_count(op, from_us, to_us, false)
+    }
+
+    /// Shared results operator `op` applied (taken instead of probing) in [from, to].
+    pub fn shared_count(&self, op: u32, from_us: i64, to_us: i64) -> usize {
+        self.event_count(op, from_us, to_us, true)
+    }
+
+    fn event_count(&self, op: u32, from_us: i64, to_us: i64, shared: bool) -> usize {
         self.probes
             .lock()
             .map(|p| {
                 p.iter()
-                    .filter(|e| e.op == op && e.finish_us >= from_us && e.finish_us <= to_us)
+                    .filter(|e| {
+                        e.op == op
+                            && e.shared == shared
+                            && e.finish_us >= from_us
+                            && e.finish_us <= to_us
+                    })
                     .count()
             })
             .unwrap_or(0)

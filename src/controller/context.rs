@@ -31,6 +31,7 @@ use super::{
     fleet::Fleet,
     leadership::WriteGate,
     observer::Observer,
+    sharing::Streams,
     slots::ProbeSlots,
     status::restore_state,
     targets::Targets,
@@ -64,6 +65,8 @@ pub(super) struct Context {
     pub targets: Targets,
     /// The fleet guard (see `fleet`).
     pub fleet: Fleet,
+    /// Per-credential probe streams of healthy targets (see `sharing`).
+    pub streams: Streams,
     /// The probe slots, shared fairly across namespaces and targets (see `slots`).
     pub probe_slots: ProbeSlots,
     pub api_slots: Arc<Semaphore>,
@@ -116,8 +119,13 @@ pub(super) struct PoolMemory {
     /// The gate Service this process last wrote for the pool (to remove it when undeclared).
     pub gate_applied: Option<String>,
     /// Since when a pool that is due "now" (never probed) has waited for its target's shared
-    /// attempt: the deadline a shared result must satisfy. Cleared by a probe.
+    /// attempt, or the deadline a pool first found due for a probe stream to answer (see
+    /// `sharing`): the deadline a shared result must satisfy. Cleared by a probe.
     pub due_since: Option<Timestamp>,
+    /// The grid point of the pool's probe stream it plans its next probe at, when that is
+    /// before the engine's deadline (a steady pool only; see `sharing`). Recomputed after every
+    /// result, cleared by every trigger.
+    pub aligned: Option<Timestamp>,
 }
 
 /// The labels of a pool's metric series.
@@ -190,6 +198,7 @@ impl Context {
         self.prober.forget(&owner_key(pool));
         self.targets.forget(pool);
         self.fleet.forget(pool);
+        self.streams.forget(pool);
         self.metrics.forget(&pool_labels(pool));
         debug!(pool = %pool, "forgot deleted pool");
     }
@@ -261,6 +270,7 @@ impl PoolMemory {
                 gate_peer: None,
                 gate_applied: None,
                 due_since: None,
+                aligned: None,
             };
         };
         let state = restore_state(status, seed);
@@ -300,12 +310,18 @@ impl PoolMemory {
             gate_peer: None,
             gate_applied: None,
             due_since: None,
+            aligned: None,
         }
     }
 
-    /// When the next probe is due: the engine's deadline, or `not_before` if later.
+    /// When the next probe is due: the engine's deadline (or the earlier grid point of the
+    /// pool's probe stream), or `not_before` if later.
     pub fn deadline(&self, policy: &Policy, now: Timestamp) -> Timestamp {
         let engine = recovery::next_deadline(&self.state, policy).unwrap_or(now);
+        let engine = match self.aligned {
+            Some(aligned) if aligned < engine => aligned,
+            _ => engine,
+        };
         match self.not_before {
             Some(nb) if nb > engine => nb,
             _ => engine,
@@ -394,6 +410,23 @@ mod tests {
             last_success_time: Some(MicroTime(at)),
             ..DbPoolStatus::default()
         }
+    }
+
+    #[test]
+    fn a_grid_point_before_the_engines_deadline_comes_first() {
+        let now = Timestamp::now();
+        let pool = pool_with_status("steady", Some(healthy_status(now)));
+        let policy = pool.spec.policy();
+        let mut memory = PoolMemory::restore(&pool, &policy, now);
+        memory.not_before = None;
+        let engine = memory.deadline(&policy, now);
+        assert_eq!(engine, add(now, policy.interval));
+        let earlier = add(now, policy.interval / 2);
+        memory.aligned = Some(earlier);
+        assert_eq!(memory.deadline(&policy, now), earlier);
+        // Never later than the engine asks for.
+        memory.aligned = Some(add(engine, policy.interval));
+        assert_eq!(memory.deadline(&policy, now), engine);
     }
 
     #[test]

@@ -40,11 +40,11 @@ pub(super) fn apply_result(
     pool: &ObjectRef<DbPool>,
     target: &str,
     (event, observed): (Event, Option<Seen>),
+    now: Timestamp,
     policy: &Policy,
     memory: &mut PoolMemory,
     effects: &mut Vec<Effect>,
 ) {
-    let now = Timestamp::now();
     let hold = observed.is_some_and(|observed| {
         ctx.fleet
             .observe(pool, target, observed, &memory.state, now)

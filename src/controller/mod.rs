@@ -38,6 +38,7 @@ mod liveness;
 mod observer;
 mod reconcile;
 mod running;
+mod sharing;
 mod slots;
 pub mod status;
 mod targets;

@@ -12,19 +12,25 @@ use kube::runtime::reflector::ObjectRef;
 
 use crate::api::{DbPool, Phase, ProbeOutcome};
 
-/// A probe the controller ran for one pool.
+/// A probe result the controller applied to one pool: a probe it ran for the pool, or (with
+/// `shared`) a result of the pool's probe stream it took instead of probing.
 #[derive(Clone, Debug)]
 pub struct ProbeObservation<'a> {
     /// The pool probed.
     pub pool: &'a ObjectRef<DbPool>,
-    /// When the probe's result reached the controller (host wall clock).
+    /// When the probe's result reached the controller (host wall clock). For a shared result,
+    /// when the probe that made it finished: the pool records it as its own last probe, so its
+    /// next probe is planned from this instant.
     pub finished: Timestamp,
     /// Wall time of the probe itself.
     pub latency: Duration,
     /// How it ended.
     pub outcome: ProbeOutcome,
-    /// Whether it opened a new connection (false: it ran on the persistent one).
+    /// Whether it opened a new connection (false: it ran on the persistent one, or was shared).
     pub fresh_connection: bool,
+    /// Whether this is another owner's probe result, taken instead of probing (no probe ran
+    /// for this pool).
+    pub shared: bool,
 }
 
 /// Told about the controller's probes and acknowledged status writes. Every method has an empty

@@ -1,10 +1,12 @@
 //! One reconcile of one pool, as a pipeline of short steps.
 //!
 //! Lives here: [`reconcile`] and its steps: recall the pool's memory, load its credentials,
-//! apply the [`triggers`](super::triggers), probe when due, record metrics, hand what a user
+//! apply the [`triggers`](super::triggers), probe when due (or take the result of the target's
+//! shared attempt while it is down, or of the pool's probe stream while it is healthy), record metrics, hand what a user
 //! would see changed (status, label, events) to the pool's writer without waiting for it, store
 //! the memory and requeue at the engine's next deadline; which changes are transitions
-//! ([`is_transition`]); and [`error_policy`]. Must not live here: the engine's rules (`dbpool-recovery`),
+//! ([`is_transition`]); and [`error_policy`]. The steps that use the pool's probe stream are in
+//! `reconcile/stream.rs`. Must not live here: the engine's rules (`dbpool-recovery`),
 //! the shape of the status (`status`), the wording of events (`events`) or the writes
 //! themselves (`write`).
 
@@ -28,6 +30,7 @@ use super::{
     fleet::{self, Seen},
     gate::{self, GateOutcome},
     observer::ProbeObservation,
+    sharing::{ShareKey, SharedResult, Ticket},
     status::{StatusInputs, desired_status, needs_write},
     targets::{Claim, SharedFailure},
     triggers::{Observed, Trigger, triggers},
@@ -43,6 +46,16 @@ use crate::{
     recovery::{self, Effect, Event, FailureKind, Policy, add},
 };
 
+/// Where a due pool's probe result comes from.
+enum Source {
+    /// A probe of its own; with a ticket when it is its probe stream's probe in flight.
+    Own(Option<Ticket>),
+    /// The latest failed attempt of its target, which is down (see `targets`).
+    DownTarget(SharedFailure),
+    /// Another owner's equivalent probe (see `sharing`).
+    Stream(SharedResult),
+}
+
 /// What one reconcile works on: the pool's memory and the effects gathered so far.
 struct Run {
     key: ObjectRef<DbPool>,
@@ -53,6 +66,8 @@ struct Run {
     effects: Vec<Effect>,
     /// Events of this reconcile that no engine effect describes (holds set and released).
     notes: Vec<(EventType, &'static str, String)>,
+    /// The probe stream this reconcile asked (see `sharing`), if it did.
+    stream: Option<ShareKey>,
 }
 
 /// Reconciles one pool: see the module comment for the steps.
@@ -68,11 +83,12 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
     }
     run.apply_triggers(&pool, connection_lost, &credentials);
     let mut due = run.probe_due();
-    let mut shared = None;
-    if due && credentials.is_ok() {
+    let mut source = Source::Own(None);
+    if due && let Ok(creds) = &credentials {
         match run.claim_target(&pool, &ctx) {
-            Claim::Probe => {}
-            Claim::Use(result) => shared = Some(result),
+            Claim::Probe => source = run.share(&pool, &ctx, creds).await,
+            Claim::Attempt => {}
+            Claim::Use(result) => source = Source::DownTarget(result),
             Claim::Wait(at) => {
                 // The target is down and its next shared attempt will answer for this pool too.
                 run.memory.not_before = Some(at);
@@ -80,7 +96,7 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
             }
         }
     }
-    if due && let Err(err) = run.probe(&pool, &ctx, credentials, shared).await {
+    if due && let Err(err) = run.probe(&pool, &ctx, credentials, source).await {
         if matches!(err, Error::Deleted) || !ctx.exists(&pool, &run.key) {
             ctx.forget(&run.key);
             return Ok(Action::await_change());
@@ -151,6 +167,7 @@ impl Run {
             memory,
             effects: Vec::new(),
             notes: Vec::new(),
+            stream: None,
         };
         (run, connection_lost)
     }
@@ -187,6 +204,7 @@ impl Run {
         };
         let fired = triggers(&observed);
         for trigger in fired {
+            self.memory.aligned = None;
             self.memory
                 .apply(trigger.event(), now, &self.policy, &mut self.effects);
             self.memory.not_before = match trigger {
@@ -268,8 +286,17 @@ impl Run {
         pool: &DbPool,
         ctx: &Context,
         credentials: Result<Credentials, CredentialError>,
-        shared: Option<SharedFailure>,
+        source: Source,
     ) -> Result<(), Error> {
+        let (shared, ticket) = match source {
+            Source::Stream(result) => {
+                self.take_shared(ctx, pool, result);
+                self.align(ctx);
+                return Ok(());
+            }
+            Source::DownTarget(failure) => (Some(failure), None),
+            Source::Own(ticket) => (None, ticket),
+        };
         let recovering = self.memory.state.consecutive_failures > 0
             || self.memory.state.breaker != BreakerState::Closed;
         self.memory.apply(
@@ -282,16 +309,28 @@ impl Run {
         let labels = pool_labels(&self.key);
         let (summary, kind, degraded, observed) = match credentials {
             // The target's latest failed attempt answers for this pool (no connection of its own).
-            Ok(_) if let Some(shared) = shared => (
-                shared.summary,
-                Some(FailureKind::Outage),
-                false,
-                Some(Seen::Failed {
-                    path: shared.path_evidence,
-                }),
-            ),
+            Ok(_) if let Some(shared) = shared => {
+                ctx.observer.probe_finished(&ProbeObservation {
+                    pool: &self.key,
+                    finished: shared.finished,
+                    latency: Duration::from_millis(
+                        u64::try_from(shared.summary.latency_ms).unwrap_or(0),
+                    ),
+                    outcome: shared.summary.outcome,
+                    fresh_connection: false,
+                    shared: true,
+                });
+                (
+                    shared.summary,
+                    Some(FailureKind::Outage),
+                    false,
+                    Some(Seen::Failed {
+                        path: shared.path_evidence,
+                    }),
+                )
+            }
             Ok(creds) => {
-                let target = probe_target(pool, creds);
+                let target = probe_target(pool, &creds);
                 let target_key = target_key(&target);
                 let report = {
                     let _slot = ctx
@@ -318,6 +357,7 @@ impl Run {
                     latency: report.latency,
                     outcome: report.outcome,
                     fresh_connection: report.fresh_connection,
+                    shared: false,
                 });
                 if ctx.gate.may_write() {
                     ctx.metrics.probe_finished(
@@ -334,6 +374,17 @@ impl Run {
                 let summary = ProbeSummary::from_report(&report, MicroTime(finished));
                 ctx.targets
                     .record(&target_key, started, &summary, report.path_evidence);
+                if let Some(ticket) = ticket {
+                    ticket.finish(SharedResult {
+                        summary: summary.clone(),
+                        kind: report.outcome.failure_kind(),
+                        degraded: report.pool_fits == Some(false),
+                        latency: report.latency,
+                        budget: target.timeout,
+                        peer: report.peer.filter(|_| report.is_success()),
+                        path_evidence: report.path_evidence,
+                    });
+                }
                 let observed = if report.is_success() {
                     Seen::Healthy
                 } else {
@@ -369,6 +420,7 @@ impl Run {
             &self.key,
             &spec_target_key(pool),
             (event, observed),
+            Timestamp::now(),
             &self.policy,
             &mut self.memory,
             &mut self.effects,
@@ -376,6 +428,7 @@ impl Run {
         self.memory.last_probe = Some(summary);
         self.memory.not_before = None;
         self.memory.due_since = None;
+        self.align(ctx);
         Ok(())
     }
 
@@ -502,17 +555,17 @@ pub(super) fn is_transition(last: Option<&DbPoolStatus>, desired: &DbPoolStatus)
 }
 
 /// What the probe needs from the spec and the Secrets.
-fn probe_target(pool: &DbPool, creds: Credentials) -> ProbeTarget {
+fn probe_target(pool: &DbPool, creds: &Credentials) -> ProbeTarget {
     let db = &pool.spec.database;
     ProbeTarget {
         host: db.host.clone(),
         port: u16::try_from(db.port).unwrap_or(5432),
         dbname: db.dbname.clone(),
         user: db.user.clone(),
-        password: creds.password,
+        password: creds.password.clone(),
         allow_md5: db.allow_md5,
         ssl_mode: db.ssl_mode,
-        ca_pem: creds.ca_pem,
+        ca_pem: creds.ca_pem.clone(),
         target_session_attrs: db.target_session_attrs,
         application_name: db.application_name.clone(),
         pool_max_size: u32::try_from(pool.spec.pool.max_size).unwrap_or(0),
@@ -521,7 +574,7 @@ fn probe_target(pool: &DbPool, creds: Credentials) -> ProbeTarget {
 }
 
 /// The target key of a pool's spec (see [`target_key`]).
-fn spec_target_key(pool: &DbPool) -> String {
+pub(super) fn spec_target_key(pool: &DbPool) -> String {
     let db = &pool.spec.database;
     format!(
         "{}:{}",
@@ -570,6 +623,8 @@ pub(super) fn error_policy(pool: Arc<DbPool>, error: &Error, ctx: Arc<Context>) 
     warn!(pool = %key, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
+
+mod stream;
 
 #[cfg(test)]
 mod tests {

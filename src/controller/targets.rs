@@ -11,7 +11,7 @@
 //! Only failures that no server answer explains are shared — the lookup, the TCP connect, or
 //! the transport dying before authentication completed, without a SQLSTATE — because they hold
 //! for every credential at that address. While the target is healthy every pool probes on its
-//! own schedule (over the persistent connection its credentials share, see `dbpool-probe`).
+//! own schedule, and pools with equivalent probes share one probe stream (`sharing`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -42,8 +42,11 @@ pub(super) struct SharedFailure {
 
 /// What a pool that is due does about its target.
 pub(super) enum Claim {
-    /// Probe (the target is not known down, or this pool makes the shared attempt).
+    /// The target is not known down: probe on the pool's own schedule (or take a result of its
+    /// probe stream, see `sharing`).
     Probe,
+    /// The target is down and this pool makes the shared attempt: probe for real.
+    Attempt,
     /// Take this result: it is at least as fresh as the pool's deadline.
     Use(SharedFailure),
     /// Wait until this instant: the next shared attempt (or the one in flight) will tell.
@@ -113,7 +116,7 @@ impl Targets {
             Some(at) if at > now => Claim::Wait(at),
             _ => {
                 entry.in_flight = true;
-                Claim::Probe
+                Claim::Attempt
             }
         }
     }
@@ -231,7 +234,7 @@ mod tests {
         // a is due again at 201: the next shared attempt is at 200, so a makes it ...
         assert!(matches!(
             targets.claim("h:1", &a, &p, at(201), at(201)),
-            Claim::Probe
+            Claim::Attempt
         ));
         // ... and b, due at 205 while it is in flight, looks again shortly.
         assert!(matches!(

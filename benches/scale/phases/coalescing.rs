@@ -87,12 +87,14 @@ fn usage_cells(u: &Usage) -> String {
     format!(
         "operator {:.3} s CPU per 1,000 probes ({:.1} % of a core), VmRSS {:.1} MiB; \
          PostgreSQL {:.3} s CPU per 1,000 probes, {} server processes; {} fresh \
-         connections in the window",
+         connections, {} probes and {} shared results in the window",
         u.cpu_per_1000(),
         u.core_percent(),
         u.rss_kib as f64 / 1024.0,
         u.pg_cpu * 1000.0 / u.probes.max(1) as f64,
         u.pg_processes,
-        u.fresh
+        u.fresh,
+        u.probes,
+        u.shared
     )
 }

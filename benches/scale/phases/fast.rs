@@ -40,7 +40,7 @@ impl Run {
             self.store
                 .probes()
                 .iter()
-                .filter(|e| e.op == op && e.finish_us >= from && e.finish_us <= to)
+                .filter(|e| e.op == op && !e.shared && e.finish_us >= from && e.finish_us <= to)
                 .map(|e| (e.finish_us - e.start_us) as f64 / 1000.0)
                 .collect(),
         );
@@ -53,11 +53,12 @@ impl Run {
         self.report.row(
             format!("operator CPU, {iv} interval, shared connections"),
             format!(
-                "{:.1} % of one core; {:.3} s per 1,000 probes ({} probes in {:.0} s); \
-                 PostgreSQL {:.3} s per 1,000 probes, {} server processes; {}",
+                "{:.1} % of one core; {:.3} s per 1,000 probes ({} probes, {} shared results in \
+                 {:.0} s); PostgreSQL {:.3} s per 1,000 probes, {} server processes; {}",
                 usage.core_percent(),
                 usage.cpu_per_1000(),
                 usage.probes,
+                usage.shared,
                 usage.wall,
                 usage.pg_cpu * 1000.0 / usage.probes.max(1) as f64,
                 usage.pg_processes,

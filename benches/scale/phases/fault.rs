@@ -314,7 +314,12 @@ impl Run {
                 .iter()
                 .filter(|p| self.target_of(**p) == server)
                 .flat_map(|p| probes[*p as usize].iter())
-                .filter(|e| !e.ok && e.start_us >= outage.t_stop && e.start_us < outage.t_started)
+                .filter(|e| {
+                    !e.ok
+                        && !e.shared
+                        && e.start_us >= outage.t_stop
+                        && e.start_us < outage.t_started
+                })
                 .collect();
             let Some(first) = attempts.iter().map(|e| e.start_us).min() else {
                 continue;
@@ -430,7 +435,10 @@ fn failure_schedule(events: &[ProbeEvent], t_stop: i64, policy: &Policy) -> Vec<
         } else {
             policy.open_timeout.max(pool_backoff(streak - 1))
         };
-        out.push((b.start_us - a.finish_us - us(planned)) as f64 / 1000.0);
+        // A result taken from the probe stream is not a probe start of its own.
+        if !b.shared {
+            out.push((b.start_us - a.finish_us - us(planned)) as f64 / 1000.0);
+        }
     }
     out
 }

@@ -42,11 +42,12 @@ impl Run {
             format!("operator CPU, steady state, {iv} interval"),
             format!(
                 "{percent:.2} % of one core ({:.2} s CPU in {:.0} s); {:.3} s per 1,000 probes \
-                 ({} probes); {}",
+                 ({} probes, {} shared results); {}",
                 usage.cpu,
                 usage.wall,
                 usage.cpu_per_1000(),
                 usage.probes,
+                usage.shared,
                 self.control_plane(&usage)
             ),
             "≤ 5 % of one core",

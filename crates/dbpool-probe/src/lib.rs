@@ -27,7 +27,7 @@ use std::{fmt, time::Duration};
 pub use guard::{
     MAX_SCRAM_ITERATIONS, MAX_SERVER_MESSAGE, MAX_STARTUP_BYTES, MIN_SCRAM_ITERATIONS,
 };
-pub use prober::Prober;
+pub use prober::{ConnectionKey, Prober};
 pub use session::{Session, SessionConnection, SessionError, classify_error, open_session};
 pub use types::{ProbeOutcome, ProbeStage, SslMode, TargetSessionAttrs};
 

@@ -65,8 +65,8 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
-    slots: HashMap<TargetKey, Slot>,
-    owners: HashMap<String, TargetKey>,
+    slots: HashMap<ConnectionKey, Slot>,
+    owners: HashMap<String, ConnectionKey>,
 }
 
 /// One distinct target: who probes it, and its connection if one is open.
@@ -91,10 +91,11 @@ struct Live {
     closing: Arc<AtomicBool>,
 }
 
-/// What makes two targets share a connection. Holds hashes of the password and the CA, never the
-/// password itself.
+/// What makes two targets share a connection ([`Prober::connection_key`]). Holds hashes of the
+/// password and the CA (keyed by the prober's own random state), never the password itself; its
+/// `Debug` prints the hashes' presence only.
 #[derive(Clone, PartialEq, Eq, Hash)]
-struct TargetKey {
+pub struct ConnectionKey {
     host: String,
     port: u16,
     dbname: String,
@@ -105,7 +106,7 @@ struct TargetKey {
     password: Option<u64>,
 }
 
-impl TargetKey {
+impl ConnectionKey {
     fn new(target: &ProbeTarget, hash_state: &RandomState) -> Self {
         Self {
             host: target.host.clone(),
@@ -123,9 +124,9 @@ impl TargetKey {
     }
 }
 
-impl fmt::Debug for TargetKey {
+impl fmt::Debug for ConnectionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TargetKey")
+        f.debug_struct("ConnectionKey")
             .field("host", &self.host)
             .field("port", &self.port)
             .field("dbname", &self.dbname)
@@ -180,6 +181,14 @@ impl Prober {
         report
     }
 
+    /// The key under which `target` shares a persistent connection: host, port, database, user,
+    /// sslMode, CA, application name and password. Two targets with equal keys run on the same
+    /// session, so a result of one holds for the other's credentials. Only meaningful for this
+    /// prober (its hashes are keyed per process).
+    pub fn connection_key(&self, target: &ProbeTarget) -> ConnectionKey {
+        ConnectionKey::new(target, &self.inner.hash_state)
+    }
+
     /// Unregisters the pool `owner` (deleted); its connection is closed when no pool uses it.
     pub fn forget(&self, owner: &str) {
         let closed = {
@@ -213,7 +222,7 @@ impl Prober {
         fresh: &mut bool,
     ) -> Result<(), Failure> {
         let inner = &self.inner;
-        let key = TargetKey::new(target, &inner.hash_state);
+        let key = ConnectionKey::new(target, &inner.hash_state);
         let (existing, connect_lock) = inner.register(owner, &key);
 
         // The cheap path: the open connection, if it is healthy and young enough.
@@ -319,7 +328,7 @@ impl Inner {
     fn register(
         &self,
         owner: &str,
-        key: &TargetKey,
+        key: &ConnectionKey,
     ) -> (Option<Live>, Arc<tokio::sync::Mutex<()>>) {
         let (result, closed) = {
             let mut state = self.lock();
@@ -343,7 +352,7 @@ impl Inner {
     }
 
     /// The connection of `key`, if open.
-    fn current(&self, key: &TargetKey) -> Option<Live> {
+    fn current(&self, key: &ConnectionKey) -> Option<Live> {
         self.lock()
             .slots
             .get(key)
@@ -351,7 +360,7 @@ impl Inner {
     }
 
     /// Closes the connection `id` of `key` on purpose (if it is still the current one).
-    fn discard(&self, key: &TargetKey, id: u64) {
+    fn discard(&self, key: &ConnectionKey, id: u64) {
         let taken = {
             let mut state = self.lock();
             match state.slots.get_mut(key) {
@@ -369,7 +378,7 @@ impl Inner {
     /// only and is closed afterwards.
     fn install(
         self: &Arc<Self>,
-        key: &TargetKey,
+        key: &ConnectionKey,
         opened: Opened,
         password: Option<Password>,
     ) -> Live {
@@ -417,7 +426,7 @@ impl Inner {
 
 impl State {
     /// Removes `owner` from `key`; returns the connection to close when that left `key` unused.
-    fn release(&mut self, owner: &str, key: &TargetKey) -> Option<Live> {
+    fn release(&mut self, owner: &str, key: &ConnectionKey) -> Option<Live> {
         let slot = self.slots.get_mut(key)?;
         slot.owners.remove(owner);
         if slot.owners.is_empty() {
@@ -438,7 +447,7 @@ fn close(live: Live) {
 /// Drives one connection and reports its end, unless the prober ended it.
 async fn watch(
     inner: Weak<Inner>,
-    key: TargetKey,
+    key: ConnectionKey,
     id: u64,
     peer: String,
     closing: Arc<AtomicBool>,

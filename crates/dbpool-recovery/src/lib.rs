@@ -3,7 +3,8 @@
 //! Lives here: [`Policy`] (the spec's knobs, clamped), [`PoolState`] (one pool's recovery
 //! memory), [`apply`] (event → new state + effects), [`next_deadline`], [`phase`],
 //! [`backoff_delay`], the shared connect schedule of a target that is down
-//! ([`shared_policy`], [`TargetSchedule`]) and the fleet guard's verdict ([`FleetGuard`]). Must not live here: I/O, async, the Kubernetes client, logging, or reading
+//! ([`shared_policy`], [`TargetSchedule`]), the sharing of results among equivalent probes
+//! of a healthy target ([`share_decision`]) and the fleet guard's verdict ([`FleetGuard`]). Must not live here: I/O, async, the Kubernetes client, logging, or reading
 //! the clock. Time is a [`Timestamp`](jiff::Timestamp) passed in by the caller, so
 //! every rule is testable by replaying events at chosen instants.
 //!
@@ -87,6 +88,7 @@ mod backoff;
 mod engine;
 mod fleet;
 mod policy;
+mod share;
 mod state;
 mod target;
 mod types;
@@ -95,6 +97,10 @@ pub use backoff::backoff_delay;
 pub use engine::{add, apply, apply_guarded, next_deadline, phase};
 pub use fleet::{FLEET_ENTRY_TTL, FleetGuard, FleetGuardConfig, FleetVerdict, MAX_FLEET_ENTRIES};
 pub use policy::{MAX_MULTIPLIER, MIN_DURATION, Policy};
+pub use share::{
+    MAX_FRESHNESS, ShareDecision, StreamView, aligned_deadline, freshness, is_steady,
+    share_decision,
+};
 pub use state::{Effect, Event, FailureKind, PoolState};
 pub use target::{TargetSchedule, shared_policy};
 pub use types::{BreakerMode, BreakerState, Phase};

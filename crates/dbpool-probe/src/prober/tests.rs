@@ -24,9 +24,9 @@ fn target(password: &str) -> ProbeTarget {
 #[test]
 fn key_separates_credentials_without_showing_them() {
     let state = RandomState::new();
-    let a = TargetKey::new(&target("first-secret"), &state);
-    let b = TargetKey::new(&target("second-secret"), &state);
-    let a2 = TargetKey::new(&target("first-secret"), &state);
+    let a = ConnectionKey::new(&target("first-secret"), &state);
+    let b = ConnectionKey::new(&target("second-secret"), &state);
+    let a2 = ConnectionKey::new(&target("first-secret"), &state);
     assert_ne!(a, b);
     assert_eq!(a, a2);
     let debug = format!("{a:?}");
@@ -63,8 +63,8 @@ fn success_message_mentions_a_pool_that_does_not_fit() {
 #[tokio::test]
 async fn forget_and_moves_keep_the_map_tidy() {
     let (prober, _rx) = Prober::new(ProberConfig::default());
-    let first = TargetKey::new(&target("a"), &prober.inner.hash_state);
-    let second = TargetKey::new(&target("b"), &prober.inner.hash_state);
+    let first = ConnectionKey::new(&target("a"), &prober.inner.hash_state);
+    let second = ConnectionKey::new(&target("b"), &prober.inner.hash_state);
     prober.inner.register("ns/one", &first);
     prober.inner.register("ns/two", &first);
     prober.inner.register("ns/one", &second);

@@ -1,0 +1,146 @@
+//! The reconcile's steps that use the pool's probe stream while its target is healthy.
+//!
+//! Lives here: asking the stream (`Run::share`: probe, take a result or join the probe in
+//! flight), applying a taken result as the pool's own (`Run::take_shared`) and planning the next
+//! probe on the stream's grid (`Run::align`). Must not live here: the streams themselves and the
+//! key (`sharing`), the rule (`dbpool-recovery`'s `share.rs`), the rest of the pipeline
+//! (`reconcile`).
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::{Run, Source, probe_target, spec_target_key};
+use crate::{
+    api::DbPool,
+    controller::{
+        context::{Context, pool_labels},
+        credentials::Credentials,
+        fleet::{self, Seen},
+        observer::ProbeObservation,
+        sharing::{Decision, IN_FLIGHT_GRACE, ShareKey, SharedResult},
+    },
+    recovery::{self, Event},
+};
+
+impl Run {
+    /// Step 2c (the target is not known down): ask the pool's probe stream whether a result of
+    /// an equivalent probe answers for this pool (see `sharing`). Waits for a probe in flight
+    /// at most the pool's timeout plus [`IN_FLIGHT_GRACE`]; a pool due "now" keeps the instant
+    /// it first became due as its deadline (`due_since`).
+    pub(super) async fn share(
+        &mut self,
+        pool: &DbPool,
+        ctx: &Context,
+        creds: &Credentials,
+    ) -> Source {
+        let key = ShareKey::of(&ctx.prober, &probe_target(pool, creds));
+        self.stream = Some(key.clone());
+        let bound = self.policy.timeout.saturating_add(IN_FLIGHT_GRACE);
+        let give_up = tokio::time::Instant::now() + bound;
+        let now = Timestamp::now();
+        let due = *self
+            .memory
+            .due_since
+            .get_or_insert(self.memory.deadline(&self.policy, now));
+        loop {
+            // Past the bound nobody is waited for: the decision is a probe or a result.
+            let waiting = if tokio::time::Instant::now() < give_up {
+                bound
+            } else {
+                Duration::ZERO
+            };
+            let decision = ctx.streams.decide(
+                &self.key,
+                &key,
+                &self.memory.state,
+                &self.policy,
+                due,
+                Timestamp::now(),
+                waiting,
+            );
+            match decision {
+                Decision::Probe(ticket) => return Source::Own(Some(ticket)),
+                Decision::Take(result) => return Source::Stream(result),
+                Decision::Join(mut ended) => {
+                    // Ended, dropped, or the bound passed: decide again either way.
+                    let _ = tokio::time::timeout_at(give_up, ended.changed()).await;
+                }
+            }
+        }
+    }
+
+    /// Step 3 for a result of the pool's probe stream: fed to the engine as this pool's probe,
+    /// started and finished at the instant the real probe finished (so the next deadline is
+    /// planned from it), reported to the observer as shared and counted as a shared result,
+    /// not as a probe.
+    pub(super) fn take_shared(&mut self, ctx: &Context, pool: &DbPool, result: SharedResult) {
+        let at = result.finished();
+        self.memory
+            .apply(Event::ProbeStarted, at, &self.policy, &mut self.effects);
+        let seq = self.memory.state.probe_seq;
+        let event = match result.kind {
+            None => Event::ProbeSucceeded {
+                seq,
+                degraded: result.degraded,
+            },
+            Some(kind) => Event::ProbeFailed { seq, kind },
+        };
+        let observed = if result.kind.is_none() {
+            Seen::Healthy
+        } else {
+            Seen::Failed {
+                path: result.path_evidence,
+            }
+        };
+        // Through the fleet guard, like a pool's own result: a shared path failure must not
+        // open a breaker the guard holds.
+        fleet::apply_result(
+            ctx,
+            &self.key,
+            &spec_target_key(pool),
+            (event, Some(observed)),
+            at,
+            &self.policy,
+            &mut self.memory,
+            &mut self.effects,
+        );
+        if result.kind.is_none() {
+            self.memory.gate_peer = result.peer;
+        }
+        ctx.observer.probe_finished(&ProbeObservation {
+            pool: &self.key,
+            finished: at,
+            latency: result.latency,
+            outcome: result.summary.outcome,
+            fresh_connection: false,
+            shared: true,
+        });
+        if ctx.gate.may_write() {
+            ctx.metrics.result_shared(&pool_labels(&self.key));
+        }
+        self.memory.last_probe = Some(result.summary);
+        self.memory.not_before = None;
+        self.memory.due_since = None;
+    }
+
+    /// After a result: a steady pool that asked a probe stream plans its next probe at the
+    /// stream's grid point (`aligned_deadline`), when that is before the engine's deadline;
+    /// every other pool on the engine's deadline.
+    pub(super) fn align(&mut self, ctx: &Context) {
+        self.memory.aligned = None;
+        let Some(key) = &self.stream else { return };
+        if !recovery::is_steady(&self.memory.state) {
+            return;
+        }
+        let state = &self.memory.state;
+        if let (Some(anchor), Some(last), Some(deadline)) = (
+            ctx.streams.anchor(key),
+            state.last_probe_at,
+            recovery::next_deadline(state, &self.policy),
+        ) {
+            self.memory.aligned =
+                recovery::aligned_deadline(anchor, self.policy.interval, last, deadline);
+        }
+    }
+}

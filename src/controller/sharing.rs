@@ -1,0 +1,286 @@
+//! Sharing probe results while a target is healthy: one probe stream per set of equivalent
+//! probes, its results fanned out to every owner whose deadline they satisfy.
+//!
+//! Lives here: [`ShareKey`] (what makes two pools' probes equivalent), [`SharedResult`] (a real
+//! probe's result as another owner takes it, and whether it fits that owner's timeout),
+//! [`Streams`] (per key: the grid's anchor, the latest result, the probe in flight, its owners) with [`Streams::decide`]
+//! and the [`Ticket`] a real probe holds while it runs. Must not live here: the decision rule
+//! itself (`dbpool-recovery`'s `share.rs`, pure), what a result means for one pool (its own
+//! engine), the shared schedule of a target that is down (`targets`).
+//!
+//! A stream is keyed by the prober's connection key (host, port, database, user, sslMode, CA,
+//! application name, password) plus what else changes a probe's verdict: the role the pool asks
+//! for (`targetSessionAttrs`), whether MD5 is allowed, and `pool.maxSize` (the saturation
+//! verdict). A success or a server's answer (SQLSTATE, authentication) therefore only ever
+//! reaches pools with the same credentials.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::watch;
+
+use super::context::lock;
+use crate::{
+    api::{DbPool, ProbeOutcome, ProbeSummary, TargetSessionAttrs},
+    probe::{ConnectionKey, ProbeTarget, Prober},
+    recovery::{FailureKind, Policy, PoolState, ShareDecision, StreamView, share_decision},
+};
+
+/// A probe in flight is waited for at most the waiting pool's timeout plus this (time for a
+/// probe slot, and for the result to reach the stream).
+pub(super) const IN_FLIGHT_GRACE: Duration = Duration::from_secs(1);
+
+/// What makes two pools' probes equivalent (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct ShareKey {
+    connection: ConnectionKey,
+    session_attrs: TargetSessionAttrs,
+    allow_md5: bool,
+    pool_max_size: u32,
+}
+
+impl ShareKey {
+    /// The key of `target` as `prober` shares connections.
+    pub fn of(prober: &Prober, target: &ProbeTarget) -> Self {
+        Self {
+            connection: prober.connection_key(target),
+            session_attrs: target.target_session_attrs,
+            allow_md5: target.allow_md5,
+            pool_max_size: target.pool_max_size,
+        }
+    }
+}
+
+/// A real probe's result, as another owner of its stream takes it.
+#[derive(Clone, Debug)]
+pub(super) struct SharedResult {
+    /// The status's lastProbe; its time is when the probe finished.
+    pub summary: ProbeSummary,
+    /// `None` for a success.
+    pub kind: Option<FailureKind>,
+    /// The success did not leave room for `pool.maxSize`.
+    pub degraded: bool,
+    /// Wall time of the probe.
+    pub latency: Duration,
+    /// The timeout the probe ran with.
+    pub budget: Duration,
+    /// The authenticated address (for a gate), on success.
+    pub peer: Option<SocketAddr>,
+    /// A failure that is evidence about the network path (for the fleet guard).
+    pub path_evidence: bool,
+}
+
+impl SharedResult {
+    /// When the probe finished.
+    pub fn finished(&self) -> Timestamp {
+        self.summary.time.0
+    }
+
+    /// Whether the result holds for a pool with `timeout`: it came within that timeout, and a
+    /// failure came with at least as much budget (a probe cut short by a smaller timeout says
+    /// nothing about a larger one).
+    pub fn fits(&self, timeout: Duration) -> bool {
+        self.latency <= timeout
+            && (self.summary.outcome == ProbeOutcome::Success || self.budget >= timeout)
+    }
+}
+
+/// What a due pool does, as [`Streams::decide`] answers.
+pub(super) enum Decision {
+    /// Probe for real, holding this ticket (the stream's probe in flight).
+    Probe(Ticket),
+    /// Take this result as the pool's own.
+    Take(SharedResult),
+    /// Wait for the probe in flight: this receiver changes when it ends.
+    Join(watch::Receiver<u64>),
+}
+
+struct Stream {
+    /// When its first result finished: the origin of its grid (see `aligned_deadline`).
+    anchor: Option<Timestamp>,
+    latest: Option<SharedResult>,
+    in_flight: usize,
+    in_flight_since: Option<Timestamp>,
+    /// Bumped whenever a probe of the stream ends (with or without a result).
+    ended: watch::Sender<u64>,
+    owners: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    streams: HashMap<ShareKey, Stream>,
+    owners: HashMap<ObjectRef<DbPool>, ShareKey>,
+}
+
+impl Inner {
+    /// Records `pool` as an owner of `key` only (leaving the stream it had).
+    fn own(&mut self, pool: &ObjectRef<DbPool>, key: &ShareKey) {
+        if self.owners.get(pool) == Some(key) {
+            return;
+        }
+        if let Some(previous) = self.owners.insert(pool.clone(), key.clone()) {
+            self.release(&previous);
+        }
+        self.streams
+            .entry(key.clone())
+            .or_insert_with(|| Stream {
+                anchor: None,
+                latest: None,
+                in_flight: 0,
+                in_flight_since: None,
+                ended: watch::Sender::new(0),
+                owners: 0,
+            })
+            .owners += 1;
+    }
+
+    /// One owner left `key`; a stream without owners or probes in flight is dropped.
+    fn release(&mut self, key: &ShareKey) {
+        if let Some(stream) = self.streams.get_mut(key) {
+            stream.owners = stream.owners.saturating_sub(1);
+            if stream.owners == 0 && stream.in_flight == 0 {
+                self.streams.remove(key);
+            }
+        }
+    }
+}
+
+/// Every probe stream of one controller.
+#[derive(Default)]
+pub(super) struct Streams {
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// A real probe of a stream, in flight. [`Ticket::finish`] publishes its result; dropping it
+/// unfinished (the probe did not run, or the reconcile was cancelled) only ends it, so waiting
+/// owners decide again at once.
+pub(super) struct Ticket {
+    inner: Arc<Mutex<Inner>>,
+    key: ShareKey,
+    done: bool,
+}
+
+impl Ticket {
+    /// Ends the probe with `result`, which becomes the stream's latest unless a newer one is.
+    pub fn finish(mut self, result: SharedResult) {
+        self.end(Some(result));
+    }
+
+    fn end(&mut self, result: Option<SharedResult>) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let mut inner = lock(&self.inner);
+        let Some(stream) = inner.streams.get_mut(&self.key) else {
+            return;
+        };
+        if let Some(result) = &result {
+            stream.anchor.get_or_insert(result.finished());
+        }
+        if let Some(result) = result
+            && stream
+                .latest
+                .as_ref()
+                .is_none_or(|l| l.finished() <= result.finished())
+        {
+            stream.latest = Some(result);
+        }
+        stream.in_flight = stream.in_flight.saturating_sub(1);
+        if stream.in_flight == 0 {
+            stream.in_flight_since = None;
+        }
+        stream.ended.send_modify(|n| *n = n.wrapping_add(1));
+        if stream.owners == 0 && stream.in_flight == 0 {
+            inner.streams.remove(&self.key);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.end(None);
+    }
+}
+
+impl Streams {
+    /// What `pool` (in `state`, with `policy`, due at `due`) does at `now` about the stream of
+    /// `key`; records the pool as the stream's owner. A probe in flight longer than
+    /// `in_flight_bound` is not waited for.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decide(
+        &self,
+        pool: &ObjectRef<DbPool>,
+        key: &ShareKey,
+        state: &PoolState,
+        policy: &Policy,
+        due: Timestamp,
+        now: Timestamp,
+        in_flight_bound: Duration,
+    ) -> Decision {
+        let mut inner = lock(&self.inner);
+        inner.own(pool, key);
+        let Some(stream) = inner.streams.get_mut(key) else {
+            // `own` just made it; never reached.
+            return Decision::Probe(self.ticket(key, true));
+        };
+        let latest = stream
+            .latest
+            .as_ref()
+            .filter(|result| result.fits(policy.timeout));
+        let view = StreamView {
+            latest: latest.map(SharedResult::finished),
+            in_flight_since: stream.in_flight_since,
+        };
+        match share_decision(state, policy, due, &view, now, in_flight_bound) {
+            ShareDecision::Take => match latest {
+                Some(result) => Decision::Take(result.clone()),
+                None => Decision::Probe(self.ticket(key, true)),
+            },
+            ShareDecision::Join => Decision::Join(stream.ended.subscribe()),
+            ShareDecision::Probe => {
+                stream.in_flight += 1;
+                stream.in_flight_since = Some(now);
+                Decision::Probe(self.ticket(key, false))
+            }
+        }
+    }
+
+    fn ticket(&self, key: &ShareKey, done: bool) -> Ticket {
+        Ticket {
+            inner: Arc::clone(&self.inner),
+            key: key.clone(),
+            done,
+        }
+    }
+
+    /// The origin of the grid of `key`'s stream: when its first result finished.
+    pub fn anchor(&self, key: &ShareKey) -> Option<Timestamp> {
+        lock(&self.inner)
+            .streams
+            .get(key)
+            .and_then(|stream| stream.anchor)
+    }
+
+    /// Forgets `pool` as an owner; a stream left without owners is dropped.
+    pub fn forget(&self, pool: &ObjectRef<DbPool>) {
+        let mut inner = lock(&self.inner);
+        if let Some(key) = inner.owners.remove(pool) {
+            inner.release(&key);
+        }
+    }
+
+    /// Number of streams (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.inner).streams.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;
