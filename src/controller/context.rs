@@ -85,8 +85,8 @@ pub(super) struct Context {
 pub(super) struct PoolSlot {
     /// The recovery memory, once a reconcile has run.
     pub memory: Option<PoolMemory>,
-    /// Probe at the next reconcile (the probe connection was lost).
-    pub probe_requested: bool,
+    /// Probe at the next reconcile (the probe connection was lost): when it was first asked.
+    pub probe_requested: Option<Timestamp>,
     /// Failed reconciles in a row, for the retry delay.
     pub error_count: u32,
     /// What waits to be written, and the pool's writer (see `write`).
@@ -122,6 +122,9 @@ pub(super) struct PoolMemory {
     /// attempt, or the deadline a pool first found due for a probe stream to answer (see
     /// `sharing`): the deadline a shared result must satisfy. Cleared by a probe.
     pub due_since: Option<Timestamp>,
+    /// When the probe connection's loss asked for a probe that has not run yet: a probe of the
+    /// pool's stream that started since then answers the request as well as its own would.
+    pub requested_at: Option<Timestamp>,
     /// The grid point of the pool's probe stream it plans its next probe at, when that is
     /// before the engine's deadline (a steady pool only; see `sharing`). Recomputed after every
     /// result, cleared by every trigger.
@@ -206,17 +209,17 @@ impl Context {
     /// Marks a pool for a probe at its next reconcile (only pools this process already knows).
     pub fn request_probe(&self, pool: &ObjectRef<DbPool>) {
         if let Some(slot) = lock(&self.pools).get_mut(pool) {
-            slot.probe_requested = true;
+            slot.probe_requested.get_or_insert_with(Timestamp::now);
         }
     }
 
-    /// The pool's memory (if any, and if it belongs to the same object) and whether a probe was
-    /// requested; clears the request. Creates the pool's slot if it has none yet.
+    /// The pool's memory (if any, and if it belongs to the same object) and when a probe was
+    /// requested, if it was; clears the request. Creates the pool's slot if it has none yet.
     pub fn take_memory(
         &self,
         pool: &DbPool,
         key: &ObjectRef<DbPool>,
-    ) -> (Option<PoolMemory>, bool) {
+    ) -> (Option<PoolMemory>, Option<Timestamp>) {
         let mut pools = lock(&self.pools);
         // The slot exists from the first reconcile's start (not only from its end), so a probe
         // connection lost while that reconcile runs is requested, not dropped by request_probe.
@@ -270,6 +273,7 @@ impl PoolMemory {
                 gate_peer: None,
                 gate_applied: None,
                 due_since: None,
+                requested_at: None,
                 aligned: None,
             };
         };
@@ -310,6 +314,7 @@ impl PoolMemory {
             gate_peer: None,
             gate_applied: None,
             due_since: None,
+            requested_at: None,
             aligned: None,
         }
     }

@@ -147,8 +147,9 @@ impl Run {
             // A hold is breaker.mode ForcedOpen set outside the spec, which GitOps would revert.
             policy.mode = BreakerMode::ForcedOpen;
         }
-        let (memory, connection_lost) = ctx.take_memory(pool, &key);
-        let memory = memory.unwrap_or_else(|| {
+        let (memory, requested_at) = ctx.take_memory(pool, &key);
+        let connection_lost = requested_at.is_some();
+        let mut memory = memory.unwrap_or_else(|| {
             // First reconcile of this pool in this process: its series start at 0 (only a
             // leader exports per-pool series).
             if ctx.gate.may_write() {
@@ -160,6 +161,9 @@ impl Run {
                 .restored(&key, &spec_target_key(pool), &memory.state, held);
             memory
         });
+        if let Some(at) = requested_at {
+            memory.requested_at.get_or_insert(at);
+        }
         let run = Self {
             key,
             hold,
@@ -269,8 +273,13 @@ impl Run {
             Some(deadline) => deadline,
             None => *self.memory.due_since.get_or_insert(now),
         };
-        ctx.targets
-            .claim(&spec_target_key(pool), &self.key, &self.policy, due, now)
+        ctx.targets.claim(
+            &spec_target_key(pool),
+            &self.key,
+            &self.policy,
+            (due, self.memory.state.last_probe_at),
+            now,
+        )
     }
 
     /// Whether the engine's deadline (or the rate limit) says probe now.
@@ -312,7 +321,9 @@ impl Run {
             Ok(_) if let Some(shared) = shared => {
                 ctx.observer.probe_finished(&ProbeObservation {
                     pool: &self.key,
-                    finished: shared.finished,
+                    // The instant the pool applies it (the engine plans from it), not the
+                    // attempt's own finish.
+                    finished: Timestamp::now(),
                     latency: Duration::from_millis(
                         u64::try_from(shared.summary.latency_ms).unwrap_or(0),
                     ),
@@ -428,6 +439,7 @@ impl Run {
         self.memory.last_probe = Some(summary);
         self.memory.not_before = None;
         self.memory.due_since = None;
+        self.memory.requested_at = None;
         self.align(ctx);
         Ok(())
     }

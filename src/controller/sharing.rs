@@ -57,6 +57,10 @@ impl ShareKey {
     }
 }
 
+/// Most owners of one stream woken by the loss of its connection (the rest probe at their own
+/// deadlines).
+pub(super) const MAX_PEERS_WOKEN: usize = 10_000;
+
 /// A real probe's result, as another owner of its stream takes it.
 #[derive(Clone, Debug)]
 pub(super) struct SharedResult {
@@ -265,6 +269,23 @@ impl Streams {
             .streams
             .get(key)
             .and_then(|stream| stream.anchor)
+    }
+
+    /// The other owners of `pool`'s stream: when the connection its probes use dies, they are
+    /// asked to probe too (only the pool that probed owns the connection). At most
+    /// [`MAX_PEERS_WOKEN`] of them, so a loss costs a bounded scan.
+    pub fn peers(&self, pool: &ObjectRef<DbPool>) -> Vec<ObjectRef<DbPool>> {
+        let inner = lock(&self.inner);
+        let Some(key) = inner.owners.get(pool) else {
+            return Vec::new();
+        };
+        inner
+            .owners
+            .iter()
+            .filter(|(owner, owned)| *owned == key && *owner != pool)
+            .map(|(owner, _)| owner.clone())
+            .take(MAX_PEERS_WOKEN)
+            .collect()
     }
 
     /// Forgets `pool` as an owner; a stream left without owners is dropped.

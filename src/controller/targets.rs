@@ -86,14 +86,20 @@ fn seed(key: &str) -> u64 {
 }
 
 impl Targets {
-    /// What `pool` (due since `due`, with `policy`) does about `target` at `now`. Records the
-    /// pool as an owner; a `Probe` while the target is down makes this pool the shared attempt.
+    /// What `pool` (due since `due`, with `policy`, its last result applied at `seen`) does
+    /// about `target` at `now`. Records the pool as an owner; an `Attempt` while the target is
+    /// down makes this pool the shared attempt.
+    ///
+    /// While the target is down, a due pool takes the newest failed attempt when it is at least
+    /// as fresh as its deadline, or newer than anything the pool has applied: its counters
+    /// advance at its own deadlines, while the attempts follow the shared schedule. It waits
+    /// for the next shared attempt only when it has applied the newest one already.
     pub fn claim(
         &self,
         target: &str,
         pool: &ObjectRef<DbPool>,
         policy: &Policy,
-        due: Timestamp,
+        (due, seen): (Timestamp, Option<Timestamp>),
         now: Timestamp,
     ) -> Claim {
         let mut map = lock(&self.map);
@@ -105,7 +111,11 @@ impl Targets {
         if !entry.schedule.is_down() {
             return Claim::Probe;
         }
-        if let Some(last) = entry.last.as_ref().filter(|l| l.finished >= due) {
+        if let Some(last) = entry
+            .last
+            .as_ref()
+            .filter(|l| l.finished >= due || seen.is_some_and(|seen| l.finished > seen))
+        {
             return Claim::Use(last.clone());
         }
         if entry.in_flight {
@@ -222,33 +232,56 @@ mod tests {
         let p = policy();
         // Not known down: both probe.
         assert!(matches!(
-            targets.claim("h:1", &a, &p, at(0), at(0)),
+            targets.claim("h:1", &a, &p, (at(0), None), at(0)),
             Claim::Probe
         ));
         targets.record("h:1", at(0), &refused(at(1)), false);
         // b was due at 0: the attempt that finished at 1 answers for it.
         assert!(matches!(
-            targets.claim("h:1", &b, &p, at(0), at(5)),
+            targets.claim("h:1", &b, &p, (at(0), None), at(5)),
             Claim::Use(_)
         ));
         // a is due again at 201: the next shared attempt is at 200, so a makes it ...
         assert!(matches!(
-            targets.claim("h:1", &a, &p, at(201), at(201)),
+            targets.claim("h:1", &a, &p, (at(201), None), at(201)),
             Claim::Attempt
         ));
         // ... and b, due at 205 while it is in flight, looks again shortly.
         assert!(matches!(
-            targets.claim("h:1", &b, &p, at(205), at(205)),
+            targets.claim("h:1", &b, &p, (at(205), None), at(205)),
             Claim::Wait(_)
         ));
         targets.record("h:1", at(201), &refused(at(210)), false);
         assert!(matches!(
-            targets.claim("h:1", &b, &p, at(205), at(211)),
+            targets.claim("h:1", &b, &p, (at(205), None), at(211)),
             Claim::Use(_)
         ));
         // Due at 215 with the next attempt at 401: wait for it.
-        match targets.claim("h:1", &b, &p, at(215), at(215)) {
+        match targets.claim("h:1", &b, &p, (at(215), None), at(215)) {
             Claim::Wait(until) => assert_eq!(until, at(401)),
+            _ => panic!("expected a wait for the next shared attempt"),
+        }
+    }
+
+    #[test]
+    fn a_due_pool_takes_a_failure_newer_than_its_last_result() {
+        let targets = Targets::default();
+        let (a, b) = (
+            ObjectRef::<DbPool>::new("a").within("ns"),
+            ObjectRef::<DbPool>::new("b").within("ns"),
+        );
+        let p = policy();
+        let _ = targets.claim("h:1", &a, &p, (at(0), None), at(0));
+        targets.record("h:1", at(0), &refused(at(10)), false);
+        // b last applied a result at 5 and is due at 150, before the next shared attempt (200):
+        // the failure at 10 is newer than what it has, so its counters advance at its deadline.
+        assert!(matches!(
+            targets.claim("h:1", &b, &p, (at(150), Some(at(5))), at(150)),
+            Claim::Use(_)
+        ));
+        // Having applied it (at 150), b waits for the next shared attempt instead.
+        match targets.claim("h:1", &b, &p, (at(180), Some(at(150))), at(180)) {
+            Claim::Wait(until) => assert_eq!(until, at(200)),
             _ => panic!("expected a wait for the next shared attempt"),
         }
     }
@@ -263,7 +296,7 @@ mod tests {
         // The target goes down under 25 owners probing at the same moment.
         for owner in &owners {
             assert!(matches!(
-                targets.claim("h:1", owner, &p, at(0), at(0)),
+                targets.claim("h:1", owner, &p, (at(0), None), at(0)),
                 Claim::Probe
             ));
         }
@@ -287,10 +320,10 @@ mod tests {
         assert!(is_path_failure(&refused(at(1))));
         let targets = Targets::default();
         let a = ObjectRef::<DbPool>::new("a").within("ns");
-        let _ = targets.claim("h:1", &a, &policy(), at(0), at(0));
+        let _ = targets.claim("h:1", &a, &policy(), (at(0), None), at(0));
         targets.record("h:1", at(0), &auth, false);
         assert!(matches!(
-            targets.claim("h:1", &a, &policy(), at(5), at(5)),
+            targets.claim("h:1", &a, &policy(), (at(5), None), at(5)),
             Claim::Probe
         ));
         targets.forget(&a);

@@ -124,6 +124,12 @@ pub(super) async fn run_controller(
                 debug!(pool = %owner, reason = %lost.reason, "probe connection lost");
                 if let Some((ns, name)) = owner.split_once('/') {
                     let pool = ObjectRef::new(name).within(ns);
+                    // The pools that take this pool's results lost their source too: they
+                    // join the one new attempt (see `sharing`) instead of waiting an interval.
+                    for peer in ctx.streams.peers(&pool) {
+                        ctx.request_probe(&peer);
+                        let _ = lost_tx.send(peer);
+                    }
                     ctx.request_probe(&pool);
                     let _ = lost_tx.send(pool);
                 }

@@ -435,10 +435,11 @@ fn failure_schedule(events: &[ProbeEvent], t_stop: i64, policy: &Policy) -> Vec<
         } else {
             policy.open_timeout.max(pool_backoff(streak - 1))
         };
-        // A result taken from the probe stream is not a probe start of its own.
-        if !b.shared {
-            out.push((b.start_us - a.finish_us - us(planned)) as f64 / 1000.0);
-        }
+        // A result taken instead of probing (a down target's latest attempt, or the stream's
+        // result) is applied at its finish instant as the observer reports it: that is when
+        // the pool acted on its deadline.
+        let acted = if b.shared { b.finish_us } else { b.start_us };
+        out.push((acted - a.finish_us - us(planned)) as f64 / 1000.0);
     }
     out
 }

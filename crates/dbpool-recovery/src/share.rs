@@ -7,7 +7,10 @@
 //! target and credentials), or what a result means for one pool (its own [`apply`](crate::apply)).
 //!
 //! **The rule.** A pool due at its deadline `d` (asking at `now`):
-//! 1. probes itself when a probe was requested (force reopen, lost connection, new Secret);
+//! 1. when a probe was requested (force reopen, lost connection, new Secret), takes only what
+//!    the stream saw since the request (`d` is then the request's instant): a result that
+//!    finished since, or a probe in flight that started since; otherwise probes itself (so
+//!    every owner of a connection that died shares one new attempt, not one each);
 //! 2. takes the stream's latest result if it finished at `r` with `d − tolerance ≤ r ≤ now`,
 //!    where the tolerance is [`freshness`] for a steady pool (Closed, no failures, no cooldown)
 //!    and zero otherwise: a half-open trial or a retry never takes a result older than its own
@@ -102,6 +105,20 @@ pub fn share_decision(
     in_flight_bound: Duration,
 ) -> ShareDecision {
     if state.probe_requested {
+        // Only what the stream sees from the request on (`due` is the request's instant): a
+        // probe in flight that started since, or a result that finished since; never older.
+        if view
+            .latest
+            .is_some_and(|finished| finished >= due && finished <= now)
+        {
+            return ShareDecision::Take;
+        }
+        if view
+            .in_flight_since
+            .is_some_and(|since| since >= due && add(since, in_flight_bound) > now)
+        {
+            return ShareDecision::Join;
+        }
         return ShareDecision::Probe;
     }
     let tolerance = if is_steady(state) {
@@ -237,19 +254,22 @@ mod tests {
     }
 
     #[test]
-    fn a_requested_probe_is_real() {
+    fn a_requested_probe_takes_only_what_the_stream_saw_since_the_request() {
         let p = policy();
         let mut s = healthy(0);
         s.probe_requested = true;
-        let d = share_decision(
-            &s,
-            &p,
-            t(2000),
-            &view(Some(2001), Some(2001)),
-            t(2002),
-            BOUND,
-        );
-        assert_eq!(d, ShareDecision::Probe);
+        // Requested at 2000 (`due`): a result from before the request is not enough, even
+        // within the steady tolerance ...
+        let older = share_decision(&s, &p, t(2000), &view(Some(1999), None), t(2002), BOUND);
+        assert_eq!(older, ShareDecision::Probe);
+        // ... nor a probe in flight since before it ...
+        let before = share_decision(&s, &p, t(2000), &view(None, Some(1999)), t(2002), BOUND);
+        assert_eq!(before, ShareDecision::Probe);
+        // ... but a probe that started since is joined, and a result that finished since taken.
+        let since = share_decision(&s, &p, t(2000), &view(None, Some(2001)), t(2002), BOUND);
+        assert_eq!(since, ShareDecision::Join);
+        let finished = share_decision(&s, &p, t(2000), &view(Some(2001), None), t(2002), BOUND);
+        assert_eq!(finished, ShareDecision::Take);
     }
 
     #[test]

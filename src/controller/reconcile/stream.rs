@@ -43,6 +43,12 @@ impl Run {
             .memory
             .due_since
             .get_or_insert(self.memory.deadline(&self.policy, now));
+        // A requested probe (the connection was lost) takes only what its stream saw since the
+        // request.
+        let due = match self.memory.requested_at {
+            Some(at) if self.memory.state.probe_requested => at,
+            _ => due,
+        };
         loop {
             // Past the bound nobody is waited for: the decision is a probe or a result.
             let waiting = if tokio::time::Instant::now() < give_up {
@@ -122,6 +128,7 @@ impl Run {
         self.memory.last_probe = Some(result.summary);
         self.memory.not_before = None;
         self.memory.due_since = None;
+        self.memory.requested_at = None;
     }
 
     /// After a result: a steady pool that asked a probe stream plans its next probe at the
