@@ -22,11 +22,11 @@ use kube::{
         reflector::{ObjectRef, Store},
     },
 };
-use tokio::sync::Semaphore;
 use tracing::debug;
 
 use super::{
     OperatorConfig,
+    api_slots::ApiSlots,
     credentials::SecretCache,
     fleet::Fleet,
     leadership::WriteGate,
@@ -69,7 +69,7 @@ pub(super) struct Context {
     pub streams: Streams,
     /// The probe slots, shared fairly across namespaces and targets (see `slots`).
     pub probe_slots: ProbeSlots,
-    pub api_slots: Arc<Semaphore>,
+    pub api_slots: Arc<ApiSlots>,
     /// The global write budget (two token buckets; see `write`).
     pub write_budget: WriteBudget,
     pub metrics: Arc<Metrics>,

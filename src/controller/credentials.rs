@@ -10,6 +10,7 @@
 //! contain a Secret's data, and a missing Secret reads the same as one that does not consent.
 //! Must not live here: the watch itself (`watches`) or what a failure does to the pool (`reconcile`).
 
+use super::api_slots::{ApiSlots, Priority};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -112,7 +113,7 @@ pub struct SecretCache {
     meta: Store<PartialObjectMeta<Secret>>,
     pools: Store<DbPool>,
     cache: Mutex<HashMap<(String, String), CachedSecret>>,
-    api_slots: Arc<tokio::sync::Semaphore>,
+    api_slots: Arc<ApiSlots>,
 }
 
 impl SecretCache {
@@ -123,7 +124,7 @@ impl SecretCache {
         client: Client,
         meta: Store<PartialObjectMeta<Secret>>,
         pools: Store<DbPool>,
-        api_slots: Arc<tokio::sync::Semaphore>,
+        api_slots: Arc<ApiSlots>,
     ) -> Self {
         Self {
             client,
@@ -220,7 +221,7 @@ impl SecretCache {
         let secret = match fresh() {
             Some(c) => c,
             None => {
-                let _slot = self.api_slots.acquire().await;
+                let _slot = self.api_slots.acquire(Priority::First).await;
                 // Many pools may share this Secret: whoever waited for the permit finds it fetched.
                 match fresh() {
                     Some(c) => c,
@@ -349,12 +350,7 @@ mod tests {
         let client = Client::try_from(config).expect("client");
         let (meta, _meta_writer) = reflector::store::<PartialObjectMeta<Secret>>();
         let (pools, mut pools_writer) = reflector::store::<DbPool>();
-        let cache = SecretCache::new(
-            client,
-            meta,
-            pools,
-            Arc::new(tokio::sync::Semaphore::new(1)),
-        );
+        let cache = SecretCache::new(client, meta, pools, Arc::new(ApiSlots::new(1)));
         let id = |ns: &str, name: &str| (ns.to_owned(), name.to_owned());
 
         pools_writer.apply_watcher_event(&watcher::Event::Apply(pool("a", "p1", "s1")));

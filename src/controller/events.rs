@@ -7,6 +7,7 @@
 //! engine's effects say it), the reasons' spelling (`dbpool_api::reason`) or when an event goes
 //! out (the pool's writer in `write` decides, with the status it belongs to).
 
+use super::api_slots::Priority;
 use kube::{
     Resource, ResourceExt,
     runtime::events::{Event as KubeEvent, EventType},
@@ -203,7 +204,13 @@ pub(super) async fn publish(ctx: &Context, pool: &DbPool, pending: PendingEvent)
         secondary: None,
     };
     let reference = pool.object_ref(&());
-    if let Err(err) = fenced(ctx, ctx.recorder.publish(&event, &reference)).await {
+    if let Err(err) = fenced(
+        ctx,
+        Priority::Later,
+        ctx.recorder.publish(&event, &reference),
+    )
+    .await
+    {
         warn!(pool = %pool.name_any(), error = %err, "cannot publish event");
     }
 }

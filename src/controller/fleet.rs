@@ -35,6 +35,7 @@ use crate::{
 /// Step 3 of a reconcile, its end: feeds a probe result of `pool` (on `target`) to the guard
 /// (unless `observed` is None: a Secret problem says nothing about the path) and then to the
 /// engine, held from opening the breaker when the guard says so. Counts each hold that starts.
+#[allow(clippy::too_many_arguments)] // the reconcile's pieces, passed apart to borrow them separately
 pub(super) fn apply_result(
     ctx: &Context,
     pool: &ObjectRef<DbPool>,

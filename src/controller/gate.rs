@@ -12,6 +12,7 @@
 //! operator's own probe authenticated to the declared database (`ProbeReport::peer`), never an
 //! address read from the spec, and gates exist only where `--allow-gates-in` allows them.
 
+use super::api_slots::Priority;
 use std::net::SocketAddr;
 
 use k8s_openapi::{
@@ -325,7 +326,7 @@ async fn get_opt<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<Option<K>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let _slot = ctx.api_slots.acquire().await;
+    let _slot = ctx.api_slots.acquire(Priority::First).await;
     Ok(api.get_opt(name).await?)
 }
 
@@ -374,6 +375,7 @@ async fn apply(
     {
         fenced(
             ctx,
+            Priority::First,
             services.patch(&gate.service_name, &params, &Patch::Apply(&service)),
         )
         .await?;
@@ -389,9 +391,20 @@ async fn apply(
         if let Some(existing) = &existing_slice
             && existing.address_type != slice.address_type
         {
-            fenced(ctx, slices.delete(&name, &DeleteParams::default())).await?;
+            fenced(
+                ctx,
+                Priority::First,
+                slices.delete(&name, &DeleteParams::default()),
+            )
+            .await?;
         }
-        if fenced(ctx, slices.patch(&name, &params, &Patch::Apply(&slice))).await? {
+        if fenced(
+            ctx,
+            Priority::First,
+            slices.patch(&name, &params, &Patch::Apply(&slice)),
+        )
+        .await?
+        {
             info!(slice = %name, namespace, ?peer, ready, "gate endpoints written");
         }
     } else {
@@ -410,13 +423,13 @@ async fn remove(ctx: &Context, pool: &DbPool, namespace: &str, name: &str) -> Re
         && owned_by(&existing.metadata, pool)
     {
         let params = delete_exactly(existing.metadata.uid);
-        gone &= fenced(ctx, slices.delete(&slice, &params)).await?;
+        gone &= fenced(ctx, Priority::First, slices.delete(&slice, &params)).await?;
     }
     if let Some(existing) = get_opt(ctx, &services, name).await?
         && owned_by(&existing.metadata, pool)
     {
         let params = delete_exactly(existing.metadata.uid);
-        gone &= fenced(ctx, services.delete(name, &params)).await?;
+        gone &= fenced(ctx, Priority::First, services.delete(name, &params)).await?;
         info!(service = %name, namespace, "gate Service removed");
     }
     Ok(gone)

@@ -27,6 +27,7 @@
 //! in-memory state and probe connections happens on the watch's delete event; if that event is
 //! missed (operator down), there is nothing left to clean because the memory is gone with it.
 
+mod api_slots;
 mod config;
 mod context;
 mod credentials;

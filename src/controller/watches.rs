@@ -5,6 +5,7 @@
 //! (both caches synced), and which changes trigger a reconcile. Must not live here: the lease
 //! (`leadership`), reconcile steps (`reconcile`).
 
+use super::api_slots::ApiSlots;
 use std::{
     collections::HashMap,
     future::Future,
@@ -29,7 +30,6 @@ use kube::{
         watcher,
     },
 };
-use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -87,7 +87,7 @@ pub(super) async fn run_controller(
             instance: Some(config.instance.clone()),
         },
     );
-    let api_slots = Arc::new(Semaphore::new(config.max_concurrent_api_requests.max(1)));
+    let api_slots = Arc::new(ApiSlots::new(config.max_concurrent_api_requests));
     let ctx = Arc::new(Context {
         client: client.clone(),
         secrets: SecretCache::new(

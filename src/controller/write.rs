@@ -20,6 +20,7 @@
 //! patch, an event) costs one token, so no spec can make the operator send more than the two
 //! rates together per second (plus one second's burst of each).
 
+use super::api_slots::Priority;
 use std::{
     future::Future,
     sync::{Arc, Mutex, Weak},
@@ -307,7 +308,19 @@ async fn send(ctx: &Context, key: &ObjectRef<DbPool>, outbox: &Outbox) -> Result
             "kind": "DbPool",
             "status": status,
         });
-        if !fenced(ctx, api.patch_status(&name, &params, &Patch::Apply(&patch))).await? {
+        // A transition's status goes before labels, events and counter-only statuses.
+        let priority = if outbox.urgent {
+            Priority::First
+        } else {
+            Priority::Later
+        };
+        if !fenced(
+            ctx,
+            priority,
+            api.patch_status(&name, &params, &Patch::Apply(&patch)),
+        )
+        .await?
+        {
             return Ok(false);
         }
         let acknowledged = Timestamp::now();
@@ -321,7 +334,13 @@ async fn send(ctx: &Context, key: &ObjectRef<DbPool>, outbox: &Outbox) -> Result
             "kind": "DbPool",
             "metadata": { "labels": { BREAKER_LABEL: label } },
         });
-        if !fenced(ctx, api.patch(&name, &params, &Patch::Apply(&patch))).await? {
+        if !fenced(
+            ctx,
+            Priority::Later,
+            api.patch(&name, &params, &Patch::Apply(&patch)),
+        )
+        .await?
+        {
             return Ok(false);
         }
     }
@@ -337,9 +356,10 @@ async fn send(ctx: &Context, key: &ObjectRef<DbPool>, outbox: &Outbox) -> Result
 /// is fenced by `status.writerEpoch` (see `leadership`).
 pub(super) async fn fenced<T>(
     ctx: &Context,
+    priority: Priority,
     request: impl Future<Output = Result<T, kube::Error>>,
 ) -> Result<bool, Error> {
-    let _slot = ctx.api_slots.acquire().await;
+    let _slot = ctx.api_slots.acquire(priority).await;
     let Some(budget) = ctx.gate.remaining() else {
         return Ok(false);
     };
