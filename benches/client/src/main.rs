@@ -75,8 +75,30 @@ fn loadavg() -> String {
         .join(" ")
 }
 
-#[tokio::main]
-async fn main() {
+/// The load (pools, their tasks, the callers) runs on a multi-thread runtime of one worker per
+/// core; the scenario's clock and `pg_ctl` run on a runtime of their own on another thread, so
+/// a pool that starves its runtime shows as a pool that does not recover, not as a benchmark
+/// that stops.
+fn main() {
+    let runtimes = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .and_then(|load| {
+            let control = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok((load, control))
+        });
+    match runtimes {
+        Ok((load, control)) => control.block_on(bench(load.handle().clone())),
+        Err(e) => {
+            eprintln!("bench-client: cannot start the runtimes: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn bench(load: tokio::runtime::Handle) {
     let scenarios: Vec<Scenario> = match env_list("BENCH_CLIENT_SCENARIOS") {
         Some(ids) => Scenario::ALL
             .into_iter()
@@ -120,7 +142,7 @@ async fn main() {
         let mut runs = Vec::new();
         for &kind in &kinds {
             eprintln!("bench-client: {} / {} ...", scenario.id(), kind.id());
-            match scenario::run(scenario, kind, &mut pg, settings).await {
+            match scenario::run(scenario, kind, &mut pg, settings, &load).await {
                 Ok(r) => runs.push(r),
                 Err(e) => eprintln!("bench-client: {} / {}: {e}", scenario.id(), kind.id()),
             }

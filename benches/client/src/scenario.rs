@@ -9,7 +9,10 @@ use std::{sync::Arc, time::Duration};
 
 use dbpool_testkit::{postgres::PgServer, wait::wait_until};
 use jiff::Timestamp;
-use tokio::time::{Instant, sleep};
+use tokio::{
+    runtime::Handle,
+    time::{Instant, sleep},
+};
 
 use crate::{
     load::{Load, Mark, Marks, Merged, merge},
@@ -106,17 +109,24 @@ pub struct RunResult {
     pub ready_to_trial: Option<Duration>,
 }
 
-/// Runs `kind` through `scenario` on `pg` (which runs, and runs again at the end).
+/// Runs `kind` through `scenario` on `pg` (which runs, and runs again at the end); the pool
+/// and its load on `runtime`.
 pub async fn run(
     scenario: Scenario,
     kind: PoolKind,
     pg: &mut PgServer,
     settings: Settings,
+    runtime: &Handle,
 ) -> Result<RunResult, String> {
     quiesce(pg).await;
     let marks = Arc::new(Marks::new());
-    let pool = Arc::new(BenchPool::build(kind, pg.port())?);
-    let load = Load::start(Arc::clone(&pool), Arc::clone(&marks), TASKS);
+    // The pool and its tasks live on the load runtime; this function's clock does not.
+    let (pool, load) = {
+        let _load_runtime = runtime.enter();
+        let pool = Arc::new(BenchPool::build(kind, pg.port())?);
+        let load = Load::start(Arc::clone(&pool), Arc::clone(&marks), TASKS);
+        (pool, load)
+    };
 
     // Measurement windows are fixed lengths of time by definition (not waits for a condition).
     sleep(settings.warmup).await;
@@ -188,9 +198,8 @@ pub async fn run(
     let stats = load.stats.clone();
     load.stop(Duration::from_secs(2)).await;
     let merged = merge(&stats);
-    match Arc::try_unwrap(pool) {
-        Ok(pool) => pool.close().await,
-        Err(pool) => drop(pool),
+    if let Ok(pool) = Arc::try_unwrap(pool) {
+        let _ = runtime.spawn(pool.close()).await;
     }
     Ok(RunResult {
         kind,

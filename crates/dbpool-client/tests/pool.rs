@@ -1,7 +1,8 @@
 //! The pool against real PostgreSQL 15 servers (one per test), with a counting TCP proxy in
 //! front where connect attempts must be counted at the server side: outage and restart, wrong
 //! password, max_connections exhausted, 100 concurrent tasks and no leaked connections, loss
-//! detection without callers, force reopen, metrics.
+//! detection without callers, force reopen, metrics, waiting tasks taking turns after a
+//! recovery.
 
 use std::{
     sync::{
@@ -549,4 +550,70 @@ async fn forced_open_mode_holds_from_the_first_call() {
     .await;
     assert_eq!(pool.status().idle, 0);
     assert!(pool.get().await.is_err(), "still held");
+}
+
+/// After a recovery the ramp hands out one connection at first (here for at least 2 s): the
+/// tasks that were waiting take turns on it; one that gives it back and asks again at once does
+/// not keep it from them. Every task succeeds long before the ramp's next step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_recovery_waiting_tasks_take_turns_on_the_first_connection() {
+    let mut pg = PgServer::start().await;
+    let ramp_step = Duration::from_secs(2);
+    let mut cfg = config("turns", pg.port(), APP_PASSWORD);
+    cfg.options.ramp_step = ramp_step;
+    cfg.options.acquire_timeout = Duration::from_secs(3);
+    let pool = Pool::new(cfg, None);
+    wait_until("healthy at start", Duration::from_secs(10), || async {
+        select_one(&pool).await.is_ok()
+    })
+    .await;
+
+    let origin = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each task's last success, in µs since `origin`.
+    let last_ok: Arc<Vec<AtomicU64>> = Arc::new((0..8).map(|_| AtomicU64::new(0)).collect());
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (pool, stop, last_ok) = (pool.clone(), Arc::clone(&stop), Arc::clone(&last_ok));
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if select_one(&pool).await.is_ok() {
+                    last_ok[i].store(origin.elapsed().as_micros() as u64, Ordering::Relaxed);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }));
+    }
+    let success_before = pool.status().last_success;
+    pg.stop().await;
+    wait_until("the loss noticed", Duration::from_secs(5), || async {
+        pool.status().last_error.is_some()
+    })
+    .await;
+    pg.start().await;
+    let ready = origin.elapsed().as_micros() as u64;
+    // The first successful connect after ready (seen within one poll), then every task served.
+    wait_until("a recovery connect", Duration::from_secs(10), || async {
+        pool.status().last_success != success_before
+    })
+    .await;
+    let recovered = origin.elapsed();
+    wait_until(
+        "every task served after ready",
+        Duration::from_secs(10),
+        || async { last_ok.iter().all(|t| t.load(Ordering::Relaxed) > ready) },
+    )
+    .await;
+    let all_served = origin.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("task panicked");
+    }
+    let spread = all_served.saturating_sub(recovered);
+    eprintln!("take turns: every task served {spread:?} after the recovery connect was seen");
+    assert!(
+        spread < ramp_step / 2,
+        "tasks waited {spread:?} after the recovery: the ramp's next step (≥ {ramp_step:?}) served them, not their turn"
+    );
 }
