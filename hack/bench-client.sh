@@ -9,7 +9,8 @@
 #   BENCH_CLIENT_SCENARIOS=3s BENCH_CLIENT_POOLS=ours,bb8 hack/bench-client.sh   # a subset
 #
 # Scenarios: 3s, 30s, idle. Pools: deadpool, deadpool-eq, bb8, bb8-eq, sqlx, sqlx-eq, ours,
-# ours-short. BENCH_CLIENT_STEADY_S (5) and BENCH_CLIENT_CAP_S (70) change the windows.
+# ours-short. BENCH_CLIENT_STEADY_S (5), BENCH_CLIENT_CAP_S (70) and BENCH_CLIENT_ROUNDS (3
+# interleaved steady rounds per configuration, 0 for none) change the windows.
 # Without root (no `ip netns`), it runs in the host's namespace and says so in the report.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -3,17 +3,20 @@
 //!
 //! Lives here: the entry point (settings from the environment, the machine, the order of the
 //! runs, printing and saving the report). Must not live here: the pools (`pools`), the load
-//! (`load`), a run's timeline (`scenario`), connect counting (`netcount`), tables (`report`).
+//! (`load`), a run's timeline (`scenario`), interleaved steady rounds (`steady`), connect
+//! counting (`netcount`), tables (`report`).
 //!
 //! Environment (all optional): `BENCH_CLIENT_SCENARIOS` (`3s,30s,idle`), `BENCH_CLIENT_POOLS`
 //! (`deadpool,deadpool-eq,bb8,bb8-eq,sqlx,sqlx-eq,ours,ours-short`), `BENCH_CLIENT_STEADY_S`
-//! (5), `BENCH_CLIENT_CAP_S` (70), `BENCH_CLIENT_OUT` (a file the report is also written to).
+//! (5), `BENCH_CLIENT_CAP_S` (70), `BENCH_CLIENT_ROUNDS` (3 interleaved steady rounds of 2 s per
+//! configuration; 0: none), `BENCH_CLIENT_OUT` (a file the report is also written to).
 
 mod load;
 mod netcount;
 mod pools;
 mod report;
 mod scenario;
+mod steady;
 
 use std::{fmt::Write as _, time::Duration};
 
@@ -120,6 +123,11 @@ async fn bench(load: tokio::runtime::Handle) {
         tail: Duration::from_secs(1),
         early: Duration::from_secs(5),
     };
+    let rounds = std::env::var("BENCH_CLIENT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(3)
+        .min(20);
     let load_start = loadavg();
     let started = jiff::Timestamp::now();
     let private = netcount::private_netns();
@@ -138,6 +146,27 @@ async fn bench(load: tokio::runtime::Handle) {
     let mut pg = PgServer::start().await;
     let mut out = String::new();
     let mut targets = Vec::new();
+    if rounds > 0 {
+        match steady::rounds(
+            &kinds,
+            &pg,
+            rounds,
+            settings.warmup,
+            Duration::from_secs(2),
+            &load,
+        )
+        .await
+        {
+            Ok(ops) => {
+                let (t, lines) = steady::table(&kinds, &ops);
+                eprintln!("{t}");
+                out.push_str(&t);
+                out.push('\n');
+                targets.extend(lines);
+            }
+            Err(e) => eprintln!("bench-client: steady rounds: {e}"),
+        }
+    }
     for &scenario in &scenarios {
         let mut runs = Vec::new();
         for &kind in &kinds {

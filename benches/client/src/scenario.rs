@@ -218,7 +218,7 @@ pub async fn run(
 }
 
 /// Waits until the previous run's sessions are gone, so each run starts from an empty server.
-async fn quiesce(pg: &PgServer) {
+pub async fn quiesce(pg: &PgServer) {
     wait_until(
         "no app sessions left from the previous run",
         Duration::from_secs(30),
