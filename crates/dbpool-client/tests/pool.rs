@@ -553,8 +553,8 @@ async fn forced_open_mode_holds_from_the_first_call() {
 }
 
 /// After a recovery the ramp hands out one connection at first (here for at least 2 s): the
-/// tasks that were waiting take turns on it; one that gives it back and asks again at once does
-/// not keep it from them. Every task succeeds long before the ramp's next step.
+/// tasks that were waiting in `get()` take turns on it; one that gives it back and asks again at
+/// once does not keep it from them. Every task succeeds long before the ramp's next step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_recovery_waiting_tasks_take_turns_on_the_first_connection() {
     let mut pg = PgServer::start().await;
@@ -562,6 +562,12 @@ async fn after_a_recovery_waiting_tasks_take_turns_on_the_first_connection() {
     let mut cfg = config("turns", pg.port(), APP_PASSWORD);
     cfg.options.ramp_step = ramp_step;
     cfg.options.acquire_timeout = Duration::from_secs(3);
+    // The breaker stays Closed, so callers wait in get() for the next retry (200 ms, 400 ms ...)
+    // instead of failing at once: at the recovery all of them are waiting.
+    cfg = cfg.policy(Policy {
+        failure_threshold: 100,
+        ..short_policy()
+    });
     let pool = Pool::new(cfg, None);
     wait_until("healthy at start", Duration::from_secs(10), || async {
         select_one(&pool).await.is_ok()
@@ -570,50 +576,59 @@ async fn after_a_recovery_waiting_tasks_take_turns_on_the_first_connection() {
 
     let origin = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    // Each task's last success, in µs since `origin`.
-    let last_ok: Arc<Vec<AtomicU64>> = Arc::new((0..8).map(|_| AtomicU64::new(0)).collect());
+    let ready_us = Arc::new(AtomicU64::new(u64::MAX));
+    // Each task's first success after ready, in µs since `origin`.
+    let first_ok: Arc<Vec<AtomicU64>> =
+        Arc::new((0..8).map(|_| AtomicU64::new(u64::MAX)).collect());
     let mut tasks = Vec::new();
     for i in 0..8 {
-        let (pool, stop, last_ok) = (pool.clone(), Arc::clone(&stop), Arc::clone(&last_ok));
+        let (pool, stop, ready_us, first_ok) = (
+            pool.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&ready_us),
+            Arc::clone(&first_ok),
+        );
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 if select_one(&pool).await.is_ok() {
-                    last_ok[i].store(origin.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    let now = origin.elapsed().as_micros() as u64;
+                    if now > ready_us.load(Ordering::SeqCst) {
+                        first_ok[i].fetch_min(now, Ordering::SeqCst);
+                    }
                 } else {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
         }));
     }
-    let success_before = pool.status().last_success;
     pg.stop().await;
     wait_until("the loss noticed", Duration::from_secs(5), || async {
         pool.status().last_error.is_some()
     })
     .await;
     pg.start().await;
-    let ready = origin.elapsed().as_micros() as u64;
-    // The first successful connect after ready (seen within one poll), then every task served.
-    wait_until("a recovery connect", Duration::from_secs(10), || async {
-        pool.status().last_success != success_before
-    })
-    .await;
-    let recovered = origin.elapsed();
+    ready_us.store(origin.elapsed().as_micros() as u64, Ordering::SeqCst);
     wait_until(
         "every task served after ready",
         Duration::from_secs(10),
-        || async { last_ok.iter().all(|t| t.load(Ordering::Relaxed) > ready) },
+        || async {
+            first_ok
+                .iter()
+                .all(|t| t.load(Ordering::SeqCst) != u64::MAX)
+        },
     )
     .await;
-    let all_served = origin.elapsed();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.expect("task panicked");
     }
-    let spread = all_served.saturating_sub(recovered);
-    eprintln!("take turns: every task served {spread:?} after the recovery connect was seen");
+    let firsts: Vec<u64> = first_ok.iter().map(|t| t.load(Ordering::SeqCst)).collect();
+    let spread = Duration::from_micros(
+        firsts.iter().max().copied().unwrap_or(0) - firsts.iter().min().copied().unwrap_or(0),
+    );
+    eprintln!("take turns: the first and the last task served {spread:?} apart after the recovery");
     assert!(
         spread < ramp_step / 2,
-        "tasks waited {spread:?} after the recovery: the ramp's next step (≥ {ramp_step:?}) served them, not their turn"
+        "tasks served {spread:?} apart: the ramp's next step (≥ {ramp_step:?}) served them, not their turn"
     );
 }
