@@ -56,6 +56,10 @@ bench: ## Scale and latency benchmark on a private control plane (BENCH_N="100 1
 	$(CARGO) bench --bench scale --no-run
 	@CARGO="$(CARGO)" hack/with-env.sh bench-runs -- $(CARGO) bench --bench scale
 
+.PHONY: bench-client
+bench-client: ## dbpool-client vs deadpool-postgres, bb8, sqlx through real outages (docs/benchmarks.md)
+	@CARGO="$(CARGO)" hack/bench-client.sh
+
 .PHONY: alerts
 alerts: ## promtool check and unit tests of the chart's alert rules (tests/alerts)
 	@hack/test-alerts.sh

@@ -1,7 +1,8 @@
 //! The pool against real PostgreSQL 15 servers (one per test), with a counting TCP proxy in
 //! front where connect attempts must be counted at the server side: outage and restart, wrong
 //! password, max_connections exhausted, 100 concurrent tasks and no leaked connections, loss
-//! detection without callers, force reopen, metrics.
+//! detection without callers, force reopen, metrics, waiting tasks taking turns after a
+//! recovery.
 
 use std::{
     sync::{
@@ -549,4 +550,85 @@ async fn forced_open_mode_holds_from_the_first_call() {
     .await;
     assert_eq!(pool.status().idle, 0);
     assert!(pool.get().await.is_err(), "still held");
+}
+
+/// After a recovery the ramp hands out one connection at first (here for at least 2 s): the
+/// tasks that were waiting in `get()` take turns on it; one that gives it back and asks again at
+/// once does not keep it from them. Every task succeeds long before the ramp's next step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_recovery_waiting_tasks_take_turns_on_the_first_connection() {
+    let mut pg = PgServer::start().await;
+    let ramp_step = Duration::from_secs(2);
+    let mut cfg = config("turns", pg.port(), APP_PASSWORD);
+    cfg.options.ramp_step = ramp_step;
+    cfg.options.acquire_timeout = Duration::from_secs(3);
+    // The breaker stays Closed, so callers wait in get() for the next retry (200 ms, 400 ms ...)
+    // instead of failing at once: at the recovery all of them are waiting.
+    cfg = cfg.policy(Policy {
+        failure_threshold: 100,
+        ..short_policy()
+    });
+    let pool = Pool::new(cfg, None);
+    wait_until("healthy at start", Duration::from_secs(10), || async {
+        select_one(&pool).await.is_ok()
+    })
+    .await;
+
+    let origin = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready_us = Arc::new(AtomicU64::new(u64::MAX));
+    // Each task's first success after ready, in µs since `origin`.
+    let first_ok: Arc<Vec<AtomicU64>> =
+        Arc::new((0..8).map(|_| AtomicU64::new(u64::MAX)).collect());
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (pool, stop, ready_us, first_ok) = (
+            pool.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&ready_us),
+            Arc::clone(&first_ok),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if select_one(&pool).await.is_ok() {
+                    let now = origin.elapsed().as_micros() as u64;
+                    if now > ready_us.load(Ordering::SeqCst) {
+                        first_ok[i].fetch_min(now, Ordering::SeqCst);
+                    }
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }));
+    }
+    pg.stop().await;
+    wait_until("the loss noticed", Duration::from_secs(5), || async {
+        pool.status().last_error.is_some()
+    })
+    .await;
+    pg.start().await;
+    ready_us.store(origin.elapsed().as_micros() as u64, Ordering::SeqCst);
+    wait_until(
+        "every task served after ready",
+        Duration::from_secs(10),
+        || async {
+            first_ok
+                .iter()
+                .all(|t| t.load(Ordering::SeqCst) != u64::MAX)
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("task panicked");
+    }
+    let firsts: Vec<u64> = first_ok.iter().map(|t| t.load(Ordering::SeqCst)).collect();
+    let spread = Duration::from_micros(
+        firsts.iter().max().copied().unwrap_or(0) - firsts.iter().min().copied().unwrap_or(0),
+    );
+    eprintln!("take turns: the first and the last task served {spread:?} apart after the recovery");
+    assert!(
+        spread < ramp_step / 2,
+        "tasks served {spread:?} apart: the ramp's next step (≥ {ramp_step:?}) served them, not their turn"
+    );
 }

@@ -33,64 +33,98 @@ impl Drop for WaitingGuard<'_> {
         if self.registered {
             let mut s = self.inner.lock();
             s.waiting = s.waiting.saturating_sub(1);
+            // Leaving without a connection (deadline, error) while one is idle: the waiters that
+            // were told of it may have stood back for this one (see `decide`'s queue rule).
+            let wake = s.waiting > 0 && !s.idle.is_empty();
+            drop(s);
+            if wake {
+                self.inner.changed.notify_waiters();
+            }
         }
     }
 }
 
 impl Pool {
     /// The body of [`Pool::get`], inside its span.
+    ///
+    /// The common case (an idle connection, or an error at once) takes the lock once and does
+    /// not register with `changed`; only a caller that has to wait registers, then decides
+    /// again under the lock, so no wake-up between the two is lost.
     pub(super) async fn checkout(&self) -> Result<PooledClient, PoolError> {
         let inner = &self.inner;
         let started = Instant::now();
-        let deadline = started + inner.lock().options.acquire_timeout;
+        let (mut step, deadline) = {
+            let mut s = inner.lock();
+            let deadline = started + s.options.acquire_timeout;
+            (inner.decide(&mut s, deadline, started, false), deadline)
+        };
         let mut waiting = WaitingGuard {
             inner,
             registered: false,
         };
         loop {
-            let notified = inner.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let step = {
-                let mut s = inner.lock();
-                let step = inner.decide(&mut s, deadline, started);
-                if matches!(step, Step::Wait) {
-                    if !waiting.registered {
-                        s.waiting += 1;
-                        waiting.registered = true;
-                    }
-                    inner.fill(&mut s);
-                }
-                step
-            };
-            if matches!(step, Step::Wait) && Instant::now() >= deadline {
-                let s = inner.lock();
-                return Err(inner.timeout_error(&s, started));
-            }
             match step {
-                Step::Fail(e) => return Err(e),
+                Step::Fail(e) => {
+                    // A caller looping on get() while it fails at once (breaker Open) never
+                    // awaits anything else: let the runtime run its other tasks (the pool's own
+                    // supervisor among them) once the task's budget is spent.
+                    tokio::task::consume_budget().await;
+                    return Err(e);
+                }
                 Step::Got(conn, check) => {
-                    if check && !inner.check(&conn).await {
-                        inner.discard_in_use(conn);
+                    if !check || inner.check(&conn).await {
+                        return Ok(PooledClient::new(conn, Arc::clone(inner)));
+                    }
+                    inner.discard_in_use(conn);
+                }
+                Step::Wait => {
+                    let notified = inner.changed.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    step = {
+                        let mut s = inner.lock();
+                        let step = inner.decide(&mut s, deadline, started, waiting.registered);
+                        if matches!(step, Step::Wait) {
+                            if !waiting.registered {
+                                s.waiting += 1;
+                                waiting.registered = true;
+                            }
+                            inner.fill(&mut s);
+                        }
+                        step
+                    };
+                    if !matches!(step, Step::Wait) {
                         continue;
                     }
-                    return Ok(PooledClient::new(conn, Arc::clone(inner)));
+                    if Instant::now() >= deadline {
+                        let s = inner.lock();
+                        return Err(inner.timeout_error(&s, started));
+                    }
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = tokio::time::sleep_until(deadline) => {
+                            let s = inner.lock();
+                            return Err(inner.timeout_error(&s, started));
+                        }
+                    }
                 }
-                Step::Wait => {}
             }
-            tokio::select! {
-                () = &mut notified => {}
-                () = tokio::time::sleep_until(deadline) => {
-                    let s = inner.lock();
-                    return Err(inner.timeout_error(&s, started));
-                }
-            }
+            // Woken, or the idle connection failed its check: decide again.
+            step = {
+                let mut s = inner.lock();
+                inner.decide(&mut s, deadline, started, waiting.registered)
+            };
         }
     }
 }
 
 impl Inner {
-    fn decide(&self, s: &mut Shared, deadline: Instant, started: Instant) -> Step {
+    /// What `get()` does now. `queued`: this caller already waits among `s.waiting`; a caller
+    /// that does not takes an idle connection only when there are more idle connections than
+    /// waiters, so a task that gives a connection back and asks again at once does not take it
+    /// from the callers that were waiting for it (the ramp after a recovery hands out one
+    /// connection at first).
+    fn decide(&self, s: &mut Shared, deadline: Instant, started: Instant, queued: bool) -> Step {
         if s.closed {
             return Step::Fail(PoolError::Closed);
         }
@@ -112,6 +146,9 @@ impl Inner {
             });
         }
         let now = Instant::now();
+        if !queued && !s.idle.is_empty() && s.waiting >= s.idle.len() {
+            return Step::Wait;
+        }
         while let Some(conn) = s.idle.pop_front() {
             if conn.client.is_closed()
                 || conn.generation != s.generation

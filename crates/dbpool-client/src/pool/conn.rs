@@ -166,8 +166,12 @@ impl Inner {
             drop(conn);
             self.fill(&mut s);
         }
+        // Only a waiter waits on `changed`, and it registers under this lock: none, no wake-up.
+        let wake = s.waiting > 0;
         drop(s);
-        self.changed.notify_waiters();
+        if wake {
+            self.changed.notify_waiters();
+        }
     }
 
     pub(super) fn discard_in_use(self: &Arc<Self>, conn: Conn) {

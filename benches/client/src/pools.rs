@@ -1,0 +1,286 @@
+//! The pools under test, each behind one call: check out a connection, `SELECT 1`, release.
+//!
+//! Lives here: [`PoolKind`] (every pool configuration the benchmark compares, with its label and
+//! how it was configured), [`BenchPool`] (a built pool of one kind) and [`BenchPool::call`], the
+//! unit of load. Must not live here: timing, counting or the scenario (`load`, `scenario`).
+
+use std::time::Duration;
+
+use dbpool_client::{Policy, PoolConfig, PoolOptions};
+use dbpool_testkit::postgres::{APP_DB, APP_PASSWORD, APP_USER};
+
+/// Pool size of every pool (the "max 10 connections").
+pub const MAX_SIZE: u32 = 10;
+
+/// Our connect timeout (`Policy::default().timeout`), which the "= ours" peers get.
+pub fn our_connect_timeout() -> Duration {
+    Policy::default().timeout
+}
+
+/// Our acquire timeout (`PoolOptions::default().acquire_timeout`), which the "= ours" peers get.
+pub fn our_acquire_timeout() -> Duration {
+    PoolOptions::default().acquire_timeout
+}
+
+/// One pool configuration of the comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    /// deadpool-postgres 0.14 at its defaults (no wait, create or recycle timeout).
+    DeadpoolDefault,
+    /// deadpool-postgres with wait = our acquire timeout, create and recycle = our connect timeout.
+    DeadpoolEqual,
+    /// bb8 0.9 + bb8-postgres at their defaults (connection_timeout 30 s, retries connects).
+    Bb8Default,
+    /// bb8 with connection_timeout = our acquire timeout and connect_timeout = ours.
+    Bb8Equal,
+    /// sqlx (postgres, tokio) at its defaults (acquire_timeout 30 s, test_before_acquire).
+    SqlxDefault,
+    /// sqlx with acquire_timeout = ours (sqlx has no separate connect timeout).
+    SqlxEqual,
+    /// dbpool-client at its defaults (breaker openTimeout 60 s).
+    OursDefault,
+    /// dbpool-client with short timings: breaker openTimeout 1 s, the rest default.
+    OursShort,
+}
+
+impl PoolKind {
+    /// Every kind, in the order of the tables' columns.
+    pub const ALL: [PoolKind; 8] = [
+        PoolKind::DeadpoolDefault,
+        PoolKind::DeadpoolEqual,
+        PoolKind::Bb8Default,
+        PoolKind::Bb8Equal,
+        PoolKind::SqlxDefault,
+        PoolKind::SqlxEqual,
+        PoolKind::OursDefault,
+        PoolKind::OursShort,
+    ];
+
+    /// Short name, used by the `BENCH_CLIENT_POOLS` filter.
+    pub fn id(self) -> &'static str {
+        match self {
+            PoolKind::DeadpoolDefault => "deadpool",
+            PoolKind::DeadpoolEqual => "deadpool-eq",
+            PoolKind::Bb8Default => "bb8",
+            PoolKind::Bb8Equal => "bb8-eq",
+            PoolKind::SqlxDefault => "sqlx",
+            PoolKind::SqlxEqual => "sqlx-eq",
+            PoolKind::OursDefault => "ours",
+            PoolKind::OursShort => "ours-short",
+        }
+    }
+
+    /// Column header.
+    pub fn label(self) -> &'static str {
+        match self {
+            PoolKind::DeadpoolDefault => "deadpool defaults",
+            PoolKind::DeadpoolEqual => "deadpool = ours",
+            PoolKind::Bb8Default => "bb8 defaults",
+            PoolKind::Bb8Equal => "bb8 = ours",
+            PoolKind::SqlxDefault => "sqlx defaults",
+            PoolKind::SqlxEqual => "sqlx = ours",
+            PoolKind::OursDefault => "dbpool-client defaults",
+            PoolKind::OursShort => "dbpool-client short",
+        }
+    }
+
+    /// Whether this is dbpool-client.
+    pub fn is_ours(self) -> bool {
+        matches!(self, PoolKind::OursDefault | PoolKind::OursShort)
+    }
+
+    /// How the kind is configured, for the report.
+    pub fn describe(self) -> String {
+        let (c, a) = (our_connect_timeout(), our_acquire_timeout());
+        match self {
+            PoolKind::DeadpoolDefault => {
+                "deadpool-postgres 0.14, max_size 10, RecyclingMethod::Fast, timeouts wait/create/recycle none (its defaults)".into()
+            }
+            PoolKind::DeadpoolEqual => format!(
+                "deadpool-postgres 0.14, max_size 10, wait {a:?}, create {c:?}, recycle {c:?}, tokio-postgres connect_timeout {c:?}"
+            ),
+            PoolKind::Bb8Default => {
+                "bb8 0.9 + bb8-postgres 0.9, max_size 10, connection_timeout 30 s, retry_connection, test_on_check_out (its defaults)".into()
+            }
+            PoolKind::Bb8Equal => format!(
+                "bb8 0.9, max_size 10, connection_timeout {a:?}, tokio-postgres connect_timeout {c:?}"
+            ),
+            PoolKind::SqlxDefault => {
+                "sqlx 0.9 (postgres, runtime-tokio), max_connections 10, acquire_timeout 30 s, test_before_acquire (its defaults)".into()
+            }
+            PoolKind::SqlxEqual => format!(
+                "sqlx 0.9, max_connections 10, acquire_timeout {a:?} (bounds the connect too: sqlx has no connect timeout of its own)"
+            ),
+            PoolKind::OursDefault => format!(
+                "dbpool-client, PoolConfig::new defaults: max_size 10, acquire_timeout {a:?}, connect timeout {c:?}, backoff 1 s x2, breaker after 5 failures, openTimeout 60 s"
+            ),
+            PoolKind::OursShort => {
+                "dbpool-client, as defaults but breaker openTimeout 1 s".into()
+            }
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug)]
+pub struct CallError {
+    /// dbpool-client's breaker answered (Open or HalfOpen): a fail-fast refusal.
+    pub breaker_open: bool,
+}
+
+impl CallError {
+    fn other() -> Self {
+        CallError {
+            breaker_open: false,
+        }
+    }
+}
+
+/// A built pool of one [`PoolKind`].
+pub enum BenchPool {
+    /// deadpool-postgres.
+    Deadpool(deadpool_postgres::Pool),
+    /// bb8 + bb8-postgres.
+    Bb8(bb8::Pool<bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>>),
+    /// sqlx.
+    Sqlx(sqlx::PgPool),
+    /// dbpool-client.
+    Ours(dbpool_client::Pool),
+}
+
+fn pg_config(port: u16, connect_timeout: Option<Duration>) -> tokio_postgres::Config {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(APP_USER)
+        .password(APP_PASSWORD)
+        .dbname(APP_DB);
+    if let Some(t) = connect_timeout {
+        cfg.connect_timeout(t);
+    }
+    cfg
+}
+
+impl BenchPool {
+    /// Builds a pool of `kind` against 127.0.0.1:`port` (lazily: no connection is opened here,
+    /// except by dbpool-client's supervisor, which connects at once).
+    pub fn build(kind: PoolKind, port: u16) -> Result<BenchPool, String> {
+        let (c, a) = (our_connect_timeout(), our_acquire_timeout());
+        Ok(match kind {
+            PoolKind::DeadpoolDefault | PoolKind::DeadpoolEqual => {
+                let equal = kind == PoolKind::DeadpoolEqual;
+                let manager = deadpool_postgres::Manager::from_config(
+                    pg_config(port, equal.then_some(c)),
+                    tokio_postgres::NoTls,
+                    deadpool_postgres::ManagerConfig {
+                        recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+                    },
+                );
+                let mut b = deadpool_postgres::Pool::builder(manager)
+                    .max_size(MAX_SIZE as usize)
+                    .runtime(deadpool_postgres::Runtime::Tokio1);
+                if equal {
+                    b = b
+                        .wait_timeout(Some(a))
+                        .create_timeout(Some(c))
+                        .recycle_timeout(Some(c));
+                }
+                BenchPool::Deadpool(b.build().map_err(|e| format!("deadpool: {e}"))?)
+            }
+            PoolKind::Bb8Default | PoolKind::Bb8Equal => {
+                let equal = kind == PoolKind::Bb8Equal;
+                let manager = bb8_postgres::PostgresConnectionManager::new(
+                    pg_config(port, equal.then_some(c)),
+                    tokio_postgres::NoTls,
+                );
+                let mut b = bb8::Pool::builder().max_size(MAX_SIZE);
+                if equal {
+                    b = b.connection_timeout(a);
+                }
+                BenchPool::Bb8(b.build_unchecked(manager))
+            }
+            PoolKind::SqlxDefault | PoolKind::SqlxEqual => {
+                let opts = sqlx::postgres::PgConnectOptions::new()
+                    .host("127.0.0.1")
+                    .port(port)
+                    .username(APP_USER)
+                    .password(APP_PASSWORD)
+                    .database(APP_DB);
+                let mut b = sqlx::postgres::PgPoolOptions::new().max_connections(MAX_SIZE);
+                if kind == PoolKind::SqlxEqual {
+                    b = b.acquire_timeout(a);
+                }
+                BenchPool::Sqlx(b.connect_lazy_with(opts))
+            }
+            PoolKind::OursDefault | PoolKind::OursShort => {
+                let mut config = PoolConfig::new(
+                    kind.id(),
+                    "127.0.0.1",
+                    port,
+                    APP_DB,
+                    APP_USER,
+                    Some(APP_PASSWORD.to_owned()),
+                );
+                if kind == PoolKind::OursShort {
+                    config = config.policy(Policy {
+                        open_timeout: Duration::from_secs(1),
+                        ..Policy::default()
+                    });
+                }
+                BenchPool::Ours(dbpool_client::Pool::new(config, None))
+            }
+        })
+    }
+
+    /// One unit of load: a connection, `SELECT 1` (simple query protocol for all), release.
+    pub async fn call(&self) -> Result<(), CallError> {
+        match self {
+            BenchPool::Deadpool(p) => {
+                let c = p.get().await.map_err(|_| CallError::other())?;
+                c.simple_query("SELECT 1")
+                    .await
+                    .map_err(|_| CallError::other())?;
+            }
+            BenchPool::Bb8(p) => {
+                let c = p.get().await.map_err(|_| CallError::other())?;
+                c.simple_query("SELECT 1")
+                    .await
+                    .map_err(|_| CallError::other())?;
+            }
+            BenchPool::Sqlx(p) => {
+                let mut c = p.acquire().await.map_err(|_| CallError::other())?;
+                sqlx::raw_sql("SELECT 1")
+                    .execute(&mut *c)
+                    .await
+                    .map_err(|_| CallError::other())?;
+            }
+            BenchPool::Ours(p) => {
+                let c = p.get().await.map_err(|e| CallError {
+                    breaker_open: e.is_breaker_open(),
+                })?;
+                c.simple_query("SELECT 1")
+                    .await
+                    .map_err(|_| CallError::other())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// dbpool-client's last successful connect (probe, trial or retry), if this is ours.
+    pub fn last_success(&self) -> Option<jiff::Timestamp> {
+        match self {
+            BenchPool::Ours(p) => p.status().last_success,
+            _ => None,
+        }
+    }
+
+    /// Closes the pool and its connections.
+    pub async fn close(self) {
+        match self {
+            BenchPool::Deadpool(p) => p.close(),
+            BenchPool::Bb8(p) => drop(p),
+            BenchPool::Sqlx(p) => p.close().await,
+            BenchPool::Ours(p) => p.close(),
+        }
+    }
+}
