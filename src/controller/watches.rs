@@ -152,6 +152,7 @@ pub(super) async fn run_controller(
     }
     let pool_stream = watcher(pools_api, pool_watch)
         .default_backoff()
+        .modify(strip_pool_metadata)
         .reflect(pool_writer)
         .inspect(move |event| pool_health.note(event))
         .inspect(move |event| match event {
@@ -261,6 +262,16 @@ fn strip_secret_metadata(secret: &mut PartialObjectMeta<Secret>) {
         annotations.remove(LAST_APPLIED);
     }
     secret.metadata.managed_fields = None;
+}
+
+/// Drops from a cached DbPool what the operator never reads: managedFields and the
+/// last-applied annotation (each a copy of much of the object; at 10,000 pools they were most
+/// of the operator's memory).
+fn strip_pool_metadata(pool: &mut DbPool) {
+    if let Some(annotations) = pool.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+    pool.metadata.managed_fields = None;
 }
 
 /// The annotation `kubectl apply` writes with the whole applied object.

@@ -125,12 +125,18 @@ impl Run {
         let t_stop = now_us();
         futures::future::join_all(self.pgs[..down].iter_mut().map(|pg| pg.stop())).await;
         let stopped_in = now_us() - t_stop;
-        wait_for("every affected pool Open", Duration::from_secs(60), || {
-            let open = self.store.count_latest(&affected, |_, at, s| {
-                at >= t_stop && s.breaker == Some(BreakerState::Open)
-            });
-            std::future::ready((open == affected.len()).then_some(()))
-        })
+        // Thousands of pools failing together wait for thousands of writes.
+        let writes = Duration::from_millis(30) * affected.len() as u32;
+        wait_for(
+            "every affected pool Open",
+            Duration::from_secs(60) + writes,
+            || {
+                let open = self.store.count_latest(&affected, |_, at, s| {
+                    at >= t_stop && s.breaker == Some(BreakerState::Open)
+                });
+                std::future::ready((open == affected.len()).then_some(()))
+            },
+        )
         .await;
         // Hold the outage for one more openTimeout, so failed half-open trials are part of it.
         tokio::time::sleep(pool_policy(self.s.steady_interval).open_timeout).await;
@@ -139,7 +145,7 @@ impl Run {
         progress!("N={}: fault: the servers are back", self.n);
         wait_for(
             "the affected pools Closed again",
-            Duration::from_secs(60),
+            Duration::from_secs(60) + writes,
             || {
                 let closed = self.store.count_latest(&others, |_, at, s| {
                     at >= t_started && s.breaker == Some(BreakerState::Closed)
