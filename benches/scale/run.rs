@@ -91,12 +91,14 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Operator CPU seconds per 1,000 probes.
+    /// Operator CPU seconds per 1,000 pool results (real probes and shared results: each is
+    /// one pool's scheduled check, one reconcile).
     pub fn cpu_per_1000(&self) -> f64 {
-        if self.probes == 0 {
+        let results = self.probes + self.shared;
+        if results == 0 {
             f64::NAN
         } else {
-            self.cpu * 1000.0 / self.probes as f64
+            self.cpu * 1000.0 / results as f64
         }
     }
 
@@ -340,8 +342,8 @@ impl Run {
 
     /// Lateness (ms) of every probe of operator `op` that started in [from, to] after a successful
     /// result of the same pool: start − (previous finish + interval). A result taken from the
-    /// pool's probe stream counts as the previous finish (the pool plans from it) but is not a
-    /// probe start of its own.
+    /// pool's probe stream counts at its finish (when the pool had it); negative values are a
+    /// pool planning earlier onto its stream's grid.
     pub fn interval_lateness(
         &self,
         op: u32,
@@ -354,8 +356,10 @@ impl Run {
         for events in &per_pool {
             for pair in events.windows(2) {
                 let (a, b) = (pair[0], pair[1]);
-                if a.ok && !b.shared && b.start_us >= from_us && b.start_us <= to_us {
-                    out.push((b.start_us - a.finish_us - us(interval)) as f64 / 1000.0);
+                // A shared result counts at the instant it finished: when the pool had it.
+                let acted = if b.shared { b.finish_us } else { b.start_us };
+                if a.ok && acted >= from_us && acted <= to_us {
+                    out.push((acted - a.finish_us - us(interval)) as f64 / 1000.0);
                 }
             }
         }

@@ -147,7 +147,14 @@ mod tests {
         tokio::task::yield_now().await;
         let first = spawn(Priority::First, "first");
         // Both wait (the Later one queued earlier).
-        while lock(&slots.state).first.len() + lock(&slots.state).later.len() < 2 {
+        loop {
+            let queued = {
+                let state = lock(&slots.state);
+                state.first.len() + state.later.len()
+            };
+            if queued == 2 {
+                break;
+            }
             tokio::task::yield_now().await;
         }
         drop(held);

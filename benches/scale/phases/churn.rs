@@ -66,7 +66,7 @@ impl Run {
             format!("status writes per pool-hour, DB with connection churn, {iv} interval"),
             format!(
                 "{churned:.0} ({} writes in {:.0} s; a pool probes {probes_per_hour:.0} times \
-                 an hour; {} churn connections); operator CPU {:.3} s per 1,000 probes; {}",
+                 an hour; {} churn connections); operator CPU {:.3} s per 1,000 results; {}",
                 usage.writes,
                 usage.wall,
                 connects.load(Ordering::Relaxed),

@@ -85,7 +85,7 @@ impl Run {
 /// The result cell of a coalescing window.
 fn usage_cells(u: &Usage) -> String {
     format!(
-        "operator {:.3} s CPU per 1,000 probes ({:.1} % of a core), VmRSS {:.1} MiB; \
+        "operator {:.3} s CPU per 1,000 results ({:.1} % of a core), VmRSS {:.1} MiB; \
          PostgreSQL {:.3} s CPU per 1,000 probes, {} server processes; {} fresh \
          connections, {} probes and {} shared results in the window",
         u.cpu_per_1000(),

@@ -53,7 +53,7 @@ impl Run {
         self.report.row(
             format!("operator CPU, {iv} interval, shared connections"),
             format!(
-                "{:.1} % of one core; {:.3} s per 1,000 probes ({} probes, {} shared results in \
+                "{:.1} % of one core; {:.3} s per 1,000 results ({} probes, {} shared results in \
                  {:.0} s); PostgreSQL {:.3} s per 1,000 probes, {} server processes; {}",
                 usage.core_percent(),
                 usage.cpu_per_1000(),

@@ -49,7 +49,7 @@ impl Run {
             format!(
                 "{measured:.0} measured ({} writes seen, {api_delta} counted by the apiserver, \
                  in {:.0} s); formula 3600 / (⌈refresh / interval⌉ × interval) = {formula:.0}; \
-                 operator {:.3} s CPU per 1,000 probes; {}",
+                 operator {:.3} s CPU per 1,000 results; {}",
                 usage.writes,
                 usage.wall,
                 usage.cpu_per_1000(),

@@ -41,7 +41,7 @@ impl Run {
         self.report.row(
             format!("operator CPU, steady state, {iv} interval"),
             format!(
-                "{percent:.2} % of one core ({:.2} s CPU in {:.0} s); {:.3} s per 1,000 probes \
+                "{percent:.2} % of one core ({:.2} s CPU in {:.0} s); {:.3} s per 1,000 results \
                  ({} probes, {} shared results); {}",
                 usage.cpu,
                 usage.wall,
