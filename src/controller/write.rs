@@ -20,7 +20,7 @@
 //! patch, an event) costs one token, so no spec can make the operator send more than the two
 //! rates together per second (plus one second's burst of each).
 
-use super::api_slots::Priority;
+use super::api_slots::{ApiSlot, Priority};
 use std::{
     future::Future,
     sync::{Arc, Mutex, Weak},
@@ -189,10 +189,21 @@ async fn drain(weak: Weak<Context>, key: ObjectRef<DbPool>) {
     let mut failures: u32 = 0;
     loop {
         let Some(ctx) = weak.upgrade() else { return };
+        // Queue for the request slot first and take the outbox only then: while a pool waits
+        // for a slot (thousands of pools failing together), what it sends is still the latest
+        // value, so a phase change and the Open that follows become one write.
+        let Some(priority) = waiting_priority(&ctx, &key) else {
+            if let Step::Stop = next_step(&ctx, &key) {
+                return;
+            }
+            continue;
+        };
+        let slot = ctx.api_slots.acquire(priority).await;
         let step = next_step(&ctx, &key);
         match step {
             Step::Stop => return,
             Step::Wait(until, wake) => {
+                drop(slot);
                 drop(ctx);
                 tokio::select! {
                     () = tokio::time::sleep_until(until) => {}
@@ -205,7 +216,7 @@ async fn drain(weak: Weak<Context>, key: ObjectRef<DbPool>) {
                     finish(&ctx, &key);
                     return;
                 }
-                let sent = send(&ctx, &key, &outbox).await;
+                let sent = send(&ctx, &key, &outbox, slot).await;
                 if !ctx.exists(&outbox.pool, &key) {
                     // Deleted while the write was in flight: whatever it recorded (a write
                     // counted, an error counted) must not outlive the pool.
@@ -262,6 +273,18 @@ fn finish(ctx: &Context, key: &ObjectRef<DbPool>) {
     }
 }
 
+/// The class the pool's waiting outbox queues in: a transition's status first, anything else
+/// later; None when nothing waits.
+fn waiting_priority(ctx: &Context, key: &ObjectRef<DbPool>) -> Option<Priority> {
+    let pools = lock(&ctx.pools);
+    let outbox = pools.get(key)?.writer.outbox.as_ref()?;
+    Some(if outbox.urgent && outbox.status.is_some() {
+        Priority::First
+    } else {
+        Priority::Later
+    })
+}
+
 /// Decides the writer's next step under the pool's lock: stop, wait for the pool's period or a
 /// bucket, or take the outbox and its tokens.
 fn next_step(ctx: &Context, key: &ObjectRef<DbPool>) -> Step {
@@ -296,7 +319,12 @@ fn next_step(ctx: &Context, key: &ObjectRef<DbPool>) -> Step {
 }
 
 /// Sends one outbox: status, label, then events. Ok(false): not leading.
-async fn send(ctx: &Context, key: &ObjectRef<DbPool>, outbox: &Outbox) -> Result<bool, Error> {
+async fn send(
+    ctx: &Context,
+    key: &ObjectRef<DbPool>,
+    outbox: &Outbox,
+    slot: ApiSlot<'_>,
+) -> Result<bool, Error> {
     let pool = outbox.pool.as_ref();
     let api: Api<DbPool> =
         Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
@@ -308,15 +336,10 @@ async fn send(ctx: &Context, key: &ObjectRef<DbPool>, outbox: &Outbox) -> Result
             "kind": "DbPool",
             "status": status,
         });
-        // A transition's status goes before labels, events and counter-only statuses.
-        let priority = if outbox.urgent {
-            Priority::First
-        } else {
-            Priority::Later
-        };
-        if !fenced(
+        // Sent with the slot the writer queued for (a transition's status in the first class).
+        if !fenced_in(
             ctx,
-            priority,
+            slot,
             api.patch_status(&name, &params, &Patch::Apply(&patch)),
         )
         .await?
@@ -327,6 +350,8 @@ async fn send(ctx: &Context, key: &ObjectRef<DbPool>, outbox: &Outbox) -> Result
         debug!(pool = %key, phase = ?status.phase, urgent = outbox.urgent, "status written");
         ctx.observer.status_written(key, acknowledged, status.phase);
         ctx.metrics.status_written(&pool_labels(key));
+    } else {
+        drop(slot);
     }
     if let Some(label) = outbox.label {
         let patch = serde_json::json!({
@@ -359,7 +384,16 @@ pub(super) async fn fenced<T>(
     priority: Priority,
     request: impl Future<Output = Result<T, kube::Error>>,
 ) -> Result<bool, Error> {
-    let _slot = ctx.api_slots.acquire(priority).await;
+    let slot = ctx.api_slots.acquire(priority).await;
+    fenced_in(ctx, slot, request).await
+}
+
+/// [`fenced`] with a slot already held.
+async fn fenced_in<T>(
+    ctx: &Context,
+    _slot: ApiSlot<'_>,
+    request: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<bool, Error> {
     let Some(budget) = ctx.gate.remaining() else {
         return Ok(false);
     };
