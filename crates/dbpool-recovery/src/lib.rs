@@ -98,7 +98,7 @@ pub use engine::{add, apply, apply_guarded, next_deadline, phase};
 pub use fleet::{FLEET_ENTRY_TTL, FleetGuard, FleetGuardConfig, FleetVerdict, MAX_FLEET_ENTRIES};
 pub use policy::{MAX_MULTIPLIER, MIN_DURATION, Policy};
 pub use share::{
-    MAX_FRESHNESS, ShareDecision, StreamView, aligned_deadline, freshness, is_steady,
+    MAX_FRESHNESS, ShareDecision, StreamView, aligned_deadline, freshness, grid_offset, is_steady,
     share_decision,
 };
 pub use state::{Effect, Event, FailureKind, PoolState};

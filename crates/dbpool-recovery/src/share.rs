@@ -86,6 +86,21 @@ pub fn aligned_deadline(
     (point > last_probe).then_some(point)
 }
 
+/// How far after its stream's grid point a steady pool plans its next probe: a stable share of
+/// half the [`freshness`] tolerance, from the pool's seed. Spread so, the owners of one stream do
+/// not all reconcile in the same millisecond (10,000 pools on four streams made the probing pool
+/// wait behind 2,500 reconciles); the earliest owner probes and the others, due within the
+/// tolerance, take its result or join it.
+pub fn grid_offset(seed: u64, policy: &Policy) -> Duration {
+    let span = u64::try_from((freshness(policy) / 2).as_micros()).unwrap_or(0);
+    if span == 0 {
+        return Duration::ZERO;
+    }
+    // Seeds of neighbouring pools differ in few bits: mix them before taking the share.
+    let mixed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+    Duration::from_micros(mixed % span)
+}
+
 /// Whether the pool is steady: breaker Closed, no failures counted, no cooldown.
 pub fn is_steady(state: &PoolState) -> bool {
     state.breaker == BreakerState::Closed
@@ -251,6 +266,17 @@ mod tests {
             aligned_deadline(t(0), Duration::from_secs(3), t(10_000), t(13_000)),
             Some(t(12_000))
         );
+    }
+
+    #[test]
+    fn grid_offsets_spread_within_half_the_tolerance() {
+        let p = policy();
+        let half = freshness(&p) / 2;
+        let offsets: Vec<Duration> = (0..1000u64).map(|seed| grid_offset(seed, &p)).collect();
+        assert!(offsets.iter().all(|o| *o < half));
+        let distinct: std::collections::HashSet<_> = offsets.iter().collect();
+        assert!(distinct.len() > 900, "{} distinct offsets", distinct.len());
+        assert_eq!(grid_offset(7, &p), grid_offset(7, &p));
     }
 
     #[test]

@@ -146,8 +146,11 @@ impl Run {
             state.last_probe_at,
             recovery::next_deadline(state, &self.policy),
         ) {
+            // On the grid, a stable offset after it (never after the engine's deadline).
+            let offset = recovery::grid_offset(state.seed, &self.policy);
             self.memory.aligned =
-                recovery::aligned_deadline(anchor, self.policy.interval, last, deadline);
+                recovery::aligned_deadline(anchor, self.policy.interval, last, deadline)
+                    .map(|point| recovery::add(point, offset).min(deadline));
         }
     }
 }
