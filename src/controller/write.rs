@@ -12,7 +12,7 @@
 //!
 //! **The write budget.** An outbox is *urgent* when it carries a breaker transition (a new
 //! breaker state or label), a force-reopen acknowledgement, a pool's first status or a new
-//! `observedGeneration` (`reconcile::is_transition`). Urgent outboxes go at once and spend the transition bucket
+//! `observedGeneration` (`reconcile/outbox.rs`, `is_transition`). Urgent outboxes go at once and spend the transition bucket
 //! (`--transition-write-rate` requests/s). Everything else is counter-only: at most one per pool
 //! per `--min-status-period`, spending the counter bucket (`--counter-write-rate` requests/s).
 //! A counter-only outbox waiting for either is overtaken the moment an urgent change arrives,

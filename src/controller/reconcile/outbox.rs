@@ -1,0 +1,198 @@
+//! Step 4 of the reconcile: what a user would see changed, handed to the pool's writer.
+//!
+//! Lives here: `Run::write` (the status diff, the breaker label, the reconcile's events, the
+//! inline gate sync before the status that reports it, the hand-over to `write::submit`),
+//! `Run::label_to_write` and [`is_transition`] (which outboxes go at once). Must not live here:
+//! the writes themselves and the budget (`write`), the shape of the status (`status`), event
+//! wording (`events`).
+
+use std::sync::Arc;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+
+use super::Run;
+use crate::{
+    api::{BREAKER_LABEL, CONDITION_READY, DbPool, DbPoolStatus, reason},
+    controller::{
+        context::Context,
+        events::{PendingEvent, events_of},
+        gate::{self, GateOutcome},
+        status::{StatusInputs, desired_status, needs_write},
+        write::{Outbox, submit},
+    },
+};
+
+impl Run {
+    /// Step 4: hand what a user would see changed (status, breaker label, this reconcile's
+    /// events) to the pool's writer, marked urgent when it is a transition or a force-reopen
+    /// acknowledgement. Returns once handed over: the writer sends it within the write budget.
+    /// (Only a declared gate is synced inline, before the status that reports it.)
+    pub(super) async fn write(&mut self, pool: &Arc<DbPool>, ctx: &Arc<Context>) {
+        let now = Timestamp::now();
+        let last = self.memory.last_written.as_ref();
+        let before_phase = last.and_then(|s| s.phase);
+        let previous_conditions = last
+            .or(pool.status.as_ref())
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        // The gate before the status, so the status tells what became of it. Only a leader
+        // touches it (every write is fenced anyway).
+        let gate = if ctx.gate.may_write() {
+            gate::sync(
+                ctx,
+                pool,
+                self.memory.state.breaker,
+                self.memory.gate_peer,
+                &mut self.memory.gate_applied,
+            )
+            .await
+        } else {
+            GateOutcome::NotDeclared
+        };
+        let gate_condition = gate.condition(pool.spec.gate.as_ref());
+        let desired = desired_status(
+            &StatusInputs {
+                writer_epoch: ctx.gate.epoch(),
+                generation: pool.metadata.generation,
+                state: &self.memory.state,
+                policy: &self.policy,
+                last_probe: self.memory.last_probe.as_ref(),
+                last_force_reopen: self.memory.last_force_reopen.as_ref(),
+                hold: self.hold.as_ref(),
+                previous_conditions: &previous_conditions,
+                gate: gate_condition.as_ref(),
+            },
+            now,
+        );
+        let status_changed = needs_write(
+            &desired,
+            last,
+            self.memory.last_written_at,
+            ctx.config.status_refresh,
+            now,
+        );
+        let urgent = status_changed && is_transition(last, &desired);
+        let label = self.label_to_write(pool, now);
+        let mut events = events_of(
+            &self.memory,
+            &self.policy,
+            &self.effects,
+            before_phase,
+            desired.phase,
+        );
+        for (type_, reason, note) in self.notes.drain(..) {
+            events.push(PendingEvent::new(type_, reason, note));
+        }
+        let outbox = Outbox {
+            pool: pool.clone(),
+            status: status_changed.then(|| desired.clone()),
+            label,
+            events,
+            urgent: urgent || label.is_some(),
+        };
+        submit(ctx, &self.key, outbox);
+        if status_changed {
+            self.memory.last_written = Some(desired);
+            self.memory.last_written_at = Some(now);
+        }
+        if let Some(label) = label {
+            self.memory.label_written = Some(label.to_owned());
+            self.memory.label_written_at = Some(now);
+        }
+    }
+
+    /// The breaker label to write, if the object's differs. The object may lag our own write by
+    /// a moment; a label changed by hand is put back once the last write is a probe interval
+    /// old, so drift lasts at most about one interval.
+    fn label_to_write(&self, pool: &DbPool, now: Timestamp) -> Option<&'static str> {
+        let label = self.memory.state.breaker.label_value();
+        let current = pool.labels().get(BREAKER_LABEL).map(String::as_str);
+        let settled = self.memory.label_written_at.is_none_or(|at| {
+            now.duration_since(at)
+                >= SignedDuration::try_from(self.policy.interval).unwrap_or(SignedDuration::MAX)
+        });
+        (current != Some(label) && (self.memory.label_written.as_deref() != Some(label) || settled))
+            .then_some(label)
+    }
+}
+
+/// Whether writing `desired` over `last` goes at once, past the pool's `--min-status-period`:
+/// a first status, a new breaker state, a new `Ready` verdict (the first failure of a healthy
+/// pool, a recovery), a fleet-guard hold starting or ending, a force-reopen acknowledgement, or a new observed generation (a person's
+/// spec change, acknowledged). Everything else — counters, times, messages, and phase changes
+/// among the failing phases — is coalesced: the latest value is written at most once per
+/// period. A spec alone cannot make these fast: the breaker's state and the Ready verdict change
+/// only when the database's answers change (a trial that fails goes Open → HalfOpen → Open
+/// within one reconcile, and a refusing server keeps Ready False).
+pub(super) fn is_transition(last: Option<&DbPoolStatus>, desired: &DbPoolStatus) -> bool {
+    let Some(last) = last else { return true };
+    let ready = |s: &DbPoolStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_READY)
+            .map(|c| c.status.clone())
+    };
+    let held = |s: &DbPoolStatus| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == CONDITION_READY && c.reason == reason::FLEET_SUSPECT)
+    };
+    ready(last) != ready(desired)
+        || held(last) != held(desired)
+        || last.breaker.as_ref().map(|b| b.state) != desired.breaker.as_ref().map(|b| b.state)
+        || last.observed_generation != desired.observed_generation
+        || last.last_force_reopen.as_ref().map(|r| &r.token)
+            != desired.last_force_reopen.as_ref().map(|r| &r.token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    use crate::api::{BreakerState, BreakerStatus, ForceReopenRecord, Phase};
+
+    fn status(phase: Phase, breaker: BreakerState, failures: i32) -> DbPoolStatus {
+        DbPoolStatus {
+            phase: Some(phase),
+            breaker: Some(BreakerStatus {
+                state: breaker,
+                since: None,
+                next_probe_at: None,
+                open_count: 1,
+                half_open_successes: 0,
+            }),
+            consecutive_failures: failures,
+            observed_generation: Some(1),
+            ..DbPoolStatus::default()
+        }
+    }
+
+    #[test]
+    fn counters_and_failing_phases_wait_but_breaker_changes_go_at_once() {
+        let open = status(Phase::BreakerOpen, BreakerState::Open, 5);
+        assert!(is_transition(None, &open), "a first status goes at once");
+        assert!(!is_transition(
+            Some(&open),
+            &status(Phase::BreakerOpen, BreakerState::Open, 6)
+        ));
+        assert!(!is_transition(
+            Some(&open),
+            &status(Phase::CoolingDown, BreakerState::Open, 7)
+        ));
+        assert!(is_transition(
+            Some(&status(Phase::Recovering, BreakerState::Closed, 4)),
+            &open
+        ));
+        let mut spec_changed = open.clone();
+        spec_changed.observed_generation = Some(2);
+        assert!(is_transition(Some(&open), &spec_changed));
+        let mut acknowledged = open.clone();
+        acknowledged.last_force_reopen = Some(ForceReopenRecord {
+            token: "t".into(),
+            time: MicroTime(Timestamp::UNIX_EPOCH),
+        });
+        assert!(is_transition(Some(&open), &acknowledged));
+    }
+}
