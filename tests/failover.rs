@@ -8,13 +8,13 @@ use dbpool_testkit as support;
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
 use dbpool_operator::{
     api::{BREAKER_LABEL, BreakerState, DbPool, DbPoolStatus, Phase},
-    controller::{OperatorConfig, RunningOperator},
+    controller::{Footprint, Observer, OperatorConfig, RunningOperator},
 };
 use futures::StreamExt;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
@@ -157,6 +157,15 @@ async fn a_thawed_leader_writes_nothing() {
         serde_json::json!({"breaker": {"failureThreshold": 2, "openTimeout": "1s"}}),
     );
     create(&client, ns.name(), &spec).await;
+    // A pool whose Secret is missing fails on the credentials path at every backoff step: the
+    // thawed ex-leader's in-flight reconciles of it must not re-create its series either.
+    let no_secret = pool(
+        "nosecret",
+        pg.port(),
+        Some(("missing-secret", KEY)),
+        serde_json::json!({}),
+    );
+    create(&client, ns.name(), &no_secret).await;
     wait_status(
         &client,
         ns.name(),
@@ -164,6 +173,15 @@ async fn a_thawed_leader_writes_nothing() {
         "Healthy",
         Duration::from_secs(30),
         |s| s.phase == Some(Phase::Healthy),
+    )
+    .await;
+    wait_status(
+        &client,
+        ns.name(),
+        "nosecret",
+        "ConfigError",
+        Duration::from_secs(30),
+        |s| s.phase == Some(Phase::ConfigError),
     )
     .await;
     let procs = [&a, &b];
@@ -248,6 +266,12 @@ async fn a_thawed_leader_writes_nothing() {
         !metrics.contains("dbpool_circuit_breaker_state{"),
         "the ex-leader exports pool series:\n{metrics}"
     );
+    for name in ["orders", "nosecret"] {
+        assert!(
+            !metrics.contains(&format!("name=\"{name}\"")),
+            "the ex-leader exports a series of {name}:\n{metrics}"
+        );
+    }
     assert_eq!(
         events_by(&client, ns.name(), &procs[old].name).await,
         old_events,
@@ -577,6 +601,96 @@ async fn deleted_pools_leave_nothing_behind() {
                 && !has_series(&op, "slow")
                 && !has_series(&op, "hang")
                 && slow.live_connections() == 0
+        },
+    )
+    .await;
+}
+
+/// Keeps the footprint of the controller it is told about.
+#[derive(Default)]
+struct FootprintWatch(Mutex<Option<Weak<dyn Footprint>>>);
+
+impl Observer for FootprintWatch {
+    fn controller_started(&self, footprint: Weak<dyn Footprint>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(footprint);
+    }
+}
+
+impl FootprintWatch {
+    /// (part, pools it knows) of the running controller; None before it started.
+    fn now(&self) -> Option<Vec<(&'static str, usize)>> {
+        let weak = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        Some(weak.upgrade()?.pools_known())
+    }
+}
+
+/// Pools that touch every part that keeps something per pool (two healthy pools sharing a probe
+/// stream and the prober's connection, one on a refused port that the targets coalesce, one
+/// whose Secret is missing; all fed to the fleet guard, all with writers and series), then
+/// deleted: the registry, every part and every per-pool metric series end empty.
+#[tokio::test]
+async fn deleted_pools_leave_the_registry_and_every_part_empty() {
+    let (client, ns) = setup().await;
+    let pg = PgServer::start().await;
+    let refused = FaultProxy::start(pg.addr()).await;
+    refused.set_mode(Mode::Refuse).await;
+    let watch = Arc::new(FootprintWatch::default());
+    let op =
+        RunningOperator::start_observed(client.clone(), in_process(ns.name(), 8), watch.clone());
+    let pools = [
+        pool("a", pg.port(), Some((SECRET, KEY)), serde_json::json!({})),
+        pool("b", pg.port(), Some((SECRET, KEY)), serde_json::json!({})),
+        pool(
+            "down",
+            refused.port(),
+            Some((SECRET, KEY)),
+            serde_json::json!({}),
+        ),
+        pool(
+            "nosecret",
+            pg.port(),
+            Some(("missing-secret", KEY)),
+            serde_json::json!({}),
+        ),
+    ];
+    for p in &pools {
+        create(&client, ns.name(), p).await;
+    }
+    for (name, phase) in [
+        ("a", Phase::Healthy),
+        ("b", Phase::Healthy),
+        ("down", Phase::BreakerOpen),
+        ("nosecret", Phase::ConfigError),
+    ] {
+        wait_status(
+            &client,
+            ns.name(),
+            name,
+            "its phase",
+            Duration::from_secs(30),
+            |s| s.phase == Some(phase),
+        )
+        .await;
+    }
+    let before = watch.now().expect("the controller runs");
+    println!("per-pool entries with 4 pools: {before:?}");
+    for (part, pools) in &before {
+        assert!(*pools >= 1, "{part} knows no pool: {before:?}");
+    }
+    let api: Api<DbPool> = Api::namespaced(client.clone(), ns.name());
+    for p in &pools {
+        api.delete(&p.name_any(), &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+    wait_until(
+        "every part and every series is empty",
+        Duration::from_secs(20),
+        || async {
+            let empty = watch
+                .now()
+                .is_some_and(|parts| parts.iter().all(|(_, n)| *n == 0));
+            empty && pools.iter().all(|p| !has_series(&op, &p.name_any()))
         },
     )
     .await;

@@ -10,7 +10,7 @@
 //! contain a Secret's data, and a missing Secret reads the same as one that does not consent.
 //! Must not live here: the watch itself (`watches`) or what a failure does to the pool (`reconcile`).
 
-use super::api_slots::{ApiSlots, Priority};
+use super::api_permits::{ApiPermits, Priority};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -113,25 +113,25 @@ pub struct SecretCache {
     meta: Store<PartialObjectMeta<Secret>>,
     pools: Store<DbPool>,
     cache: Mutex<HashMap<(String, String), CachedSecret>>,
-    api_slots: Arc<ApiSlots>,
+    api_permits: Arc<ApiPermits>,
 }
 
 impl SecretCache {
     /// A cache over `meta`, a reflector store fed by a metadata watch on consenting Secrets;
     /// `pools` (the DbPool store) says which cached values are still referenced. Reads from the
-    /// apiserver take a permit of `api_slots`.
+    /// apiserver take a permit of `api_permits`.
     pub fn new(
         client: Client,
         meta: Store<PartialObjectMeta<Secret>>,
         pools: Store<DbPool>,
-        api_slots: Arc<ApiSlots>,
+        api_permits: Arc<ApiPermits>,
     ) -> Self {
         Self {
             client,
             meta,
             pools,
             cache: Mutex::new(HashMap::new()),
-            api_slots,
+            api_permits,
         }
     }
 
@@ -184,7 +184,6 @@ impl SecretCache {
             key: r.key.clone(),
             host: host.to_owned(),
         };
-        let id = (namespace.to_owned(), r.name.clone());
         // Consent is judged on the watched metadata before anything is read: a Secret the watch
         // has not seen (missing, or without the label) is never fetched.
         let watched = ObjectRef::new(&r.name).within(namespace);
@@ -211,28 +210,9 @@ impl SecretCache {
             return Err(refused());
         }
         let watched_rv = meta.metadata.resource_version.clone();
-        let fresh = || {
-            self.cache
-                .lock()
-                .ok()
-                .and_then(|c| c.get(&id).cloned())
-                .filter(|c| watched_rv.is_some() && c.resource_version == watched_rv)
-        };
-        let secret = match fresh() {
-            Some(c) => c,
-            None => {
-                let _slot = self.api_slots.acquire(Priority::First).await;
-                // Many pools may share this Secret: whoever waited for the permit finds it fetched.
-                match fresh() {
-                    Some(c) => c,
-                    None => {
-                        let fetched = self.fetch(namespace, host, r).await?;
-                        self.insert(id.clone(), fetched.clone());
-                        fetched
-                    }
-                }
-            }
-        };
+        let secret = self
+            .cached_or_fetched(namespace, host, r, watched_rv)
+            .await?;
         let value =
             secret
                 .data
@@ -244,6 +224,36 @@ impl SecretCache {
                     key: r.key.clone(),
                 })?;
         Ok((value, secret.resource_version.unwrap_or_default()))
+    }
+
+    /// The Secret's data at `watched_rv`: from the cache when it holds that version, else read
+    /// once under an API permit (many pools may share this Secret: whoever waited for the permit
+    /// finds it fetched).
+    async fn cached_or_fetched(
+        &self,
+        namespace: &str,
+        host: &str,
+        r: &SecretKeyRef,
+        watched_rv: Option<String>,
+    ) -> Result<CachedSecret, CredentialError> {
+        let id = (namespace.to_owned(), r.name.clone());
+        let fresh = || {
+            self.cache
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&id).cloned())
+                .filter(|c| watched_rv.is_some() && c.resource_version == watched_rv)
+        };
+        if let Some(cached) = fresh() {
+            return Ok(cached);
+        }
+        let _permit = self.api_permits.acquire(Priority::First).await;
+        if let Some(cached) = fresh() {
+            return Ok(cached);
+        }
+        let fetched = self.fetch(namespace, host, r).await?;
+        self.insert(id.clone(), fetched.clone());
+        Ok(fetched)
     }
 
     /// Caches `secret` under `id`, first evicting every value no pool refers to any more, so the
@@ -350,7 +360,7 @@ mod tests {
         let client = Client::try_from(config).expect("client");
         let (meta, _meta_writer) = reflector::store::<PartialObjectMeta<Secret>>();
         let (pools, mut pools_writer) = reflector::store::<DbPool>();
-        let cache = SecretCache::new(client, meta, pools, Arc::new(ApiSlots::new(1)));
+        let cache = SecretCache::new(client, meta, pools, Arc::new(ApiPermits::new(1)));
         let id = |ns: &str, name: &str| (ns.to_owned(), name.to_owned());
 
         pools_writer.apply_watcher_event(&watcher::Event::Apply(pool("a", "p1", "s1")));

@@ -2,31 +2,32 @@
 //! force reopens, configuration errors and breaker openings held by the fleet guard.
 //!
 //! Lives here: the wording of every event ([`events_of`]), [`PendingEvent`] (an event waiting
-//! in a pool's outbox, with repeats folded in) and sending one through the request budget
-//! ([`publish`]), only while this process leads. Must not live here: deciding what happened (the
-//! engine's effects say it), the reasons' spelling (`dbpool_api::reason`) or when an event goes
-//! out (the pool's writer in `write` decides, with the status it belongs to).
+//! in a pool's outbox, with repeats folded in) and the Kubernetes event it becomes
+//! ([`PendingEvent::to_event`]). Pure. Must not live here: deciding what happened (the engine's
+//! effects say it), the reasons' spelling (`dbpool_api::reason`), when an event goes out or
+//! sending it (the pool's writer in `write`, with the status it belongs to).
 
-use super::api_slots::Priority;
-use kube::{
-    Resource, ResourceExt,
-    runtime::events::{Event as KubeEvent, EventType},
-};
-use tracing::warn;
+use kube::runtime::events::{Event as KubeEvent, EventType};
 
-use super::{
-    context::{Context, PoolMemory},
-    write::fenced,
-};
 use crate::{
-    api::{BreakerState, DbPool, Phase, reason},
-    recovery::{Effect, Policy},
+    api::{BreakerState, ForceReopenRecord, Phase, ProbeSummary, reason},
+    recovery::{Effect, Policy, PoolState},
 };
+
+/// What the wording of a reconcile's events draws on.
+pub(crate) struct EventFacts<'a> {
+    /// The pool's engine state after the reconcile.
+    pub state: &'a PoolState,
+    /// The pool's last probe result (its message ends most warnings).
+    pub last_probe: Option<&'a ProbeSummary>,
+    /// The force reopen acted on last.
+    pub last_force_reopen: Option<&'a ForceReopenRecord>,
+}
 
 /// An event waiting to be published, with how many more of the same reason were folded into it
 /// while it waited (the latest note wins).
 #[derive(Clone, Debug)]
-pub(super) struct PendingEvent {
+pub(crate) struct PendingEvent {
     pub type_: EventType,
     pub reason: &'static str,
     pub note: String,
@@ -46,9 +47,31 @@ impl PendingEvent {
     }
 }
 
+impl PendingEvent {
+    /// The Kubernetes event to publish, folded repeats counted in its note (cut to the API's
+    /// limit).
+    pub fn to_event(&self) -> KubeEvent {
+        let note = if self.folded > 0 {
+            format!(
+                "{} (and {} more like it, folded by the write budget)",
+                self.note, self.folded
+            )
+        } else {
+            self.note.clone()
+        };
+        KubeEvent {
+            type_: self.type_,
+            reason: self.reason.to_owned(),
+            note: Some(cut_note(note)),
+            action: "Probe".to_owned(),
+            secondary: None,
+        }
+    }
+}
+
 /// Adds `newer` to `events`, folding an event into a pending one of the same reason: at most one
 /// event per reason waits per pool, whatever a spec makes the engine do.
-pub(super) fn fold(events: &mut Vec<PendingEvent>, newer: Vec<PendingEvent>) {
+pub(crate) fn fold(events: &mut Vec<PendingEvent>, newer: Vec<PendingEvent>) {
     for event in newer {
         match events.iter_mut().find(|e| e.reason == event.reason) {
             Some(pending) => {
@@ -62,21 +85,20 @@ pub(super) fn fold(events: &mut Vec<PendingEvent>, newer: Vec<PendingEvent>) {
 }
 
 /// The events of one reconcile: one per effect, plus ConfigError on entering that phase.
-pub(super) fn events_of(
-    memory: &PoolMemory,
+pub(crate) fn events_of(
+    facts: &EventFacts<'_>,
     policy: &Policy,
     effects: &[Effect],
     before: Option<Phase>,
     after: Option<Phase>,
 ) -> Vec<PendingEvent> {
     let mut events = Vec::new();
-    let last_message = memory
+    let last_message = facts
         .last_probe
-        .as_ref()
         .and_then(|p| p.message.clone())
         .unwrap_or_default();
     for effect in effects {
-        if let Some((type_, reason, note)) = describe(effect, memory, policy, &last_message) {
+        if let Some((type_, reason, note)) = describe(effect, facts, policy, &last_message) {
             events.push(PendingEvent::new(type_, reason, note));
         }
     }
@@ -93,31 +115,12 @@ pub(super) fn events_of(
 /// The event an effect deserves, if any: (type, reason, note).
 fn describe(
     effect: &Effect,
-    memory: &PoolMemory,
+    facts: &EventFacts<'_>,
     policy: &Policy,
     last_message: &str,
 ) -> Option<(EventType, &'static str, String)> {
     Some(match effect {
-        Effect::BreakerChanged { from, to } => match to {
-            BreakerState::Open => (
-                EventType::Warning,
-                reason::BREAKER_OPENED,
-                format!(
-                    "circuit breaker opened ({from:?} -> Open) after {} consecutive failures: {last_message}",
-                    memory.state.consecutive_failures
-                ),
-            ),
-            BreakerState::HalfOpen => (
-                EventType::Normal,
-                reason::BREAKER_HALF_OPEN,
-                "circuit breaker half-open: trial probe".to_owned(),
-            ),
-            BreakerState::Closed => (
-                EventType::Normal,
-                reason::BREAKER_CLOSED,
-                format!("circuit breaker closed ({from:?} -> Closed): database answered"),
-            ),
-        },
+        Effect::BreakerChanged { from, to } => describe_breaker(*from, *to, facts, last_message),
         Effect::CooldownStarted { until } => (
             EventType::Warning,
             reason::COOLDOWN_STARTED,
@@ -137,9 +140,8 @@ fn describe(
             "the database answers again".to_owned(),
         ),
         Effect::ForceReopened => {
-            let token = memory
+            let token = facts
                 .last_force_reopen
-                .as_ref()
                 .map(|r| r.token.clone())
                 .unwrap_or_default();
             (
@@ -157,11 +159,40 @@ fn describe(
                  operator's own network (dbpool_fleet_suspect); failures are still counted, and \
                  the breaker opens at the first failure once the guard clears or the hold reaches \
                  --fleet-guard-max-hold: {last_message}",
-                memory.state.consecutive_failures
+                facts.state.consecutive_failures
             ),
         ),
         Effect::Ignored => return None,
     })
+}
+
+/// The event of a breaker change: (type, reason, note).
+fn describe_breaker(
+    from: BreakerState,
+    to: BreakerState,
+    facts: &EventFacts<'_>,
+    last_message: &str,
+) -> (EventType, &'static str, String) {
+    match to {
+        BreakerState::Open => (
+            EventType::Warning,
+            reason::BREAKER_OPENED,
+            format!(
+                "circuit breaker opened ({from:?} -> Open) after {} consecutive failures: {last_message}",
+                facts.state.consecutive_failures
+            ),
+        ),
+        BreakerState::HalfOpen => (
+            EventType::Normal,
+            reason::BREAKER_HALF_OPEN,
+            "circuit breaker half-open: trial probe".to_owned(),
+        ),
+        BreakerState::Closed => (
+            EventType::Normal,
+            reason::BREAKER_CLOSED,
+            format!("circuit breaker closed ({from:?} -> Closed): database answered"),
+        ),
+    }
 }
 
 /// The most bytes the apiserver accepts in an events.k8s.io `note`.
@@ -181,38 +212,6 @@ fn cut_note(mut note: String) -> String {
     note.truncate(end);
     note.push_str(ELLIPSIS);
     note
-}
-
-/// Sends one event about `pool`, unless this process has stopped leading. An event carries no
-/// precondition: the window in which a deposed leader can still publish one is the time between
-/// the gate check and the apiserver receiving the request, bounded by the rest of its term.
-/// Folded repeats are counted in the note.
-pub(super) async fn publish(ctx: &Context, pool: &DbPool, pending: PendingEvent) {
-    let note = if pending.folded > 0 {
-        format!(
-            "{} (and {} more like it, folded by the write budget)",
-            pending.note, pending.folded
-        )
-    } else {
-        pending.note
-    };
-    let event = KubeEvent {
-        type_: pending.type_,
-        reason: pending.reason.to_owned(),
-        note: Some(cut_note(note)),
-        action: "Probe".to_owned(),
-        secondary: None,
-    };
-    let reference = pool.object_ref(&());
-    if let Err(err) = fenced(
-        ctx,
-        Priority::Later,
-        ctx.recorder.publish(&event, &reference),
-    )
-    .await
-    {
-        warn!(pool = %pool.name_any(), error = %err, "cannot publish event");
-    }
 }
 
 #[cfg(test)]

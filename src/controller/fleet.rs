@@ -24,38 +24,14 @@ use tracing::{info, warn};
 
 use super::{
     config::FleetGuardSettings,
-    context::{Context, PoolMemory, lock},
+    names::{PerPool, PoolRef},
+    sync::lock,
 };
 use crate::{
     api::DbPool,
     metrics::Metrics,
-    recovery::{Effect, Event, FleetGuard, FleetGuardConfig, FleetVerdict, Policy, PoolState},
+    recovery::{FleetGuard, FleetGuardConfig, FleetVerdict, PoolState},
 };
-
-/// Step 3 of a reconcile, its end: feeds a probe result of `pool` (on `target`) to the guard
-/// (unless `observed` is None: a Secret problem says nothing about the path) and then to the
-/// engine, held from opening the breaker when the guard says so. Counts each hold that starts.
-#[allow(clippy::too_many_arguments)] // the reconcile's pieces, passed apart to borrow them separately
-pub(super) fn apply_result(
-    ctx: &Context,
-    pool: &ObjectRef<DbPool>,
-    target: &str,
-    (event, observed): (Event, Option<Seen>),
-    now: Timestamp,
-    policy: &Policy,
-    memory: &mut PoolMemory,
-    effects: &mut Vec<Effect>,
-) {
-    let hold = observed.is_some_and(|observed| {
-        ctx.fleet
-            .observe(pool, target, observed, &memory.state, now)
-    });
-    let before = effects.len();
-    memory.apply_guarded(event, now, policy, hold, effects);
-    if effects[before..].contains(&Effect::OpeningHeld) && ctx.gate.may_write() {
-        ctx.metrics.fleet_opening_held();
-    }
-}
 
 /// What one result of a pool's target tells the guard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,13 +127,19 @@ impl Fleet {
             inner.guard.failed(&namespace, target, failed_at, held);
         }
     }
+}
 
+impl PerPool for Fleet {
     /// Forgets `pool`; its (namespace, target) entry goes with the last pool feeding it.
-    pub fn forget(&self, pool: &ObjectRef<DbPool>) {
+    fn forget(&self, pool: &PoolRef) {
         let mut inner = lock(&self.inner);
         if let Some(key) = inner.owners.remove(pool) {
             inner.release(&key);
         }
+    }
+
+    fn pools_known(&self) -> usize {
+        lock(&self.inner).owners.len()
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Lives here: what the gate should look like ([`desired_service`], [`desired_slice`],
 //! [`endpoints_ready`]: pure, unit-tested), the ownership rule ([`owned_by`]), [`sync`] (read,
-//! refuse to touch what is not ours, write through [`fenced`] only when something differs, and
+//! refuse to touch what is not ours, write through the [`Door`] only when something differs, and
 //! remove a gate the spec no longer declares), and the `Gate` condition ([`GateOutcome::condition`]).
 //! Must not live here: deciding the breaker (`dbpool-recovery`), probing (`dbpool-probe`),
 //! assembling the status (`status`).
@@ -12,7 +12,6 @@
 //! operator's own probe authenticated to the declared database (`ProbeReport::peer`), never an
 //! address read from the spec, and gates exist only where `--allow-gates-in` allows them.
 
-use super::api_slots::Priority;
 use std::net::SocketAddr;
 
 use k8s_openapi::{
@@ -29,7 +28,7 @@ use kube::{
 };
 use tracing::{debug, info};
 
-use super::{Error, FIELD_MANAGER, context::Context, write::fenced};
+use super::{Error, FIELD_MANAGER, api_permits::Priority, config::GateAllowlist, fence::Door};
 use crate::api::{BreakerState, CONDITION_GATE, DbPool, GateSpec, reason};
 
 /// Label every EndpointSlice of a Service carries, naming the Service.
@@ -278,13 +277,23 @@ impl GateOutcome {
     }
 }
 
+/// What writing a gate needs.
+pub(crate) struct GateIo<'a> {
+    /// The apiserver client.
+    pub client: &'a kube::Client,
+    /// The one door every write passes (leader check, request budget).
+    pub door: &'a Door,
+    /// The namespaces where gates are allowed (`--allow-gates-in`).
+    pub allowlist: &'a GateAllowlist,
+}
+
 /// Brings the gate of `pool` in line with the breaker. `peer` is the address of the last probe
 /// that logged in (None: not known to this process; an existing slice of ours keeps its
 /// address then, so an operator restart does not empty the gate). `applied` is the Service name
 /// this process last made for the pool; a different or undeclared one is deleted if ours.
-/// Every write goes through [`fenced`]; a non-leader writes nothing.
-pub(super) async fn sync(
-    ctx: &Context,
+/// Every write goes through the [`Door`]; a non-leader writes nothing.
+pub(crate) async fn sync(
+    io: &GateIo<'_>,
     pool: &DbPool,
     breaker: BreakerState,
     peer: Option<SocketAddr>,
@@ -295,11 +304,11 @@ pub(super) async fn sync(
         .spec
         .gate
         .as_ref()
-        .filter(|_| ctx.config.gates.allows(&namespace));
+        .filter(|_| io.allowlist.allows(&namespace));
     if let Some(old) = applied.clone()
         && declared.is_none_or(|g| g.service_name != old)
     {
-        match remove(ctx, pool, &namespace, &old).await {
+        match remove(io, pool, &namespace, &old).await {
             Ok(true) => *applied = None,
             Ok(false) => {}
             Err(e) => return GateOutcome::Failed(format!("removing the old gate {old}: {e}")),
@@ -311,7 +320,7 @@ pub(super) async fn sync(
     if declared.is_none() {
         return GateOutcome::NotAllowed;
     }
-    match apply(ctx, pool, &namespace, gate, breaker, peer).await {
+    match apply(io, pool, &namespace, gate, breaker, peer).await {
         Ok(outcome) => {
             if matches!(outcome, GateOutcome::Synced { .. }) {
                 *applied = Some(gate.service_name.clone());
@@ -322,42 +331,32 @@ pub(super) async fn sync(
     }
 }
 
-async fn get_opt<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<Option<K>, Error>
+async fn get_opt<K>(io: &GateIo<'_>, api: &Api<K>, name: &str) -> Result<Option<K>, Error>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let _slot = ctx.api_slots.acquire(Priority::First).await;
+    let _permit = io.door.permits().acquire(Priority::First).await;
     Ok(api.get_opt(name).await?)
 }
 
 async fn apply(
-    ctx: &Context,
+    io: &GateIo<'_>,
     pool: &DbPool,
     namespace: &str,
     gate: &GateSpec,
     breaker: BreakerState,
     peer: Option<SocketAddr>,
 ) -> Result<GateOutcome, Error> {
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
-    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), namespace);
-    let existing_service = get_opt(ctx, &services, &gate.service_name).await?;
-    if let Some(existing) = &existing_service
-        && !owned_by(&existing.metadata, pool)
-    {
-        return Ok(GateOutcome::NotOwned {
-            kind: "Service",
-            name: gate.service_name.clone(),
-        });
+    let services: Api<Service> = Api::namespaced(io.client.clone(), namespace);
+    let slices: Api<EndpointSlice> = Api::namespaced(io.client.clone(), namespace);
+    let existing_service = get_opt(io, &services, &gate.service_name).await?;
+    if let Some(foreign) = foreign(existing_service.as_ref(), pool, "Service") {
+        return Ok(foreign);
     }
     let name = slice_name(gate);
-    let existing_slice = get_opt(ctx, &slices, &name).await?;
-    if let Some(existing) = &existing_slice
-        && !owned_by(&existing.metadata, pool)
-    {
-        return Ok(GateOutcome::NotOwned {
-            kind: "EndpointSlice",
-            name,
-        });
+    let existing_slice = get_opt(io, &slices, &name).await?;
+    if let Some(foreign) = foreign(existing_slice.as_ref(), pool, "EndpointSlice") {
+        return Ok(foreign);
     }
     let ready = endpoints_ready(breaker);
     let peer = peer.or_else(|| existing_slice.as_ref().and_then(slice_peer).map(|(p, _)| p));
@@ -373,63 +372,92 @@ async fn apply(
         .as_ref()
         .is_none_or(|existing| !service_matches(existing, &service))
     {
-        fenced(
-            ctx,
-            Priority::First,
-            services.patch(&gate.service_name, &params, &Patch::Apply(&service)),
-        )
-        .await?;
+        io.door
+            .send(
+                Priority::First,
+                services.patch(&gate.service_name, &params, &Patch::Apply(&service)),
+            )
+            .await?;
         info!(service = %gate.service_name, namespace, "gate Service written");
     }
-    let slice_current = existing_slice.as_ref().is_some_and(|existing| {
+    let current = existing_slice.as_ref().is_some_and(|existing| {
         existing.address_type == slice.address_type
             && slice_peer(existing) == peer.map(|p| (p, ready))
             && (peer.is_some() || existing.endpoints.is_empty())
     });
-    if !slice_current {
-        // addressType is immutable: a database that moved to the other family gets a new slice.
-        if let Some(existing) = &existing_slice
-            && existing.address_type != slice.address_type
-        {
-            fenced(
-                ctx,
-                Priority::First,
-                slices.delete(&name, &DeleteParams::default()),
-            )
-            .await?;
-        }
-        if fenced(
-            ctx,
-            Priority::First,
-            slices.patch(&name, &params, &Patch::Apply(&slice)),
-        )
-        .await?
-        {
-            info!(slice = %name, namespace, ?peer, ready, "gate endpoints written");
-        }
-    } else {
+    if current {
         debug!(slice = %name, namespace, "gate unchanged");
+    } else if write_slice(io, &slices, existing_slice.as_ref(), &slice).await? {
+        info!(slice = %name, namespace, ?peer, ready, "gate endpoints written");
     }
     Ok(GateOutcome::Synced { peer, ready })
 }
 
+/// [`GateOutcome::NotOwned`] when `existing` is someone else's object.
+fn foreign<K: Resource>(
+    existing: Option<&K>,
+    pool: &DbPool,
+    kind: &'static str,
+) -> Option<GateOutcome> {
+    let existing = existing?;
+    (!owned_by(existing.meta(), pool)).then(|| GateOutcome::NotOwned {
+        kind,
+        name: existing.meta().name.clone().unwrap_or_default(),
+    })
+}
+
+/// Writes `slice` over `existing`. addressType is immutable: a database that moved to the other
+/// family gets a new slice (the old one deleted first). Ok(false): not leading.
+async fn write_slice(
+    io: &GateIo<'_>,
+    slices: &Api<EndpointSlice>,
+    existing: Option<&EndpointSlice>,
+    slice: &EndpointSlice,
+) -> Result<bool, Error> {
+    let name = slice.name_any();
+    if let Some(existing) = existing
+        && existing.address_type != slice.address_type
+    {
+        let params = DeleteParams::default();
+        io.door
+            .send(Priority::First, slices.delete(&name, &params))
+            .await?;
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(slice);
+    io.door
+        .send(Priority::First, slices.patch(&name, &params, &patch))
+        .await
+}
+
 /// Deletes the Service `name` and its slice if (and only if) they are ours. Ok(true): gone.
-async fn remove(ctx: &Context, pool: &DbPool, namespace: &str, name: &str) -> Result<bool, Error> {
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
-    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), namespace);
+async fn remove(
+    io: &GateIo<'_>,
+    pool: &DbPool,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, Error> {
+    let services: Api<Service> = Api::namespaced(io.client.clone(), namespace);
+    let slices: Api<EndpointSlice> = Api::namespaced(io.client.clone(), namespace);
     let slice = format!("{name}-dbpool");
     let mut gone = true;
-    if let Some(existing) = get_opt(ctx, &slices, &slice).await?
+    if let Some(existing) = get_opt(io, &slices, &slice).await?
         && owned_by(&existing.metadata, pool)
     {
         let params = delete_exactly(existing.metadata.uid);
-        gone &= fenced(ctx, Priority::First, slices.delete(&slice, &params)).await?;
+        gone &= io
+            .door
+            .send(Priority::First, slices.delete(&slice, &params))
+            .await?;
     }
-    if let Some(existing) = get_opt(ctx, &services, name).await?
+    if let Some(existing) = get_opt(io, &services, name).await?
         && owned_by(&existing.metadata, pool)
     {
         let params = delete_exactly(existing.metadata.uid);
-        gone &= fenced(ctx, Priority::First, services.delete(name, &params)).await?;
+        gone &= io
+            .door
+            .send(Priority::First, services.delete(name, &params))
+            .await?;
         info!(service = %name, namespace, "gate Service removed");
     }
     Ok(gone)

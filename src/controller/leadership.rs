@@ -1,11 +1,11 @@
 //! Leader election with fencing: the controller runs, and writes, only while this process
 //! provably holds the Lease.
 //!
-//! Lives here: [`WriteGate`] (the leadership watch channel every write checks right before
-//! sending), the [`Elector`] that acquires, renews and releases the coordination.k8s.io Lease
+//! Lives here: the [`Elector`] that acquires, renews and releases the coordination.k8s.io Lease
 //! with optimistic concurrency, and [`run_with_election`], which runs the controller for each
-//! term. Must not live here: what the controller does (`watches`, `reconcile`), or the writes
-//! themselves (`write`, `events`).
+//! term, publishing [`Leadership`] on the channel the [`Fence`] reads. Must not live here: what
+//! the controller does (`watches`, `reconcile`), the fence and the writes themselves (`fence`,
+//! `write`).
 //!
 //! **Validity** is judged on this process's monotonic clock: a renewal whose request was sent at
 //! `t` makes the term valid until `t + duration − grace`. A standby takes the Lease only after it
@@ -17,7 +17,7 @@
 //!
 //! **Epoch.** Each term carries the Lease's `leaseTransitions` after acquisition; status writes
 //! carry it as `status.writerEpoch`, and the CRD refuses a status whose epoch goes back. So a
-//! write that passed the gate just before its term ended still fails at the apiserver once the new
+//! write that passed the fence just before its term ended still fails at the apiserver once the new
 //! leader has written that pool.
 
 use std::{sync::Arc, time::Duration};
@@ -38,80 +38,13 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{Error, LeaderElection, OperatorConfig, observer::Observer, watches::run_controller};
+use super::{
+    Error, LeaderElection, OperatorConfig,
+    fence::{Fence, Leadership},
+    observer::Observer,
+    watches::run_controller,
+};
 use crate::metrics::Metrics;
-
-/// Whether this process may write, and under which term.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Leadership {
-    /// Not the leader: no writes.
-    Standby,
-    /// The leader until `valid_until` (monotonic), under lease epoch `epoch` (None: no election).
-    Leading {
-        /// The Lease's leaseTransitions of this term.
-        epoch: Option<i64>,
-        /// End of the term unless renewed.
-        valid_until: Instant,
-    },
-}
-
-/// The receiving end of the leadership channel: what every write consults right before sending.
-#[derive(Clone, Debug)]
-pub struct WriteGate(watch::Receiver<Leadership>);
-
-impl WriteGate {
-    /// A gate that is always open (a single instance without leader election).
-    pub fn always_open() -> Self {
-        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-        let (_tx, rx) = watch::channel(Leadership::Leading {
-            epoch: None,
-            valid_until: far,
-        });
-        Self(rx)
-    }
-
-    /// How long the current term still runs; None when not leading (or expired).
-    pub fn remaining(&self) -> Option<Duration> {
-        match *self.0.borrow() {
-            Leadership::Leading { valid_until, .. } => {
-                let left = valid_until.saturating_duration_since(Instant::now());
-                (!left.is_zero()).then_some(left)
-            }
-            Leadership::Standby => None,
-        }
-    }
-
-    /// Whether a write may be sent now.
-    pub fn may_write(&self) -> bool {
-        self.remaining().is_some()
-    }
-
-    /// The epoch of the current term, stamped on status writes.
-    pub fn epoch(&self) -> Option<i64> {
-        match *self.0.borrow() {
-            Leadership::Leading { epoch, .. } => epoch,
-            Leadership::Standby => None,
-        }
-    }
-
-    /// Resolves when this process is no longer leading (channel says Standby, or the term ran out).
-    pub async fn lost(&mut self) {
-        loop {
-            let until = match *self.0.borrow_and_update() {
-                Leadership::Standby => return,
-                Leadership::Leading { valid_until, .. } => valid_until,
-            };
-            tokio::select! {
-                () = tokio::time::sleep_until(until) => {
-                    if !self.may_write() {
-                        return;
-                    }
-                }
-                changed = self.0.changed() => if changed.is_err() { return },
-            }
-        }
-    }
-}
 
 /// Acquires, renews and releases the Lease. Every request has a timeout.
 struct Elector {
@@ -377,59 +310,26 @@ pub(super) async fn run_with_election(
     // container): never two holders that both believe they lead.
     let identity = format!("{}_{:08x}", config.instance, rand_suffix());
     let mut elector = Elector::new(client.clone(), &election, identity.clone());
-    // The first attempt decides whether the Lease can be used at all: a missing namespace or a
-    // missing permission is an error, not a standby that can never lead.
-    let initial = match elector
-        .attempt(elector.period().max(Duration::from_secs(5)))
-        .await
-    {
-        Ok(Attempt::Leading(epoch, valid_until)) => Leadership::Leading {
-            epoch: Some(epoch),
-            valid_until,
-        },
-        Ok(Attempt::Held) => Leadership::Standby,
-        Err(Error::Kube(kube::Error::Api(status))) if matches!(status.code, 401 | 403 | 404) => {
-            return Err(Error::LeaderElection(format!(
-                "lease {}/{}: {}",
-                election.lease_namespace, election.lease_name, status.message
-            )));
-        }
-        Err(err) => {
-            warn!(error = %err, "first attempt at the leader lease failed; retrying");
-            Leadership::Standby
-        }
-    };
+    let initial = first_attempt(&mut elector, &election).await?;
     let (tx, rx) = watch::channel(Leadership::Standby);
     publish(&tx, initial, &identity);
     let elect_task = tokio::spawn(elect(elector, tx, shutdown.clone()));
     metrics.set_ready(true);
     info!(lease = %election.lease_name, %identity, "waiting for the leader lease");
-    let mut gate = WriteGate(rx);
+    let mut fence = Fence::new(rx);
     loop {
         tokio::select! {
             () = shutdown.clone() => break,
-            led = wait_leading(&mut gate) => if !led { break },
+            led = fence.leading() => if !led { break },
         }
         metrics.set_leader(true);
-        let mut watch_loss = gate.clone();
-        let leader_metrics = metrics.clone();
-        let process_shutdown = shutdown.clone();
-        // Stop when the term ends or the process shuts down; the moment the term ends the process
-        // reports standby and exports no pool series, even while in-flight reconciles drain.
-        let stop = async move {
-            tokio::select! {
-                () = process_shutdown => {},
-                () = watch_loss.lost() => {},
-            }
-            leader_metrics.set_leader(false);
-            leader_metrics.forget_all_pools();
-        };
+        let stop = term_end(fence.clone(), metrics.clone(), shutdown.clone());
         run_controller(
             client.clone(),
             config.clone(),
             metrics.clone(),
             observer.clone(),
-            gate.clone(),
+            fence.clone(),
             stop,
         )
         .await;
@@ -447,16 +347,45 @@ pub(super) async fn run_with_election(
     Ok(())
 }
 
-/// Resolves true once leading, false if the channel closed.
-async fn wait_leading(gate: &mut WriteGate) -> bool {
-    loop {
-        if gate.may_write() {
-            return true;
+/// The first attempt at the Lease decides whether it can be used at all: a missing namespace or
+/// a missing permission is an error, not a standby that can never lead.
+async fn first_attempt(
+    elector: &mut Elector,
+    election: &LeaderElection,
+) -> Result<Leadership, Error> {
+    let budget = elector.period().max(Duration::from_secs(5));
+    match elector.attempt(budget).await {
+        Ok(Attempt::Leading(epoch, valid_until)) => Ok(Leadership::Leading {
+            epoch: Some(epoch),
+            valid_until,
+        }),
+        Ok(Attempt::Held) => Ok(Leadership::Standby),
+        Err(Error::Kube(kube::Error::Api(status))) if matches!(status.code, 401 | 403 | 404) => {
+            Err(Error::LeaderElection(format!(
+                "lease {}/{}: {}",
+                election.lease_namespace, election.lease_name, status.message
+            )))
         }
-        if gate.0.changed().await.is_err() {
-            return false;
+        Err(err) => {
+            warn!(error = %err, "first attempt at the leader lease failed; retrying");
+            Ok(Leadership::Standby)
         }
     }
+}
+
+/// Resolves when the term ends or the process shuts down; the moment the term ends the process
+/// reports standby and exports no pool series, even while in-flight reconciles drain.
+async fn term_end(
+    mut fence: Fence,
+    metrics: Arc<Metrics>,
+    shutdown: Shared<BoxFuture<'static, ()>>,
+) {
+    tokio::select! {
+        () = shutdown => {},
+        () = fence.lost() => {},
+    }
+    metrics.set_leader(false);
+    metrics.forget_all_pools();
 }
 
 /// 32 bits that differ between processes started in the same instant.

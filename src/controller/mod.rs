@@ -2,23 +2,28 @@
 //! probes, writes status only when a user would see a change, publishes events on transitions,
 //! and requeues at exactly the engine's next deadline.
 //!
-//! Lives here, one concern per module:
-//! - `config`: [`OperatorConfig`], [`LeaderElection`] (defaults live in `crate::cli`);
-//! - `leadership`: the Lease elector, the write gate (fencing) and the per-term controller loop;
-//! - `watches`: the DbPool and Secret watches, the connection-lost trigger, readiness;
-//! - `liveness`: watch errors (rate-limited logs) and the failing streak `/healthz` judges;
-//! - `context`: the shared state and the one per-pool map entry;
-//! - `triggers`: which events a reconcile feeds the engine (pure, unit-tested);
-//! - `reconcile`: the reconcile pipeline and the error policy;
-//! - `targets`: one shared connect schedule per target while it is down, results fanned out;
-//! - `fleet`: the fleet guard's evidence and whether a failure's breaker opening is held;
-//! - `slots`: the probe slots, round-robin across namespaces with per-namespace and per-target
-//!   shares;
-//! - `status`: the status a user sees, conditions, the visible-change rule, restart restore;
-//! - `write`: the per-pool writer, the write budget, and `fenced`, the one way to send a write;
-//! - `gate`: the gate Service and EndpointSlice of `spec.gate`; `events`: Kubernetes Events;
-//! - `credentials`: reading Secrets; `observer`: the typed window for benchmarks and tests;
-//! - `running`: [`RunningOperator`], an operator on a tokio task.
+//! The modules stand in layers, and imports only go down (checked by `hack/check-shape.py` in
+//! `make lint`):
+//! - **runtime** — `leadership` (the Lease elector and the per-term loop), `watches` (the
+//!   DbPool and Secret watches, the connection-lost trigger, readiness), `liveness` (watch
+//!   errors and the failing streak `/healthz` judges), `running` ([`RunningOperator`]);
+//! - **context** — `context` ([`Context`](context::Context): the parts, the one pool registry,
+//!   the recovery memory, the per-pool writer task) and `reconcile` (the pipeline of steps that
+//!   runs on it);
+//! - **subsystems**, which import no context and no other subsystem — `targets` (one shared
+//!   connect schedule per target while it is down), `sharing` (probe streams while a target is
+//!   healthy), `fleet` (the fleet guard), `slots` (the probe permits, fair across namespaces and
+//!   targets), `credentials` (reading Secrets), `status` (the status a user sees), `gate` (the
+//!   gated Service of `spec.gate`), `write` (outboxes, the writer's decisions, the write budget),
+//!   `triggers` (which events a reconcile feeds the engine);
+//! - **vocabulary**, which any layer may use — `config` ([`OperatorConfig`]), `observer`,
+//!   `names` (pool and target keys, [`PerPool`](names::PerPool)), `events` (event wording),
+//!   `fence` ([`Fence`] and the one door for writes and per-pool metrics), `api_permits` (the
+//!   apiserver request budget), `sync` (the lock policy).
+//!
+//! Two words with one meaning each: a *permit* is a place in a budget (probe permits in
+//! `slots`, API permits in `api_permits`); the *fence* is leadership as every write checks it,
+//! and the *gate* is only the gated Service of `spec.gate`.
 //!
 //! Must not live here: the engine's rules (`dbpool-recovery`), talking to PostgreSQL
 //! (`dbpool-probe`), the API types (`dbpool-api`).
@@ -27,21 +32,24 @@
 //! in-memory state and probe connections happens on the watch's delete event; if that event is
 //! missed (operator down), there is nothing left to clean because the memory is gone with it.
 
-mod api_slots;
+mod api_permits;
 mod config;
 mod context;
 mod credentials;
 mod events;
+mod fence;
 mod fleet;
 mod gate;
 mod leadership;
 mod liveness;
+mod names;
 mod observer;
 mod reconcile;
 mod running;
 mod sharing;
 mod slots;
 pub mod status;
+mod sync;
 mod targets;
 mod triggers;
 mod watches;
@@ -55,8 +63,8 @@ use kube::Client;
 pub use config::{
     FIELD_MANAGER, FleetGuardSettings, GateAllowlist, LeaderElection, OperatorConfig,
 };
-pub use leadership::{Leadership, WriteGate};
-pub use observer::{NoObserver, Observer, ProbeObservation};
+pub use fence::{Fence, Leadership};
+pub use observer::{Footprint, NoObserver, Observer, ProbeObservation};
 pub use running::RunningOperator;
 
 use crate::metrics::Metrics;
@@ -105,8 +113,8 @@ pub async fn run_observed(
     match config.leader_election.clone() {
         None => {
             metrics.set_leader(true);
-            let gate = leadership::WriteGate::always_open();
-            watches::run_controller(client, config, metrics, observer, gate, shutdown).await;
+            let fence = Fence::always_open();
+            watches::run_controller(client, config, metrics, observer, fence, shutdown).await;
             Ok(())
         }
         Some(election) => {

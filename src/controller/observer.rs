@@ -1,11 +1,13 @@
 //! A typed window into what the controller did, for the benchmark and tests.
 //!
-//! Lives here: the [`Observer`] trait that [`super::run_observed`] accepts, and what it is told.
+//! Lives here: the [`Observer`] trait that [`super::run_observed`] accepts, what it is told, and
+//! [`Footprint`] (what a running controller keeps per pool, for the tests that check deleted
+//! pools leave nothing behind).
 //! Observers learn facts as values, never by parsing log text, so renaming a log field cannot
 //! silently break a measurement. Must not live here: anything that changes behaviour; an
 //! observer is called inline on the reconcile path and must return at once (push to a channel).
 
-use std::time::Duration;
+use std::{sync::Weak, time::Duration};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
@@ -40,6 +42,17 @@ pub trait Observer: Send + Sync + 'static {
     fn probe_finished(&self, _probe: &ProbeObservation<'_>) {}
     /// The apiserver acknowledged a status write of `pool` at `at`, with this phase.
     fn status_written(&self, _pool: &ObjectRef<DbPool>, _at: Timestamp, _phase: Option<Phase>) {}
+    /// A controller (one leadership term) started; `footprint` reads what it keeps per pool
+    /// while it runs (it upgrades to None once the controller stopped).
+    fn controller_started(&self, _footprint: Weak<dyn Footprint>) {}
+}
+
+/// What a running controller keeps per pool: one named count per part that keeps something per
+/// pool (the pool registry, the prober's connection shares, the targets, the fleet guard, the
+/// probe streams). All reach zero once every pool is deleted.
+pub trait Footprint: Send + Sync {
+    /// (part, pools it knows) for every part.
+    fn pools_known(&self) -> Vec<(&'static str, usize)>;
 }
 
 /// The observer of a production operator: ignores everything.

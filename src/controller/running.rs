@@ -9,7 +9,7 @@ use tokio::{sync::oneshot, task::JoinHandle};
 
 use kube::Client;
 
-use super::OperatorConfig;
+use super::{NoObserver, Observer, OperatorConfig};
 use crate::metrics::Metrics;
 
 /// An operator running as a tokio task.
@@ -35,9 +35,18 @@ impl RunningOperator {
 
     /// Starts an operator with the given settings.
     pub fn start_with(client: Client, config: OperatorConfig) -> Self {
+        Self::start_observed(client, config, Arc::new(NoObserver))
+    }
+
+    /// Starts an operator with the given settings, telling `observer` what it does.
+    pub fn start_observed(
+        client: Client,
+        config: OperatorConfig,
+        observer: Arc<dyn Observer>,
+    ) -> Self {
         let (tx, rx) = oneshot::channel::<()>();
         let metrics = Arc::new(Metrics::new());
-        let run = super::run(client, config, metrics.clone(), async move {
+        let run = super::run_observed(client, config, metrics.clone(), observer, async move {
             let _ = rx.await;
         });
         let handle = tokio::spawn(async move {

@@ -25,7 +25,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
 
-use super::context::lock;
+use super::{
+    names::{PerPool, PoolRef},
+    sync::lock,
+};
 use crate::{
     api::{DbPool, ProbeOutcome, ProbeSummary, TargetSessionAttrs},
     probe::{ConnectionKey, ProbeTarget, Prober},
@@ -288,18 +291,24 @@ impl Streams {
             .collect()
     }
 
+    /// Number of streams (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.inner).streams.len()
+    }
+}
+
+impl PerPool for Streams {
     /// Forgets `pool` as an owner; a stream left without owners is dropped.
-    pub fn forget(&self, pool: &ObjectRef<DbPool>) {
+    fn forget(&self, pool: &PoolRef) {
         let mut inner = lock(&self.inner);
         if let Some(key) = inner.owners.remove(pool) {
             inner.release(&key);
         }
     }
 
-    /// Number of streams (for tests).
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        lock(&self.inner).streams.len()
+    fn pools_known(&self) -> usize {
+        lock(&self.inner).owners.len()
     }
 }
 

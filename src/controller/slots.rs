@@ -24,7 +24,7 @@ use std::{
 
 use tokio::sync::oneshot;
 
-use super::context::lock;
+use super::sync::lock;
 
 /// A namespace that asked for a slot this recently still counts as active for the shares.
 pub(super) const ACTIVE_WINDOW: Duration = Duration::from_secs(120);

@@ -57,8 +57,49 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
         .last_probe
         .and_then(|p| p.message.clone())
         .unwrap_or_default();
+    let (reconciling, stalled) = kstatus_conditions(phase, &probe_message);
+    let conditions = [
+        ready_condition(inputs, phase, &probe_message),
+        degraded_condition(state, &probe_message),
+        breaker_condition(inputs),
+        reconciling,
+        stalled,
+    ]
+    .into_iter()
+    .chain(inputs.gate.cloned())
+    .map(|mut c| {
+        c.observed_generation = inputs.generation;
+        merge_condition(c, inputs.previous_conditions, now)
+    })
+    .collect();
 
-    let ready = match phase {
+    DbPoolStatus {
+        writer_epoch: inputs.writer_epoch,
+        observed_generation: inputs.generation,
+        phase: Some(phase),
+        breaker: Some(BreakerStatus {
+            state: state.breaker,
+            since: state.breaker_since.map(MicroTime),
+            next_probe_at,
+            open_count: i64::try_from(state.open_count).unwrap_or(i64::MAX),
+            half_open_successes: clamp_i32(state.half_open_successes),
+        }),
+        consecutive_failures: clamp_i32(state.consecutive_failures),
+        recovery_attempts: clamp_i32(state.attempts),
+        current_backoff: state.current_backoff.map(|d| GoDuration(d).to_string()),
+        cooldown_until: state.cooldown_until.map(MicroTime),
+        last_probe: inputs.last_probe.cloned(),
+        last_success_time: state.last_success_at.map(MicroTime),
+        last_failure_time: state.last_failure_at.map(MicroTime),
+        last_force_reopen: inputs.last_force_reopen.cloned(),
+        conditions,
+    }
+}
+
+/// The `Ready` condition of `phase`.
+fn ready_condition(inputs: &StatusInputs<'_>, phase: Phase, probe_message: &str) -> Condition {
+    let state = inputs.state;
+    match phase {
         Phase::Healthy | Phase::Degraded => condition(
             CONDITION_READY,
             true,
@@ -71,7 +112,7 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
             c
         }
         Phase::ConfigError => {
-            condition(CONDITION_READY, false, reason::CONFIG_ERROR, &probe_message)
+            condition(CONDITION_READY, false, reason::CONFIG_ERROR, probe_message)
         }
         Phase::BreakerOpen => condition(
             CONDITION_READY,
@@ -85,7 +126,7 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
             reason::FLEET_SUSPECT,
             &format!(
                 "failing, and held Closed by the fleet guard since {since}: most targets fail on \
-                 the network path at once (the operator's own network is suspect): {probe_message}"
+             the network path at once (the operator's own network is suspect): {probe_message}"
             ),
         ),
         Phase::CoolingDown => condition(
@@ -97,9 +138,13 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
                 inputs.policy.max_attempts
             ),
         ),
-        Phase::Recovering => condition(CONDITION_READY, false, reason::RECOVERING, &probe_message),
-    };
-    let degraded = if state.consecutive_failures > 0 {
+        Phase::Recovering => condition(CONDITION_READY, false, reason::RECOVERING, probe_message),
+    }
+}
+
+/// The `Degraded` condition: failing, or a success that does not fit `pool.maxSize`.
+fn degraded_condition(state: &PoolState, probe_message: &str) -> Condition {
+    if state.consecutive_failures > 0 {
         condition(
             CONDITION_DEGRADED,
             true,
@@ -111,7 +156,7 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
             CONDITION_DEGRADED,
             true,
             reason::POOL_DOES_NOT_FIT,
-            &probe_message,
+            probe_message,
         )
     } else {
         condition(
@@ -120,8 +165,13 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
             reason::AS_EXPECTED,
             "no failures",
         )
-    };
-    let breaker = match (state.breaker, inputs.policy.mode) {
+    }
+}
+
+/// The `BreakerOpen` condition, with the reason the breaker is where it is.
+fn breaker_condition(inputs: &StatusInputs<'_>) -> Condition {
+    let state = inputs.state;
+    match (state.breaker, inputs.policy.mode) {
         (BreakerState::Open, BreakerMode::ForcedOpen) if let Some(hold) = inputs.hold => {
             condition(CONDITION_BREAKER_OPEN, true, reason::HELD, &hold.describe())
         }
@@ -153,7 +203,7 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
             reason::FLEET_SUSPECT,
             &format!(
                 "{} or more consecutive outage failures, but the fleet guard holds the breaker \
-                 closed",
+             closed",
                 inputs.policy.failure_threshold
             ),
         ),
@@ -163,37 +213,6 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
             reason::CLOSED,
             "breaker is closed",
         ),
-    };
-    let (reconciling, stalled) = kstatus_conditions(phase, &probe_message);
-    let conditions = [ready, degraded, breaker, reconciling, stalled]
-        .into_iter()
-        .chain(inputs.gate.cloned())
-        .map(|mut c| {
-            c.observed_generation = inputs.generation;
-            merge_condition(c, inputs.previous_conditions, now)
-        })
-        .collect();
-
-    DbPoolStatus {
-        writer_epoch: inputs.writer_epoch,
-        observed_generation: inputs.generation,
-        phase: Some(phase),
-        breaker: Some(BreakerStatus {
-            state: state.breaker,
-            since: state.breaker_since.map(MicroTime),
-            next_probe_at,
-            open_count: i64::try_from(state.open_count).unwrap_or(i64::MAX),
-            half_open_successes: clamp_i32(state.half_open_successes),
-        }),
-        consecutive_failures: clamp_i32(state.consecutive_failures),
-        recovery_attempts: clamp_i32(state.attempts),
-        current_backoff: state.current_backoff.map(|d| GoDuration(d).to_string()),
-        cooldown_until: state.cooldown_until.map(MicroTime),
-        last_probe: inputs.last_probe.cloned(),
-        last_success_time: state.last_success_at.map(MicroTime),
-        last_failure_time: state.last_failure_at.map(MicroTime),
-        last_force_reopen: inputs.last_force_reopen.cloned(),
-        conditions,
     }
 }
 

@@ -20,7 +20,10 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 
-use super::context::lock;
+use super::{
+    names::{PerPool, PoolRef},
+    sync::lock,
+};
 use crate::{
     api::{DbPool, ProbeOutcome, ProbeStage, ProbeSummary},
     recovery::{Policy, TargetSchedule, add, shared_policy},
@@ -174,13 +177,22 @@ impl Targets {
             entry.in_flight = false;
         }
     }
+}
 
+impl PerPool for Targets {
     /// Forgets `pool` as an owner everywhere; a target without owners is dropped.
-    pub fn forget(&self, pool: &ObjectRef<DbPool>) {
+    fn forget(&self, pool: &PoolRef) {
         lock(&self.map).retain(|_, entry| {
             entry.owners.remove(pool);
             !entry.owners.is_empty()
         });
+    }
+
+    fn pools_known(&self) -> usize {
+        let map = lock(&self.map);
+        let owners: std::collections::HashSet<&PoolRef> =
+            map.values().flat_map(|entry| entry.owners.keys()).collect();
+        owners.len()
     }
 }
 

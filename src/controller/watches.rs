@@ -5,13 +5,11 @@
 //! (both caches synced), and which changes trigger a reconcile. Must not live here: the lease
 //! (`leadership`), reconcile steps (`reconcile`).
 
-use super::api_slots::ApiSlots;
 use std::{
-    collections::HashMap,
     future::Future,
     hash::{DefaultHasher, Hash, Hasher},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering::SeqCst},
     },
     time::Duration,
@@ -26,7 +24,7 @@ use kube::{
         Controller, WatchStreamExt,
         events::{Recorder, Reporter},
         reflector,
-        reflector::ObjectRef,
+        reflector::{ObjectRef, Store},
         watcher,
     },
 };
@@ -34,17 +32,17 @@ use tracing::{debug, info, warn};
 
 use super::{
     FIELD_MANAGER, OperatorConfig,
-    context::Context,
+    api_permits::ApiPermits,
+    context::{Context, Parts},
     credentials::SecretCache,
+    fence::{Door, Fence},
     fleet::Fleet,
-    leadership::WriteGate,
     liveness::WatchHealth,
-    observer::Observer,
+    names::from_owner_key,
+    observer::{Footprint, Observer},
     reconcile::{error_policy, reconcile},
     sharing::Streams,
-    slots::ProbeSlots,
     targets::Targets,
-    write::WriteBudget,
 };
 use crate::{
     api::{
@@ -64,7 +62,7 @@ pub(super) async fn run_controller(
     config: OperatorConfig,
     metrics: Arc<Metrics>,
     observer: Arc<dyn Observer>,
-    gate: WriteGate,
+    fence: Fence,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (pools_api, secrets_api): (Api<DbPool>, Api<PartialObjectMeta<Secret>>) =
@@ -75,140 +73,21 @@ pub(super) async fn run_controller(
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
-    let (prober, mut lost_rx) = Prober::new(ProberConfig {
-        reconnect_every: config.reconnect_every,
-    });
     let (secret_reader, secret_writer) = reflector::store();
     let (pool_reader, pool_writer) = reflector::store();
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: FIELD_MANAGER.to_owned(),
-            instance: Some(config.instance.clone()),
-        },
-    );
-    let api_slots = Arc::new(ApiSlots::new(config.max_concurrent_api_requests));
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        secrets: SecretCache::new(
-            client.clone(),
-            secret_reader.clone(),
-            pool_reader.clone(),
-            api_slots.clone(),
-        ),
-        targets: Targets::default(),
-        fleet: Fleet::new(config.fleet_guard, metrics.clone()),
-        streams: Streams::default(),
-        probe_slots: ProbeSlots::new(config.max_concurrent_probes),
-        api_slots,
-        write_budget: WriteBudget::new(config.counter_write_rate, config.transition_write_rate),
-        config,
-        prober,
-        recorder,
-        pools: Mutex::new(HashMap::new()),
-        metrics: metrics.clone(),
-        observer,
-        gate,
-        store: pool_reader.clone(),
-    });
-    metrics.controller_context(1);
-
-    // Probe connections that die trigger their pools at once. The task holds only a weak
-    // reference, so it never keeps a stopped controller's context alive.
-    let (lost_tx, lost_refs) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<DbPool>>();
-    let lost_ctx = Arc::downgrade(&ctx);
-    let lost_task = tokio::spawn(async move {
-        while let Some(lost) = lost_rx.recv().await {
-            let Some(ctx) = lost_ctx.upgrade() else { break };
-            for owner in lost.owners {
-                debug!(pool = %owner, reason = %lost.reason, "probe connection lost");
-                if let Some((ns, name)) = owner.split_once('/') {
-                    let pool = ObjectRef::new(name).within(ns);
-                    // The pools that take this pool's results lost their source too: they
-                    // join the one new attempt (see `sharing`) instead of waiting an interval.
-                    for peer in ctx.streams.peers(&pool) {
-                        ctx.request_probe(&peer);
-                        let _ = lost_tx.send(peer);
-                    }
-                    ctx.request_probe(&pool);
-                    let _ = lost_tx.send(pool);
-                }
-            }
-        }
-    });
-
-    // Only spec changes (generation), force-reopen and hold annotations and new objects trigger a
-    // reconcile; our own status and label writes do not.
+    let stores = (secret_reader, pool_reader.clone());
+    let (ctx, lost_rx) = build_context(client, config, metrics.clone(), observer, fence, stores);
+    let (lost_task, lost_refs) = trigger_lost_connections(&ctx, lost_rx);
     // Ready once both caches have completed their initial list. (Noted from the streams:
     // awaiting `Store::wait_until_ready` next to the controller's own wait can miss its wake-up.)
     let synced = Arc::new(Synced::default());
-    let forget_ctx = Arc::downgrade(&ctx);
-    let pools_synced = synced.clone();
-    let pool_metrics = metrics.clone();
-    let pool_health = WatchHealth::new("DbPools", metrics.clone());
-    let mut pool_watch = watcher::Config::default().any_semantic();
-    if let Some(selector) = &ctx.config.pool_selector {
-        pool_watch = pool_watch.labels(selector);
-    }
-    let pool_stream = watcher(pools_api, pool_watch)
-        .default_backoff()
-        .modify(strip_pool_metadata)
-        .reflect(pool_writer)
-        .inspect(move |event| pool_health.note(event))
-        .inspect(move |event| match event {
-            Ok(watcher::Event::Delete(pool)) => {
-                if let Some(ctx) = forget_ctx.upgrade() {
-                    ctx.forget(&ObjectRef::from_obj(pool));
-                }
-            }
-            Ok(watcher::Event::InitDone) => {
-                pools_synced.mark(true, &pool_metrics);
-                // A re-list replaced the cache: pools deleted meanwhile sent no Delete event.
-                if let Some(ctx) = forget_ctx.upgrade() {
-                    ctx.forget_vanished();
-                }
-            }
-            _ => {}
-        })
-        .applied_objects()
-        .predicate_filter(trigger_hash, Default::default());
-
-    // Secrets: metadata only, and only of Secrets that opted in (label selector), so the
-    // operator neither lists nor caches any other; the cached metadata drops the
-    // last-applied-configuration annotation (a full copy of the object as applied, stringData
-    // included) and managedFields. A change re-triggers the pools that refer to the Secret.
-    let mapper_pools = pool_reader.clone();
-    let secrets_synced = synced.clone();
-    let secret_metrics = metrics.clone();
-    let secret_health = WatchHealth::new("Secrets", metrics.clone());
-    let secret_watch = watcher::Config::default()
-        .labels(&format!("{CREDENTIALS_LABEL}=true"))
-        .any_semantic();
-    let secret_stream = watcher(secrets_api, secret_watch)
-        .default_backoff()
-        .modify(strip_secret_metadata)
-        .reflect(secret_writer)
-        .inspect(move |event| secret_health.note(event))
-        .inspect(move |event| {
-            if let Ok(watcher::Event::InitDone) = event {
-                secrets_synced.mark(false, &secret_metrics);
-            }
-        })
-        .touched_objects();
-
+    let pools = pool_stream(pools_api, pool_writer, &ctx, synced.clone());
+    let secrets = secret_stream(secrets_api, secret_writer, &metrics, synced);
     info!(namespace = ?ctx.config.namespace, "dbpool-operator starting");
     let shutdown = shutdown.boxed().shared();
-    let controller = Controller::for_stream(pool_stream, pool_reader)
-        .watches_stream(secret_stream, move |secret| {
-            let ns = secret.namespace().unwrap_or_default();
-            let name = secret.name_any();
-            mapper_pools
-                .state()
-                .into_iter()
-                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && refers_to(p, &name))
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        })
+    let mapper_pools = pool_reader.clone();
+    let controller = Controller::for_stream(pools, pool_reader)
+        .watches_stream(secrets, move |secret| pools_reading(&mapper_pools, &secret))
         .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
             lost_refs,
         ))
@@ -232,6 +111,174 @@ pub(super) async fn run_controller(
     lost_task.abort();
     metrics.set_ready(false);
     info!("dbpool-operator controller stopped");
+}
+
+/// The context of one controller run, over the two caches (Secrets' metadata, DbPools); and the
+/// prober's channel of lost connections. Tells the observer where its footprint is.
+fn build_context(
+    client: Client,
+    config: OperatorConfig,
+    metrics: Arc<Metrics>,
+    observer: Arc<dyn Observer>,
+    fence: Fence,
+    (secret_reader, pool_reader): (Store<PartialObjectMeta<Secret>>, Store<DbPool>),
+) -> (Arc<Context>, LostReceiver) {
+    let (prober, lost_rx) = Prober::new(ProberConfig {
+        reconnect_every: config.reconnect_every,
+    });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: Some(config.instance.clone()),
+        },
+    );
+    let permits = Arc::new(ApiPermits::new(config.max_concurrent_api_requests));
+    let secrets = SecretCache::new(
+        client.clone(),
+        secret_reader,
+        pool_reader.clone(),
+        permits.clone(),
+    );
+    let parts = Parts {
+        prober,
+        targets: Targets::default(),
+        fleet: Fleet::new(config.fleet_guard, metrics.clone()),
+        streams: Streams::default(),
+    };
+    let door = Door::new(fence, permits, metrics.clone());
+    let ctx = Arc::new(Context::new(
+        client,
+        config,
+        secrets,
+        recorder,
+        door,
+        parts,
+        metrics,
+        observer.clone(),
+        pool_reader,
+    ));
+    let footprint: Arc<dyn Footprint> = ctx.clone();
+    observer.controller_started(Arc::downgrade(&footprint));
+    (ctx, lost_rx)
+}
+
+/// The prober's channel of lost connections.
+type LostReceiver = tokio::sync::mpsc::UnboundedReceiver<crate::probe::ConnectionLost>;
+
+/// Probe connections that die trigger their pools at once, and the other owners of their probe
+/// streams (they lost their source too: they join the one new attempt, see `sharing`, instead
+/// of waiting an interval). The task holds only a weak reference, so it never keeps a stopped
+/// controller's context alive.
+fn trigger_lost_connections(
+    ctx: &Arc<Context>,
+    mut lost_rx: LostReceiver,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<ObjectRef<DbPool>>,
+) {
+    let (lost_tx, lost_refs) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<DbPool>>();
+    let weak = Arc::downgrade(ctx);
+    let task = tokio::spawn(async move {
+        while let Some(lost) = lost_rx.recv().await {
+            let Some(ctx) = weak.upgrade() else { break };
+            for owner in lost.owners {
+                debug!(pool = %owner, reason = %lost.reason, "probe connection lost");
+                let Some(pool) = from_owner_key(&owner) else {
+                    continue;
+                };
+                for peer in ctx.parts.streams.peers(&pool).into_iter().chain([pool]) {
+                    ctx.request_probe(&peer);
+                    let _ = lost_tx.send(peer);
+                }
+            }
+        }
+    });
+    (task, lost_refs)
+}
+
+/// The DbPool watch: cached without what the operator never reads, a Delete (or a re-list that
+/// lost pools) forgets them, and only spec changes (generation), force-reopen and hold
+/// annotations and new objects trigger a reconcile; our own status and label writes do not.
+fn pool_stream(
+    api: Api<DbPool>,
+    writer: reflector::store::Writer<DbPool>,
+    ctx: &Arc<Context>,
+    synced: Arc<Synced>,
+) -> impl futures::Stream<Item = Result<DbPool, watcher::Error>> + Send + 'static {
+    let forget_ctx = Arc::downgrade(ctx);
+    let metrics = ctx.metrics.clone();
+    let health = WatchHealth::new("DbPools", metrics.clone());
+    let mut config = watcher::Config::default().any_semantic();
+    if let Some(selector) = &ctx.config.pool_selector {
+        config = config.labels(selector);
+    }
+    watcher(api, config)
+        .default_backoff()
+        .modify(strip_pool_metadata)
+        .reflect(writer)
+        .inspect(move |event| health.note(event))
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(pool)) => {
+                if let Some(ctx) = forget_ctx.upgrade() {
+                    ctx.forget(&ObjectRef::from_obj(pool));
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                synced.mark(true, &metrics);
+                // A re-list replaced the cache: pools deleted meanwhile sent no Delete event.
+                if let Some(ctx) = forget_ctx.upgrade() {
+                    ctx.forget_vanished();
+                }
+            }
+            _ => {}
+        })
+        .applied_objects()
+        .predicate_filter(trigger_hash, Default::default())
+}
+
+/// The Secret watch: metadata only, and only of Secrets that opted in (label selector), so the
+/// operator neither lists nor caches any other; the cached metadata drops the
+/// last-applied-configuration annotation (a full copy of the object as applied, stringData
+/// included) and managedFields. A change re-triggers the pools that refer to the Secret.
+fn secret_stream(
+    api: Api<PartialObjectMeta<Secret>>,
+    writer: reflector::store::Writer<PartialObjectMeta<Secret>>,
+    metrics: &Arc<Metrics>,
+    synced: Arc<Synced>,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static
+{
+    let metrics = metrics.clone();
+    let health = WatchHealth::new("Secrets", metrics.clone());
+    let config = watcher::Config::default()
+        .labels(&format!("{CREDENTIALS_LABEL}=true"))
+        .any_semantic();
+    watcher(api, config)
+        .default_backoff()
+        .modify(strip_secret_metadata)
+        .reflect(writer)
+        .inspect(move |event| health.note(event))
+        .inspect(move |event| {
+            if let Ok(watcher::Event::InitDone) = event {
+                synced.mark(false, &metrics);
+            }
+        })
+        .touched_objects()
+}
+
+/// The pools in the Secret's namespace that read it.
+fn pools_reading(
+    pools: &Store<DbPool>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<DbPool>> {
+    let ns = secret.namespace().unwrap_or_default();
+    let name = secret.name_any();
+    pools
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && refers_to(p, &name))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
 }
 
 /// Which of the two caches have completed their initial list.

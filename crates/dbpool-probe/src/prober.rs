@@ -189,6 +189,11 @@ impl Prober {
         ConnectionKey::new(target, &self.inner.hash_state)
     }
 
+    /// How many pools (owners) this prober keeps a connection share for.
+    pub fn owner_count(&self) -> usize {
+        self.inner.lock().owners.len()
+    }
+
     /// Unregisters the pool `owner` (deleted); its connection is closed when no pool uses it.
     pub fn forget(&self, owner: &str) {
         let closed = {

@@ -13,13 +13,13 @@ use kube::ResourceExt;
 
 use super::Run;
 use crate::{
-    api::{BREAKER_LABEL, CONDITION_READY, DbPool, DbPoolStatus, reason},
+    api::{BREAKER_LABEL, CONDITION_READY, DbPool, DbPoolStatus, Phase, reason},
     controller::{
-        context::Context,
-        events::{PendingEvent, events_of},
-        gate::{self, GateOutcome},
+        context::{Context, submit},
+        events::{EventFacts, PendingEvent, events_of},
+        gate::{self, GateIo, GateOutcome},
         status::{StatusInputs, desired_status, needs_write},
-        write::{Outbox, submit},
+        write::Outbox,
     },
 };
 
@@ -29,6 +29,8 @@ impl Run {
     /// acknowledgement. Returns once handed over: the writer sends it within the write budget.
     /// (Only a declared gate is synced inline, before the status that reports it.)
     pub(super) async fn write(&mut self, pool: &Arc<DbPool>, ctx: &Arc<Context>) {
+        // The gate before the status, so the status tells what became of it.
+        let gate = self.sync_gate(pool, ctx).await;
         let now = Timestamp::now();
         let last = self.memory.last_written.as_ref();
         let before_phase = last.and_then(|s| s.phase);
@@ -36,24 +38,10 @@ impl Run {
             .or(pool.status.as_ref())
             .map(|s| s.conditions.clone())
             .unwrap_or_default();
-        // The gate before the status, so the status tells what became of it. Only a leader
-        // touches it (every write is fenced anyway).
-        let gate = if ctx.gate.may_write() {
-            gate::sync(
-                ctx,
-                pool,
-                self.memory.state.breaker,
-                self.memory.gate_peer,
-                &mut self.memory.gate_applied,
-            )
-            .await
-        } else {
-            GateOutcome::NotDeclared
-        };
         let gate_condition = gate.condition(pool.spec.gate.as_ref());
         let desired = desired_status(
             &StatusInputs {
-                writer_epoch: ctx.gate.epoch(),
+                writer_epoch: ctx.door.fence().epoch(),
                 generation: pool.metadata.generation,
                 state: &self.memory.state,
                 policy: &self.policy,
@@ -74,16 +62,7 @@ impl Run {
         );
         let urgent = status_changed && is_transition(last, &desired);
         let label = self.label_to_write(pool, now);
-        let mut events = events_of(
-            &self.memory,
-            &self.policy,
-            &self.effects,
-            before_phase,
-            desired.phase,
-        );
-        for (type_, reason, note) in self.notes.drain(..) {
-            events.push(PendingEvent::new(type_, reason, note));
-        }
+        let events = self.events(before_phase, desired.phase);
         let outbox = Outbox {
             pool: pool.clone(),
             status: status_changed.then(|| desired.clone()),
@@ -100,6 +79,35 @@ impl Run {
             self.memory.label_written = Some(label.to_owned());
             self.memory.label_written_at = Some(now);
         }
+    }
+
+    /// Brings a declared gate in line with the breaker. Only a leader touches it (every write
+    /// goes through the door anyway).
+    async fn sync_gate(&mut self, pool: &DbPool, ctx: &Context) -> GateOutcome {
+        if !ctx.door.fence().may_write() {
+            return GateOutcome::NotDeclared;
+        }
+        let io = GateIo {
+            client: &ctx.client,
+            door: &ctx.door,
+            allowlist: &ctx.config.gates,
+        };
+        let (breaker, peer) = (self.memory.state.breaker, self.memory.gate_peer);
+        gate::sync(&io, pool, breaker, peer, &mut self.memory.gate_applied).await
+    }
+
+    /// The events of this reconcile: the engine's effects worded, then the notes.
+    fn events(&mut self, before: Option<Phase>, after: Option<Phase>) -> Vec<PendingEvent> {
+        let facts = EventFacts {
+            state: &self.memory.state,
+            last_probe: self.memory.last_probe.as_ref(),
+            last_force_reopen: self.memory.last_force_reopen.as_ref(),
+        };
+        let mut events = events_of(&facts, &self.policy, &self.effects, before, after);
+        for (type_, reason, note) in self.notes.drain(..) {
+            events.push(PendingEvent::new(type_, reason, note));
+        }
+        events
     }
 
     /// The breaker label to write, if the object's differs. The object may lag our own write by

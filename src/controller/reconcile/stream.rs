@@ -1,7 +1,8 @@
 //! The reconcile's steps that use the pool's probe stream while its target is healthy.
 //!
 //! Lives here: asking the stream (`Run::share`: probe, take a result or join the probe in
-//! flight), applying a taken result as the pool's own (`Run::take_shared`) and planning the next
+//! flight), a taken result as the pool's own outcome (`Run::stream_outcome`; applied by
+//! `reconcile/apply.rs` like any other) and planning the next
 //! probe on the stream's grid (`Run::align`). Must not live here: the streams themselves and the
 //! key (`sharing`), the rule (`dbpool-recovery`'s `share.rs`), the rest of the pipeline
 //! (`reconcile`).
@@ -10,17 +11,17 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::{Run, Source, probe_target, spec_target_key};
+use super::{Run, Source, apply::Outcome, decide::probe_target};
 use crate::{
     api::DbPool,
     controller::{
-        context::{Context, pool_labels},
+        context::Context,
         credentials::Credentials,
-        fleet::{self, Seen},
-        observer::ProbeObservation,
+        fleet::Seen,
+        names::pool_labels,
         sharing::{Decision, IN_FLIGHT_GRACE, ShareKey, SharedResult},
     },
-    recovery::{self, Event},
+    recovery,
 };
 
 impl Run {
@@ -34,7 +35,7 @@ impl Run {
         ctx: &Context,
         creds: &Credentials,
     ) -> Source {
-        let key = ShareKey::of(&ctx.prober, &probe_target(pool, creds));
+        let key = ShareKey::of(&ctx.parts.prober, &probe_target(pool, creds));
         self.stream = Some(key.clone());
         let bound = self.policy.timeout.saturating_add(IN_FLIGHT_GRACE);
         let give_up = tokio::time::Instant::now() + bound;
@@ -56,7 +57,7 @@ impl Run {
             } else {
                 Duration::ZERO
             };
-            let decision = ctx.streams.decide(
+            let decision = ctx.parts.streams.decide(
                 &self.key,
                 &key,
                 &self.memory.state,
@@ -76,59 +77,34 @@ impl Run {
         }
     }
 
-    /// Step 3 for a result of the pool's probe stream: fed to the engine as this pool's probe,
-    /// started and finished at the instant the real probe finished (so the next deadline is
-    /// planned from it), reported to the observer as shared and counted as a shared result,
-    /// not as a probe.
-    pub(super) fn take_shared(&mut self, ctx: &Context, pool: &DbPool, result: SharedResult) {
+    /// Step 3 for a result of the pool's probe stream: the pool's own probe, started and
+    /// finished at the instant the real probe finished (so the next deadline is planned from
+    /// it), reported to the observer as shared and counted as a shared result, not as a probe.
+    /// Applied like any result (through the fleet guard too: a shared path failure must not
+    /// open a breaker the guard holds).
+    pub(super) fn stream_outcome(&mut self, ctx: &Context, result: SharedResult) -> Outcome {
         let at = result.finished();
-        self.memory
-            .apply(Event::ProbeStarted, at, &self.policy, &mut self.effects);
-        let seq = self.memory.state.probe_seq;
-        let event = match result.kind {
-            None => Event::ProbeSucceeded {
-                seq,
-                degraded: result.degraded,
-            },
-            Some(kind) => Event::ProbeFailed { seq, kind },
-        };
-        let observed = if result.kind.is_none() {
+        let seq = self.start_probe(at);
+        if let Some(metrics) = ctx.door.metrics() {
+            metrics.result_shared(&pool_labels(&self.key));
+        }
+        let seen = if result.kind.is_none() {
             Seen::Healthy
         } else {
             Seen::Failed {
                 path: result.path_evidence,
             }
         };
-        // Through the fleet guard, like a pool's own result: a shared path failure must not
-        // open a breaker the guard holds.
-        fleet::apply_result(
-            ctx,
-            &self.key,
-            &spec_target_key(pool),
-            (event, Some(observed)),
+        Outcome {
+            seq,
             at,
-            &self.policy,
-            &mut self.memory,
-            &mut self.effects,
-        );
-        if result.kind.is_none() {
-            self.memory.gate_peer = result.peer;
+            kind: result.kind,
+            degraded: result.degraded,
+            seen: Some(seen),
+            peer: result.peer,
+            observed: Some((result.latency, false, true)),
+            summary: result.summary,
         }
-        ctx.observer.probe_finished(&ProbeObservation {
-            pool: &self.key,
-            finished: at,
-            latency: result.latency,
-            outcome: result.summary.outcome,
-            fresh_connection: false,
-            shared: true,
-        });
-        if ctx.gate.may_write() {
-            ctx.metrics.result_shared(&pool_labels(&self.key));
-        }
-        self.memory.last_probe = Some(result.summary);
-        self.memory.not_before = None;
-        self.memory.due_since = None;
-        self.memory.requested_at = None;
     }
 
     /// After a result: a steady pool that asked a probe stream plans its next probe at the
@@ -142,7 +118,7 @@ impl Run {
         }
         let state = &self.memory.state;
         if let (Some(anchor), Some(last), Some(deadline)) = (
-            ctx.streams.anchor(key),
+            ctx.parts.streams.anchor(key),
             state.last_probe_at,
             recovery::next_deadline(state, &self.policy),
         ) {

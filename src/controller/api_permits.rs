@@ -1,17 +1,27 @@
-//! The request budget to the apiserver (`--max-concurrent-api-requests`), with two classes.
+//! The API permits: the request budget to the apiserver (`--max-concurrent-api-requests`),
+//! with two classes.
 //!
-//! Lives here: [`ApiSlots`] and [`Priority`]. A freed slot goes to the longest-waiting
+//! Lives here: [`ApiPermits`], [`Priority`] and the retry delay after apiserver failures
+//! ([`apiserver_retry_delay`]). A freed permit goes to the longest-waiting
 //! [`Priority::First`] request (a status write carrying a transition, a Secret read a reconcile
 //! waits on, a gate write) before any [`Priority::Later`] one (breaker labels, events,
 //! counter-only statuses), so when hundreds of pools open together every Open status is
 //! written before the labels and events that follow them. Must not live here: what a request
 //! is or whether it may be sent (`write`, `credentials`, `gate`).
 
-use std::{collections::VecDeque, sync::Mutex};
+use std::{collections::VecDeque, sync::Mutex, time::Duration};
 
 use tokio::sync::oneshot;
 
-use super::context::lock;
+use super::sync::lock;
+
+/// How long to wait before retrying after `failures` apiserver failures in a row (a reconcile
+/// or a write): 1 s, 2 s, 4 s … doubling from 500 ms, at most 60 s.
+pub(crate) fn apiserver_retry_delay(failures: u32) -> Duration {
+    Duration::from_millis(500)
+        .saturating_mul(1 << failures.min(7))
+        .min(Duration::from_secs(60))
+}
 
 /// Which queue a request waits in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,16 +40,16 @@ struct State {
 }
 
 /// At most `n` requests in flight; see the module comment for the order.
-pub(crate) struct ApiSlots {
+pub(crate) struct ApiPermits {
     state: Mutex<State>,
 }
 
-/// One request's slot; dropping it hands the slot on.
-pub(crate) struct ApiSlot<'a> {
-    slots: &'a ApiSlots,
+/// One request's permit; dropping it hands the permit on.
+pub(crate) struct ApiPermit<'a> {
+    permits: &'a ApiPermits,
 }
 
-impl ApiSlots {
+impl ApiPermits {
     /// A budget of `n` requests in flight (at least one).
     pub fn new(n: usize) -> Self {
         Self {
@@ -50,8 +60,8 @@ impl ApiSlots {
         }
     }
 
-    /// Waits for a slot in `priority`'s queue.
-    pub async fn acquire(&self, priority: Priority) -> ApiSlot<'_> {
+    /// Waits for a permit in `priority`'s queue.
+    pub async fn acquire(&self, priority: Priority) -> ApiPermit<'_> {
         let waiting = {
             let mut state = lock(&self.state);
             if state.free > 0 && (priority == Priority::First || state.first.is_empty()) {
@@ -67,20 +77,20 @@ impl ApiSlots {
             }
         };
         if let Some(rx) = waiting {
-            // A handed-over slot arrives as a message. If this future is dropped while it
-            // waits, `Pending` hands on a slot that arrived meanwhile.
+            // A handed-over permit arrives as a message. If this future is dropped while it
+            // waits, `Pending` hands on a permit that arrived meanwhile.
             let mut pending = Pending {
                 rx,
-                slots: self,
+                permits: self,
                 done: false,
             };
             let _ = (&mut pending.rx).await;
             pending.done = true;
         }
-        ApiSlot { slots: self }
+        ApiPermit { permits: self }
     }
 
-    /// Hands a slot to the next waiter (First before Later) or returns it to the pool. A
+    /// Hands a permit to the next waiter (First before Later) or returns it to the pool. A
     /// waiter that gave up (its future dropped) is skipped.
     fn release(&self) {
         let mut state = lock(&self.state);
@@ -101,10 +111,10 @@ impl ApiSlots {
     }
 }
 
-/// A request waiting for a slot.
+/// A request waiting for a permit.
 struct Pending<'a> {
     rx: oneshot::Receiver<()>,
-    slots: &'a ApiSlots,
+    permits: &'a ApiPermits,
     done: bool,
 }
 
@@ -113,15 +123,15 @@ impl Drop for Pending<'_> {
         if !self.done {
             self.rx.close();
             if self.rx.try_recv().is_ok() {
-                self.slots.release();
+                self.permits.release();
             }
         }
     }
 }
 
-impl Drop for ApiSlot<'_> {
+impl Drop for ApiPermit<'_> {
     fn drop(&mut self) {
-        self.slots.release();
+        self.permits.release();
     }
 }
 
@@ -133,13 +143,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_freed_slot_goes_to_first_before_later() {
-        let slots = Arc::new(ApiSlots::new(1));
-        let held = slots.acquire(Priority::Later).await;
+        let permits = Arc::new(ApiPermits::new(1));
+        let held = permits.acquire(Priority::Later).await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let spawn = |priority: Priority, name: &'static str| {
-            let (slots, order) = (slots.clone(), order.clone());
+            let (permits, order) = (permits.clone(), order.clone());
             tokio::spawn(async move {
-                let _slot = slots.acquire(priority).await;
+                let _permit = permits.acquire(priority).await;
                 lock(&order).push(name);
             })
         };
@@ -149,7 +159,7 @@ mod tests {
         // Both wait (the Later one queued earlier).
         loop {
             let queued = {
-                let state = lock(&slots.state);
+                let state = lock(&permits.state);
                 state.first.len() + state.later.len()
             };
             if queued == 2 {
@@ -161,21 +171,21 @@ mod tests {
         let (a, b) = tokio::join!(first, later);
         assert!(a.is_ok() && b.is_ok());
         assert_eq!(*lock(&order), ["first", "later"]);
-        assert_eq!(lock(&slots.state).free, 1);
+        assert_eq!(lock(&permits.state).free, 1);
     }
 
     #[tokio::test]
-    async fn a_waiter_that_gave_up_does_not_keep_the_slot() {
-        let slots = ApiSlots::new(1);
-        let held = slots.acquire(Priority::First).await;
+    async fn a_waiter_that_gave_up_does_not_keep_the_permit() {
+        let permits = ApiPermits::new(1);
+        let held = permits.acquire(Priority::First).await;
         let gave_up = tokio::time::timeout(
             std::time::Duration::from_millis(10),
-            slots.acquire(Priority::First),
+            permits.acquire(Priority::First),
         )
         .await;
         assert!(gave_up.is_err());
         drop(held);
-        assert_eq!(lock(&slots.state).free, 1);
-        let _again = slots.acquire(Priority::Later).await;
+        assert_eq!(lock(&permits.state).free, 1);
+        let _again = permits.acquire(Priority::Later).await;
     }
 }

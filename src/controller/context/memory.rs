@@ -1,0 +1,288 @@
+//! The recovery memory of one pool: what a reconcile works on.
+//!
+//! Lives here: [`PoolMemory`] (the engine state and what the pool's status and probes last said;
+//! rebuilt from the status after a restart, with the first probes spread over an interval),
+//! and when the next probe is due. Must not live here: the engine's rules (`dbpool-recovery`),
+//! the status shape (`status`), the reconcile steps (`reconcile`).
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+
+use crate::{
+    api::{
+        BREAKER_LABEL, BreakerState, CONDITION_BREAKER_OPEN, DbPool, DbPoolStatus,
+        ForceReopenRecord, ProbeSummary, reason,
+    },
+    controller::{names::stable_seed, status::restore_state},
+    recovery::{self, Effect, Event, Policy, PoolState, add},
+};
+
+/// The recovery memory of one pool. The durable copy is the status; this is rebuilt from it.
+#[derive(Clone)]
+pub(crate) struct PoolMemory {
+    pub uid: Option<String>,
+    pub generation: Option<i64>,
+    pub state: PoolState,
+    pub last_probe: Option<ProbeSummary>,
+    pub last_force_reopen: Option<ForceReopenRecord>,
+    /// The maintenance hold acted on, as [`Hold::describe`](crate::api::Hold::describe) puts it.
+    pub hold: Option<String>,
+    /// The last status handed to the pool's writer (written, or waiting to be: the latest wins),
+    /// or restored from the object.
+    pub last_written: Option<DbPoolStatus>,
+    pub last_written_at: Option<Timestamp>,
+    /// The last breaker label handed to the writer.
+    pub label_written: Option<String>,
+    pub label_written_at: Option<Timestamp>,
+    pub credentials_fingerprint: Option<String>,
+    /// No probe before this instant (restart spreading, rate limit of loss-triggered probes,
+    /// the next shared attempt of a target that is down).
+    pub not_before: Option<Timestamp>,
+    /// The address of the last probe that logged in: the only address a gate may point at.
+    pub gate_peer: Option<std::net::SocketAddr>,
+    /// The gate Service this process last wrote for the pool (to remove it when undeclared).
+    pub gate_applied: Option<String>,
+    /// Since when a pool that is due "now" (never probed) has waited for its target's shared
+    /// attempt, or the deadline a pool first found due for a probe stream to answer (see
+    /// `sharing`): the deadline a shared result must satisfy. Cleared by a probe.
+    pub due_since: Option<Timestamp>,
+    /// When the probe connection's loss asked for a probe that has not run yet: a probe of the
+    /// pool's stream that started since then answers the request as well as its own would.
+    pub requested_at: Option<Timestamp>,
+    /// The grid point of the pool's probe stream it plans its next probe at, when that is
+    /// before the engine's deadline (a steady pool only; see `sharing`). Recomputed after every
+    /// result, cleared by every trigger.
+    pub aligned: Option<Timestamp>,
+}
+
+/// How far after a restart a restored pool's first probe waits: spread over one interval (or
+/// the pool's own shorter pending delay) by its seed, so a fleet of pools does not hit the
+/// databases at once.
+fn restart_spread(state: &PoolState, policy: &Policy, seed: u64) -> Duration {
+    let window = [
+        Some(policy.interval),
+        state.current_backoff,
+        (state.breaker == BreakerState::Open).then_some(policy.open_timeout),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(policy.interval);
+    let fraction = (seed % 10_000) as f64 / 10_000.0;
+    window.mul_f64(fraction)
+}
+
+impl PoolMemory {
+    /// A new memory: fresh for a new pool, rebuilt from status after a restart.
+    pub fn restore(pool: &DbPool, policy: &Policy, now: Timestamp) -> Self {
+        let seed = stable_seed(pool);
+        let fresh = Self {
+            uid: pool.metadata.uid.clone(),
+            generation: pool.metadata.generation,
+            state: PoolState::new(seed),
+            last_probe: None,
+            last_force_reopen: pool
+                .status
+                .as_ref()
+                .and_then(|s| s.last_force_reopen.clone()),
+            hold: None,
+            last_written: None,
+            last_written_at: None,
+            label_written: None,
+            label_written_at: None,
+            credentials_fingerprint: None,
+            not_before: None,
+            gate_peer: None,
+            gate_applied: None,
+            due_since: None,
+            requested_at: None,
+            aligned: None,
+        };
+        let Some(status) = pool.status.as_ref().filter(|s| s.phase.is_some()) else {
+            return fresh;
+        };
+        let state = restore_state(status, seed);
+        let spread = restart_spread(&state, policy, seed);
+        Self {
+            generation: status.observed_generation,
+            state,
+            last_probe: status.last_probe.clone(),
+            last_force_reopen: status.last_force_reopen.clone(),
+            // The hold a previous process acted on is in the BreakerOpen condition.
+            hold: status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_BREAKER_OPEN && c.reason == reason::HELD)
+                .map(|c| c.message.clone()),
+            last_written: Some(status.clone()),
+            // The stored lastProbe was written when that probe finished: a restart alone must not
+            // make every pool refresh its status at once.
+            last_written_at: status.last_probe.as_ref().map(|p| p.time.0),
+            label_written: pool.labels().get(BREAKER_LABEL).cloned(),
+            not_before: Some(add(now, spread)),
+            ..fresh
+        }
+    }
+
+    /// When the next probe is due: the engine's deadline (or the earlier grid point of the
+    /// pool's probe stream), or `not_before` if later.
+    pub fn deadline(&self, policy: &Policy, now: Timestamp) -> Timestamp {
+        let engine = recovery::next_deadline(&self.state, policy).unwrap_or(now);
+        let engine = match self.aligned {
+            Some(aligned) if aligned < engine => aligned,
+            _ => engine,
+        };
+        match self.not_before {
+            Some(nb) if nb > engine => nb,
+            _ => engine,
+        }
+    }
+
+    /// Feeds one event to the engine, collecting its effects.
+    pub fn apply(
+        &mut self,
+        event: Event,
+        now: Timestamp,
+        policy: &Policy,
+        effects: &mut Vec<Effect>,
+    ) {
+        self.apply_guarded(event, now, policy, false, effects);
+    }
+
+    /// [`PoolMemory::apply`] with the fleet guard's word on this event (see `fleet`).
+    pub fn apply_guarded(
+        &mut self,
+        event: Event,
+        now: Timestamp,
+        policy: &Policy,
+        hold_opening: bool,
+        effects: &mut Vec<Effect>,
+    ) {
+        let (state, mut new_effects) =
+            recovery::apply_guarded(&self.state, event, now, policy, hold_opening);
+        self.state = state;
+        effects.append(&mut new_effects);
+    }
+
+    /// The time until the next probe, as a requeue delay (at least 1 ms).
+    pub fn requeue_after(&self, policy: &Policy) -> Duration {
+        let now = Timestamp::now();
+        let wait = now.duration_until(self.deadline(policy, now));
+        Duration::try_from(wait)
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_millis(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::SignedDuration};
+
+    use crate::api::{BreakerStatus, DbPoolSpec, Phase, ProbeOutcome, ProbeStage};
+
+    fn pool_with_status(name: &str, status: Option<DbPoolStatus>) -> DbPool {
+        let spec: DbPoolSpec = serde_json::from_value(serde_json::json!({
+            "database": {"host": "h", "dbname": "d", "user": "u"}
+        }))
+        .expect("spec");
+        let mut pool = DbPool::new(name, spec);
+        pool.metadata.namespace = Some("ns".into());
+        pool.metadata.uid = Some(format!("uid-{name}"));
+        pool.metadata.generation = Some(1);
+        pool.status = status;
+        pool
+    }
+
+    fn healthy_status(at: Timestamp) -> DbPoolStatus {
+        DbPoolStatus {
+            observed_generation: Some(1),
+            phase: Some(Phase::Healthy),
+            breaker: Some(BreakerStatus {
+                state: BreakerState::Closed,
+                since: None,
+                next_probe_at: None,
+                open_count: 0,
+                half_open_successes: 0,
+            }),
+            last_probe: Some(ProbeSummary {
+                time: MicroTime(at),
+                outcome: ProbeOutcome::Success,
+                stage: Some(ProbeStage::Saturation),
+                latency_ms: 1,
+                message: None,
+                sql_state: None,
+                server_version: None,
+                in_recovery: None,
+                connections: None,
+                max_connections: None,
+            }),
+            last_success_time: Some(MicroTime(at)),
+            ..DbPoolStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_grid_point_before_the_engines_deadline_comes_first() {
+        let now = Timestamp::now();
+        let pool = pool_with_status("steady", Some(healthy_status(now)));
+        let policy = pool.spec.policy();
+        let mut memory = PoolMemory::restore(&pool, &policy, now);
+        memory.not_before = None;
+        let engine = memory.deadline(&policy, now);
+        assert_eq!(engine, add(now, policy.interval));
+        let earlier = add(now, policy.interval / 2);
+        memory.aligned = Some(earlier);
+        assert_eq!(memory.deadline(&policy, now), earlier);
+        // Never later than the engine asks for.
+        memory.aligned = Some(add(engine, policy.interval));
+        assert_eq!(memory.deadline(&policy, now), engine);
+    }
+
+    #[test]
+    fn a_new_pool_is_probed_at_once() {
+        let now = Timestamp::now();
+        let pool = pool_with_status("fresh", None);
+        let policy = pool.spec.policy();
+        let entry = PoolMemory::restore(&pool, &policy, now);
+        assert_eq!(entry.deadline(&policy, now), now);
+    }
+
+    #[test]
+    fn first_probes_after_a_restart_spread_over_one_interval() {
+        let now = Timestamp::now();
+        // Every pool was last probed long ago: all are overdue at the restart.
+        let long_ago = now
+            .checked_sub(SignedDuration::from_hours(1))
+            .expect("valid");
+        let deadlines: Vec<Timestamp> = (0..200)
+            .map(|i| {
+                let pool = pool_with_status(&format!("pool-{i}"), Some(healthy_status(long_ago)));
+                let policy = pool.spec.policy();
+                PoolMemory::restore(&pool, &policy, now).deadline(&policy, now)
+            })
+            .collect();
+        let interval = SignedDuration::from_secs(30);
+        let offsets: Vec<f64> = deadlines
+            .iter()
+            .map(|d| d.duration_since(now).as_secs_f64())
+            .collect();
+        assert!(
+            offsets
+                .iter()
+                .all(|o| *o >= 0.0 && *o <= interval.as_secs_f64()),
+            "{offsets:?}"
+        );
+        // Spread, not clumped: every tenth of the interval gets some pools.
+        for slot in 0..10 {
+            let lo = f64::from(slot) * 3.0;
+            let hits = offsets
+                .iter()
+                .filter(|o| **o >= lo && **o < lo + 3.0)
+                .count();
+            assert!(hits > 0, "no first probe in [{lo}s, {}s)", lo + 3.0);
+        }
+    }
+}

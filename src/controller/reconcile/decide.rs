@@ -1,0 +1,267 @@
+//! Steps 2b and 3 of the reconcile: is a probe due, where does its result come from, and
+//! getting it.
+//!
+//! Lives here: `Run::decide` (due? then the target's word: probe, make the shared attempt,
+//! take its latest failure, or wait for it; or the probe stream's), `Run::probe` (the result of
+//! each source as an [`Outcome`], handed to the one apply step), the pool's own probe under a
+//! probe permit, the credentials' config failure, and what the probe needs from the spec
+//! ([`probe_target`]). Must not live here: applying a result (`reconcile/apply.rs`), the
+//! shared schedules (`targets`, `sharing`), the probe itself (`dbpool-probe`).
+
+use std::time::Duration;
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
+
+use super::{Run, Source, apply::Outcome};
+use crate::{
+    api::{BreakerState, DbPool, ProbeOutcome, ProbeStage, ProbeSummary},
+    controller::{
+        Error,
+        context::Context,
+        credentials::{CredentialError, Credentials},
+        fleet::Seen,
+        names::{owner_key, spec_target_key},
+        sharing::{SharedResult, Ticket},
+        targets::{Claim, SharedFailure},
+    },
+    probe::ProbeTarget,
+    recovery::{self, Event, FailureKind},
+};
+
+impl Run {
+    /// Step 2b: None when no probe is due (or the target's next shared attempt will answer);
+    /// else where the result comes from. A requested probe (force reopen, lost connection, new
+    /// Secret) always probes itself.
+    pub(super) async fn decide(
+        &mut self,
+        pool: &DbPool,
+        ctx: &Context,
+        credentials: &Result<Credentials, CredentialError>,
+    ) -> Option<Source> {
+        if !self.probe_due() {
+            return None;
+        }
+        let Ok(creds) = credentials else {
+            return Some(Source::Own(None));
+        };
+        match self.claim_target(pool, ctx) {
+            Claim::Probe => Some(self.share(pool, ctx, creds).await),
+            Claim::Attempt => Some(Source::Own(None)),
+            Claim::Use(result) => Some(Source::DownTarget(result)),
+            Claim::Wait(at) => {
+                // The target is down and its next shared attempt will answer for this pool too.
+                self.memory.not_before = Some(at);
+                None
+            }
+        }
+    }
+
+    /// Whether the engine's deadline (or the rate limit) says probe now.
+    fn probe_due(&self) -> bool {
+        let now = Timestamp::now();
+        self.memory.deadline(&self.policy, now) <= now
+    }
+
+    /// Asks the pool's target what to do (see `targets`).
+    fn claim_target(&mut self, pool: &DbPool, ctx: &Context) -> Claim {
+        if self.memory.state.probe_requested {
+            return Claim::Probe;
+        }
+        let now = Timestamp::now();
+        // A pool due "now" (never probed) keeps the instant it first became due, so a shared
+        // result finished after it satisfies it (else it would chase every new attempt).
+        let due = match recovery::next_deadline(&self.memory.state, &self.policy) {
+            Some(deadline) => deadline,
+            None => *self.memory.due_since.get_or_insert(now),
+        };
+        ctx.parts.targets.claim(
+            &spec_target_key(pool),
+            &self.key,
+            &self.policy,
+            (due, self.memory.state.last_probe_at),
+            now,
+        )
+    }
+
+    /// Step 3: the result from `source` (or the credentials' config error), applied. An
+    /// apiserver error reading a Secret ends the reconcile with an error instead.
+    pub(super) async fn probe(
+        &mut self,
+        pool: &DbPool,
+        ctx: &Context,
+        credentials: Result<Credentials, CredentialError>,
+        source: Source,
+    ) -> Result<(), Error> {
+        let outcome = match (source, credentials) {
+            (Source::Stream(result), _) => self.stream_outcome(ctx, result),
+            (Source::DownTarget(failure), Ok(_)) => self.down_target_outcome(failure),
+            (Source::Own(ticket), Ok(creds)) => self.own_probe(pool, ctx, &creds, ticket).await?,
+            (_, Err(err)) if err.is_config() => self.config_failure(ctx, &err),
+            (_, Err(err)) => return Err(err.into()),
+        };
+        self.apply(ctx, &spec_target_key(pool), outcome);
+        self.align(ctx);
+        Ok(())
+    }
+
+    /// Starts a probe in the engine at `at`; returns its sequence number.
+    pub(super) fn start_probe(&mut self, at: Timestamp) -> u64 {
+        self.memory
+            .apply(Event::ProbeStarted, at, &self.policy, &mut self.effects);
+        self.memory.state.probe_seq
+    }
+
+    /// Whether the pool is recovering (failing, or its breaker not Closed): probe metrics
+    /// count recovery attempts apart.
+    fn recovering(&self) -> bool {
+        self.memory.state.consecutive_failures > 0
+            || self.memory.state.breaker != BreakerState::Closed
+    }
+
+    /// The target's latest failed attempt answers for this pool (no connection of its own).
+    fn down_target_outcome(&mut self, failure: SharedFailure) -> Outcome {
+        let now = Timestamp::now();
+        let seq = self.start_probe(now);
+        let latency = u64::try_from(failure.summary.latency_ms).unwrap_or(0);
+        Outcome {
+            seq,
+            // The instant the pool applies it (the engine plans from it), not the attempt's own
+            // finish.
+            at: now,
+            kind: Some(FailureKind::Outage),
+            degraded: false,
+            seen: Some(Seen::Failed {
+                path: failure.path_evidence,
+            }),
+            peer: None,
+            observed: Some((Duration::from_millis(latency), false, true)),
+            summary: failure.summary,
+        }
+    }
+
+    /// Credentials that cannot be used: a config failure, counted as a probe.
+    fn config_failure(&mut self, ctx: &Context, err: &CredentialError) -> Outcome {
+        let recovering = self.recovering();
+        let now = Timestamp::now();
+        let seq = self.start_probe(now);
+        if let Some(metrics) = ctx.door.metrics() {
+            metrics.probe_finished(
+                &crate::controller::names::pool_labels(&self.key),
+                ProbeOutcome::ConfigFailure,
+                recovering,
+                &[],
+            );
+        }
+        Outcome {
+            seq,
+            at: now,
+            summary: credential_failure(err, now),
+            kind: Some(FailureKind::Config),
+            degraded: false,
+            // A Secret problem says nothing about the path.
+            seen: None,
+            peer: None,
+            observed: None,
+        }
+    }
+
+    /// A probe of the pool's own, under a probe permit fair across namespaces and targets; its
+    /// result is recorded for the target and, with a ticket, published to the pool's stream.
+    async fn own_probe(
+        &mut self,
+        pool: &DbPool,
+        ctx: &Context,
+        creds: &Credentials,
+        ticket: Option<Ticket>,
+    ) -> Result<Outcome, Error> {
+        let recovering = self.recovering();
+        let seq = self.start_probe(Timestamp::now());
+        let target = probe_target(pool, creds);
+        let target_key = spec_target_key(pool);
+        let (started, report) = {
+            let namespace = self.key.namespace.as_deref().unwrap_or_default();
+            let _permit = ctx.probe_permits.acquire(namespace, &target_key).await;
+            // Deleted while queued for a permit: open no connection for it.
+            if !ctx.exists(pool, &self.key) {
+                ctx.parts.targets.abandon(&target_key);
+                return Err(Error::Deleted);
+            }
+            let started = Timestamp::now();
+            let report = ctx.parts.prober.probe(&owner_key(&self.key), &target).await;
+            (started, report)
+        };
+        let finished = Timestamp::now();
+        if let Some(metrics) = ctx.door.metrics() {
+            let labels = crate::controller::names::pool_labels(&self.key);
+            metrics.probe_finished(&labels, report.outcome, recovering, &report.stage_latencies);
+        }
+        let summary = ProbeSummary::from_report(&report, MicroTime(finished));
+        let success = report.is_success();
+        ctx.parts
+            .targets
+            .record(&target_key, started, &summary, report.path_evidence);
+        if let Some(ticket) = ticket {
+            ticket.finish(SharedResult {
+                summary: summary.clone(),
+                kind: report.outcome.failure_kind(),
+                degraded: report.pool_fits == Some(false),
+                latency: report.latency,
+                budget: target.timeout,
+                peer: report.peer.filter(|_| success),
+                path_evidence: report.path_evidence,
+            });
+        }
+        Ok(Outcome {
+            seq,
+            at: finished,
+            summary,
+            kind: report.outcome.failure_kind(),
+            degraded: report.pool_fits == Some(false),
+            seen: Some(if success {
+                Seen::Healthy
+            } else {
+                Seen::Failed {
+                    path: report.path_evidence,
+                }
+            }),
+            // The gate follows the probe: only an address it just logged in at.
+            peer: report.peer,
+            observed: Some((report.latency, report.fresh_connection, false)),
+        })
+    }
+}
+
+/// What the probe needs from the spec and the Secrets.
+pub(super) fn probe_target(pool: &DbPool, creds: &Credentials) -> ProbeTarget {
+    let db = &pool.spec.database;
+    ProbeTarget {
+        host: db.host.clone(),
+        port: u16::try_from(db.port).unwrap_or(5432),
+        dbname: db.dbname.clone(),
+        user: db.user.clone(),
+        password: creds.password.clone(),
+        allow_md5: db.allow_md5,
+        ssl_mode: db.ssl_mode,
+        ca_pem: creds.ca_pem.clone(),
+        target_session_attrs: db.target_session_attrs,
+        application_name: db.application_name.clone(),
+        pool_max_size: u32::try_from(pool.spec.pool.max_size).unwrap_or(0),
+        timeout: pool.spec.health_check.timeout.as_std(),
+    }
+}
+
+/// The status's lastProbe for credentials that could not be used.
+fn credential_failure(err: &CredentialError, now: Timestamp) -> ProbeSummary {
+    ProbeSummary {
+        time: MicroTime(now),
+        outcome: ProbeOutcome::ConfigFailure,
+        stage: Some(ProbeStage::Credentials),
+        latency_ms: 0,
+        message: Some(err.to_string()),
+        sql_state: None,
+        server_version: None,
+        in_recovery: None,
+        connections: None,
+        max_connections: None,
+    }
+}
