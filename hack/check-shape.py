@@ -10,6 +10,10 @@ Two checks, each failing with a message that states its rule:
   function over MAX_FN_LINES (from its `fn` line to its closing brace) or a file over
   MAX_FILE_LINES, unless the file has a line `// shape: exception: <reason>`.
 
+A name that a child module takes from mod.rs (`super::Error`) is an import of the module mod.rs
+re-exports it from, or of `mod` itself when mod.rs defines it. Known limit: `super::` inside an
+inline non-test `mod x { ... }` block is resolved as if written in the file's own module.
+
 Usage: hack/check-shape.py [--only doors|sizes] [--root DIR ...] [--self-test]
 Paths are relative to the repository root. stdlib only.
 """
