@@ -19,10 +19,15 @@ crd-check: build ## Fail when crds/dbpool.yaml differs from the Rust types
 	@./target/debug/dbpool-operator crd | diff -u crds/dbpool.yaml - \
 	  || { echo "crds/dbpool.yaml is stale: run 'make crd'"; exit 1; }
 
-lint: ## cargo fmt --check, clippy with warnings denied, and the crate graph's rules
+lint: ## cargo fmt --check, clippy with warnings denied, the crate graph's rules, the code's shape
 	$(CARGO) fmt --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	CARGO="$(CARGO)" hack/check-crate-graph.sh
+	python3 hack/check-shape.py --self-test
+	python3 hack/check-shape.py --only sizes --root crates/kubectl-dbpool/src
+# The controller's shape (issue #22), to enable when src/controller passes it (doors and sizes):
+#	python3 hack/check-shape.py --only doors --root src/controller
+#	python3 hack/check-shape.py --only sizes --root src/controller
 
 unit: ## Unit and property tests only (no control plane, no PostgreSQL)
 	$(CARGO) test --workspace --lib

@@ -6,10 +6,12 @@
 //! formatting of the other verbs.
 
 use dbpool_api::{
-    BreakerState, CONDITION_BREAKER_OPEN, CONDITION_READY, DbPool, Phase, ProbeOutcome, ProbeStage,
-    reason,
+    BreakerState, CONDITION_BREAKER_OPEN, CONDITION_READY, DbPool, DbPoolStatus, Phase,
+    ProbeOutcome, ProbeStage, ProbeSummary, reason,
 };
-use k8s_openapi::{api::core::v1::Event, jiff::Timestamp};
+use k8s_openapi::{
+    api::core::v1::Event, apimachinery::pkg::apis::meta::v1::Condition, jiff::Timestamp,
+};
 use kube::ResourceExt;
 
 use crate::render::{event_count, event_time, relative};
@@ -139,20 +141,8 @@ pub fn diagnose(pool: &DbPool, events: &[Event], now: Timestamp) -> Report {
         pool.namespace().unwrap_or_default(),
         pool.name_any()
     );
-    let mut findings = Vec::new();
     let Some(status) = pool.status.as_ref().filter(|s| s.phase.is_some()) else {
-        findings.push(finding(
-            Severity::Failure,
-            "no status: the operator has not reconciled this pool".to_owned(),
-            Some(
-                "Is the operator running, and does it watch this namespace (chart value watchNamespace)? kubectl get pods -n dbpool-system; its log names every pool it reconciles.",
-            ),
-        ));
-        return Report {
-            pool: name,
-            healthy: false,
-            findings,
-        };
+        return not_reconciled(name);
     };
     let phase = status.phase.unwrap_or(Phase::Pending);
     let condition = |t: &str| status.conditions.iter().find(|c| c.type_ == t);
@@ -160,147 +150,17 @@ pub fn diagnose(pool: &DbPool, events: &[Event], now: Timestamp) -> Report {
     let held = condition(CONDITION_BREAKER_OPEN).filter(|c| c.reason == reason::HELD);
     let forced = condition(CONDITION_BREAKER_OPEN).filter(|c| c.reason == reason::FORCED_OPEN);
 
-    if pool.metadata.generation.is_some() && status.observed_generation < pool.metadata.generation {
-        findings.push(finding(
-            Severity::Warning,
-            format!(
-                "the status is for generation {:?}, the spec is at {:?}",
-                status.observed_generation, pool.metadata.generation
-            ),
-            Some("The operator has not acted on the latest spec yet: wait a few seconds, else check that it runs."),
-        ));
-    }
-    if let Some(held) = held {
-        findings.push(finding(
-            Severity::Failure,
-            format!("the breaker is held open on purpose: {}", held.message),
-            Some("Maintenance hold: when it is over, kubectl dbpool release NAME."),
-        ));
-    } else if forced.is_some() {
-        findings.push(finding(
-            Severity::Failure,
-            "the breaker is held open by spec.breaker.mode ForcedOpen".to_owned(),
-            Some("Planned maintenance: set breaker.mode back to Auto when it is over (then kubectl dbpool reopen NAME)."),
-        ));
-    }
-
-    let breaker = status.breaker.as_ref();
-    match phase {
-        Phase::Pending => findings.push(finding(
-            Severity::Warning,
-            "not probed yet".to_owned(),
-            Some("The first probe follows within seconds; if it stays Pending, check the operator."),
-        )),
-        Phase::BreakerOpen if held.is_none() && forced.is_none() => {
-            let state = breaker.map_or(BreakerState::Open, |b| b.state);
-            let since = breaker
-                .and_then(|b| b.since.as_ref())
-                .map(|t| format!(" since {}", relative(t.0, now)))
-                .unwrap_or_default();
-            let next = breaker
-                .and_then(|b| b.next_probe_at.as_ref())
-                .map(|t| format!("; next trial probe {}", relative(t.0, now)))
-                .unwrap_or_default();
-            findings.push(finding(
-                Severity::Failure,
-                format!(
-                    "circuit breaker {state:?}{since} after {} consecutive failures{next}",
-                    status.consecutive_failures
-                ),
-                Some("Applications treat the database as unavailable. Fix the cause below; once the database answers, kubectl dbpool reopen NAME closes the breaker without waiting for the trial."),
-            ));
-        }
-        Phase::CoolingDown => findings.push(finding(
-            Severity::Failure,
-            format!(
-                "cooling down after {} failed attempts{}",
-                status.recovery_attempts,
-                status
-                    .cooldown_until
-                    .as_ref()
-                    .map(|t| format!(", no probes until {}", relative(t.0, now)))
-                    .unwrap_or_default()
-            ),
-            Some("Fix the cause below, then kubectl dbpool reopen NAME instead of waiting for the cooldown."),
-        )),
-        Phase::Recovering => findings.push(finding(
-            Severity::Failure,
-            format!(
-                "{} consecutive failed probes, retrying on the backoff schedule (next in {})",
-                status.consecutive_failures,
-                status.current_backoff.as_deref().unwrap_or("-")
-            ),
-            None,
-        )),
-        Phase::ConfigError => findings.push(finding(
-            Severity::Failure,
-            "configuration error: retries cannot succeed until the spec, its Secret or the server's configuration is fixed".to_owned(),
-            None,
-        )),
-        Phase::Degraded => findings.push(finding(
-            Severity::Warning,
-            "the database answers, but pool.maxSize does not fit into its free connection slots".to_owned(),
-            Some(stage_recommendation(ProbeStage::Saturation)),
-        )),
-        _ => {}
-    }
-
+    let mut findings = Vec::new();
+    findings.extend(stale_generation(pool, status));
+    findings.extend(held_open(held, forced.is_some()));
+    let on_purpose = held.is_some() || forced.is_some();
+    findings.extend(phase_finding(phase, status, on_purpose, now));
     if let Some(probe) = &status.last_probe {
-        let when = relative(probe.time.0, now);
-        let message = probe.message.as_deref().unwrap_or("");
-        if probe.outcome != ProbeOutcome::Success {
-            let stage = probe.stage.unwrap_or(ProbeStage::Connect);
-            findings.push(finding(
-                Severity::Failure,
-                format!(
-                    "last probe ({when}) failed at stage {} ({}): {message}",
-                    stage.name(),
-                    probe.outcome.name()
-                ),
-                Some(stage_recommendation(stage)),
-            ));
-            if let Some(code) = probe.sql_state.as_deref() {
-                findings.push(Finding {
-                    severity: Severity::Failure,
-                    what: format!("the server answered SQLSTATE {code}"),
-                    recommendation: Some(sqlstate_recommendation(code)),
-                });
-            }
-        } else {
-            let detail = match (probe.connections, probe.max_connections) {
-                (Some(c), Some(m)) => format!(", {c}/{m} connections"),
-                _ => String::new(),
-            };
-            findings.push(finding(
-                Severity::Info,
-                format!(
-                    "last probe ({when}) succeeded in {} ms: {message}{detail}",
-                    probe.latency_ms
-                ),
-                None,
-            ));
-        }
+        findings.extend(last_probe(probe, now));
     }
+    findings.extend(warning_events(events, now));
 
-    let warnings: Vec<&Event> = events
-        .iter()
-        .filter(|e| e.type_.as_deref() == Some("Warning"))
-        .collect();
-    for e in warnings.iter().rev().take(5) {
-        findings.push(finding(
-            Severity::Info,
-            format!(
-                "event {} x{} ({}): {}",
-                e.reason.as_deref().unwrap_or("?"),
-                event_count(e),
-                relative(event_time(e), now),
-                e.message.as_deref().unwrap_or("")
-            ),
-            None,
-        ));
-    }
-
-    let healthy = ready && held.is_none() && forced.is_none();
+    let healthy = ready && !on_purpose;
     if healthy && findings.iter().all(|f| f.severity == Severity::Info) {
         findings.insert(
             0,
@@ -321,6 +181,207 @@ pub fn diagnose(pool: &DbPool, events: &[Event], now: Timestamp) -> Report {
         healthy,
         findings,
     }
+}
+
+/// The report on a pool without a status: the operator has not reconciled it.
+fn not_reconciled(name: String) -> Report {
+    Report {
+        pool: name,
+        healthy: false,
+        findings: vec![finding(
+            Severity::Failure,
+            "no status: the operator has not reconciled this pool".to_owned(),
+            Some(
+                "Is the operator running, and does it watch this namespace (chart value watchNamespace)? kubectl get pods -n dbpool-system; its log names every pool it reconciles.",
+            ),
+        )],
+    }
+}
+
+/// A warning when the status is for an older generation than the spec.
+fn stale_generation(pool: &DbPool, status: &DbPoolStatus) -> Option<Finding> {
+    if pool.metadata.generation.is_none() || status.observed_generation >= pool.metadata.generation
+    {
+        return None;
+    }
+    Some(finding(
+        Severity::Warning,
+        format!(
+            "the status is for generation {:?}, the spec is at {:?}",
+            status.observed_generation, pool.metadata.generation
+        ),
+        Some(
+            "The operator has not acted on the latest spec yet: wait a few seconds, else check that it runs.",
+        ),
+    ))
+}
+
+/// A failure when the breaker is held open on purpose: a maintenance hold (`held`, its
+/// condition) or spec.breaker.mode ForcedOpen (`forced`).
+fn held_open(held: Option<&Condition>, forced: bool) -> Option<Finding> {
+    if let Some(held) = held {
+        Some(finding(
+            Severity::Failure,
+            format!("the breaker is held open on purpose: {}", held.message),
+            Some("Maintenance hold: when it is over, kubectl dbpool release NAME."),
+        ))
+    } else if forced {
+        Some(finding(
+            Severity::Failure,
+            "the breaker is held open by spec.breaker.mode ForcedOpen".to_owned(),
+            Some(
+                "Planned maintenance: set breaker.mode back to Auto when it is over (then kubectl dbpool reopen NAME).",
+            ),
+        ))
+    } else {
+        None
+    }
+}
+
+/// What the phase says, if anything worth a finding (`on_purpose`: the breaker is held open on
+/// purpose, already reported).
+fn phase_finding(
+    phase: Phase,
+    status: &DbPoolStatus,
+    on_purpose: bool,
+    now: Timestamp,
+) -> Option<Finding> {
+    match phase {
+        Phase::Pending => Some(finding(
+            Severity::Warning,
+            "not probed yet".to_owned(),
+            Some("The first probe follows within seconds; if it stays Pending, check the operator."),
+        )),
+        Phase::BreakerOpen if !on_purpose => Some(breaker_open(status, now)),
+        Phase::CoolingDown => Some(cooling_down(status, now)),
+        Phase::Recovering => Some(finding(
+            Severity::Failure,
+            format!(
+                "{} consecutive failed probes, retrying on the backoff schedule (next in {})",
+                status.consecutive_failures,
+                status.current_backoff.as_deref().unwrap_or("-")
+            ),
+            None,
+        )),
+        Phase::ConfigError => Some(finding(
+            Severity::Failure,
+            "configuration error: retries cannot succeed until the spec, its Secret or the server's configuration is fixed".to_owned(),
+            None,
+        )),
+        Phase::Degraded => Some(finding(
+            Severity::Warning,
+            "the database answers, but pool.maxSize does not fit into its free connection slots".to_owned(),
+            Some(stage_recommendation(ProbeStage::Saturation)),
+        )),
+        _ => None,
+    }
+}
+
+/// The breaker is open after failures: since when, and when the next trial probe is.
+fn breaker_open(status: &DbPoolStatus, now: Timestamp) -> Finding {
+    let breaker = status.breaker.as_ref();
+    let state = breaker.map_or(BreakerState::Open, |b| b.state);
+    let since = breaker
+        .and_then(|b| b.since.as_ref())
+        .map(|t| format!(" since {}", relative(t.0, now)))
+        .unwrap_or_default();
+    let next = breaker
+        .and_then(|b| b.next_probe_at.as_ref())
+        .map(|t| format!("; next trial probe {}", relative(t.0, now)))
+        .unwrap_or_default();
+    finding(
+        Severity::Failure,
+        format!(
+            "circuit breaker {state:?}{since} after {} consecutive failures{next}",
+            status.consecutive_failures
+        ),
+        Some(
+            "Applications treat the database as unavailable. Fix the cause below; once the database answers, kubectl dbpool reopen NAME closes the breaker without waiting for the trial.",
+        ),
+    )
+}
+
+/// The pool cools down after failed recovery attempts, and until when.
+fn cooling_down(status: &DbPoolStatus, now: Timestamp) -> Finding {
+    finding(
+        Severity::Failure,
+        format!(
+            "cooling down after {} failed attempts{}",
+            status.recovery_attempts,
+            status
+                .cooldown_until
+                .as_ref()
+                .map(|t| format!(", no probes until {}", relative(t.0, now)))
+                .unwrap_or_default()
+        ),
+        Some(
+            "Fix the cause below, then kubectl dbpool reopen NAME instead of waiting for the cooldown.",
+        ),
+    )
+}
+
+/// The last probe: a failure with the stage's (and SQLSTATE's) recommendation, or a success.
+fn last_probe(probe: &ProbeSummary, now: Timestamp) -> Vec<Finding> {
+    let when = relative(probe.time.0, now);
+    let message = probe.message.as_deref().unwrap_or("");
+    if probe.outcome == ProbeOutcome::Success {
+        let detail = match (probe.connections, probe.max_connections) {
+            (Some(c), Some(m)) => format!(", {c}/{m} connections"),
+            _ => String::new(),
+        };
+        return vec![finding(
+            Severity::Info,
+            format!(
+                "last probe ({when}) succeeded in {} ms: {message}{detail}",
+                probe.latency_ms
+            ),
+            None,
+        )];
+    }
+    let stage = probe.stage.unwrap_or(ProbeStage::Connect);
+    let mut findings = vec![finding(
+        Severity::Failure,
+        format!(
+            "last probe ({when}) failed at stage {} ({}): {message}",
+            stage.name(),
+            probe.outcome.name()
+        ),
+        Some(stage_recommendation(stage)),
+    )];
+    if let Some(code) = probe.sql_state.as_deref() {
+        findings.push(Finding {
+            severity: Severity::Failure,
+            what: format!("the server answered SQLSTATE {code}"),
+            recommendation: Some(sqlstate_recommendation(code)),
+        });
+    }
+    findings
+}
+
+/// The last five Warning events, newest first.
+fn warning_events(events: &[Event], now: Timestamp) -> Vec<Finding> {
+    let warnings: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .collect();
+    warnings
+        .iter()
+        .rev()
+        .take(5)
+        .map(|e| {
+            finding(
+                Severity::Info,
+                format!(
+                    "event {} x{} ({}): {}",
+                    e.reason.as_deref().unwrap_or("?"),
+                    event_count(e),
+                    relative(event_time(e), now),
+                    e.message.as_deref().unwrap_or("")
+                ),
+                None,
+            )
+        })
+        .collect()
 }
 
 /// The report as text.

@@ -19,7 +19,8 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use dbpool_api::{
-    FORCE_REOPEN_ANNOTATION, HELD_BY_ANNOTATION, HOLD_ANNOTATION, Hold, RELEASED_BY_ANNOTATION,
+    DbPool, FORCE_REOPEN_ANNOTATION, HELD_BY_ANNOTATION, HOLD_ANNOTATION, Hold,
+    RELEASED_BY_ANNOTATION,
 };
 use k8s_openapi::jiff::Timestamp;
 use kube::{ResourceExt, api::ListParams};
@@ -142,154 +143,199 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Runs the verb of `cli`: the exit code, or the error to show.
 async fn run(cli: Cli) -> Result<ExitCode, Error> {
     let cluster = Cluster::connect(&cli.connection).await?;
-    let now = Timestamp::now;
     match cli.verb {
         Verb::Status {
             name,
             all_namespaces,
-        } => {
-            let pools = match name {
-                Some(name) => vec![cluster.pool(&name).await?],
-                None => {
-                    let mut pools = cluster
-                        .pools(all_namespaces)
-                        .list(&ListParams::default())
-                        .await?
-                        .items;
-                    pools.sort_by_key(|p| (p.namespace(), p.name_any()));
-                    pools
-                }
-            };
-            if pools.is_empty() {
-                eprintln!(
-                    "No DbPools found{}.",
-                    if all_namespaces {
-                        String::new()
-                    } else {
-                        format!(" in namespace {}", cluster.namespace)
-                    }
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            let mut rows = vec![render::status_header(all_namespaces)];
-            rows.extend(
-                pools
-                    .iter()
-                    .map(|p| render::status_row(p, all_namespaces, now())),
-            );
-            print!("{}", render::table(&rows));
+        } => status(&cluster, name, all_namespaces).await,
+        Verb::Reopen { name, timeout } => reopen(&cluster, &name, timeout).await,
+        Verb::Hold { name, reason } => hold(&cluster, &name, &reason).await,
+        Verb::Release { name } => release(&cluster, &name).await,
+        Verb::Diagnose { name } => diagnose_pool(&cluster, &name).await,
+        Verb::Events { name } => events(&cluster, &name).await,
+    }
+}
+
+/// `status`: one row per pool (the one named, or every pool in the namespace or cluster).
+async fn status(
+    cluster: &Cluster,
+    name: Option<String>,
+    all_namespaces: bool,
+) -> Result<ExitCode, Error> {
+    let pools = match name {
+        Some(name) => vec![cluster.pool(&name).await?],
+        None => {
+            let mut pools = cluster
+                .pools(all_namespaces)
+                .list(&ListParams::default())
+                .await?
+                .items;
+            pools.sort_by_key(|p| (p.namespace(), p.name_any()));
+            pools
         }
-        Verb::Reopen { name, timeout } => {
-            cluster.pool(&name).await?;
-            let token = format!("kubectl-dbpool-{}", now().as_nanosecond().unsigned_abs());
-            cluster
-                .annotate(
-                    &name,
-                    BTreeMap::from([(FORCE_REOPEN_ANNOTATION, Some(token.clone()))]),
-                )
-                .await?;
-            println!(
-                "force-reopen token {token} set on {}/{name}",
-                cluster.namespace
-            );
-            let start = Instant::now();
-            let pool = loop {
-                let pool = cluster.pool(&name).await?;
-                let acted = pool
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.last_force_reopen.as_ref())
-                    .is_some_and(|r| r.token == token);
-                if acted {
-                    break pool;
-                }
-                if start.elapsed() >= timeout {
-                    return Err(Error::new(format!(
-                        "the operator did not act on token {token} within {timeout:?}: is it running? (kubectl dbpool diagnose {name})"
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            };
-            let acted_at = pool
-                .status
-                .as_ref()
-                .and_then(|s| s.last_force_reopen.as_ref())
-                .map(|r| render::relative(r.time.0, now()))
-                .unwrap_or_default();
-            println!("the operator acted on it {acted_at}:");
-            let rows = vec![
-                render::status_header(false),
-                render::status_row(&pool, false, now()),
-            ];
-            print!("{}", render::table(&rows));
-        }
-        Verb::Hold { name, reason } => {
-            if reason.trim().is_empty() {
-                return Err(Error::new("--reason must say why".to_owned()));
-            }
-            cluster.pool(&name).await?;
-            let who = cluster.whoami().await?;
-            let pool = cluster
-                .annotate(
-                    &name,
-                    BTreeMap::from([
-                        (HOLD_ANNOTATION, Some(reason.trim().to_owned())),
-                        (HELD_BY_ANNOTATION, Some(who)),
-                        (RELEASED_BY_ANNOTATION, None),
-                    ]),
-                )
-                .await?;
-            let hold = Hold::from_annotations(pool.annotations())
-                .map(|h| h.describe())
-                .unwrap_or_default();
-            println!(
-                "{}/{name}: breaker {hold}; release with: kubectl dbpool release {name} -n {}",
-                cluster.namespace, cluster.namespace
-            );
-        }
-        Verb::Release { name } => {
-            let pool = cluster.pool(&name).await?;
-            let Some(hold) = Hold::from_annotations(pool.annotations()) else {
-                println!("{}/{name} is not held", cluster.namespace);
-                return Ok(ExitCode::SUCCESS);
-            };
-            let who = cluster.whoami().await?;
-            cluster
-                .annotate(
-                    &name,
-                    BTreeMap::from([
-                        (HOLD_ANNOTATION, None),
-                        (HELD_BY_ANNOTATION, None),
-                        (RELEASED_BY_ANNOTATION, Some(who.clone())),
-                    ]),
-                )
-                .await?;
-            println!(
-                "{}/{name}: released by {who} (was {}); the breaker follows spec.breaker.mode again",
-                cluster.namespace,
-                hold.describe()
-            );
-        }
-        Verb::Diagnose { name } => {
-            let pool = cluster.pool(&name).await?;
-            let events = cluster.events(&name).await?;
-            let report = diagnose::diagnose(&pool, &events, now());
-            print!("{}", diagnose::render(&report));
-            if !report.healthy {
-                return Ok(ExitCode::from(1));
-            }
-        }
-        Verb::Events { name } => {
-            cluster.pool(&name).await?;
-            let events = cluster.events(&name).await?;
-            if events.is_empty() {
-                eprintln!("No events for {}/{name}.", cluster.namespace);
+    };
+    if pools.is_empty() {
+        eprintln!(
+            "No DbPools found{}.",
+            if all_namespaces {
+                String::new()
             } else {
-                print!("{}", render::table(&render::event_rows(&events, now())));
+                format!(" in namespace {}", cluster.namespace)
             }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![render::status_header(all_namespaces)];
+    rows.extend(
+        pools
+            .iter()
+            .map(|p| render::status_row(p, all_namespaces, Timestamp::now())),
+    );
+    print!("{}", render::table(&rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `reopen`: sets a fresh force-reopen token, waits for the operator to act on it and prints
+/// the pool's row.
+async fn reopen(cluster: &Cluster, name: &str, timeout: Duration) -> Result<ExitCode, Error> {
+    cluster.pool(name).await?;
+    let token = format!(
+        "kubectl-dbpool-{}",
+        Timestamp::now().as_nanosecond().unsigned_abs()
+    );
+    cluster
+        .annotate(
+            name,
+            BTreeMap::from([(FORCE_REOPEN_ANNOTATION, Some(token.clone()))]),
+        )
+        .await?;
+    println!(
+        "force-reopen token {token} set on {}/{name}",
+        cluster.namespace
+    );
+    let pool = wait_for_reopen(cluster, name, &token, timeout).await?;
+    let acted_at = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.last_force_reopen.as_ref())
+        .map(|r| render::relative(r.time.0, Timestamp::now()))
+        .unwrap_or_default();
+    println!("the operator acted on it {acted_at}:");
+    let rows = vec![
+        render::status_header(false),
+        render::status_row(&pool, false, Timestamp::now()),
+    ];
+    print!("{}", render::table(&rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The pool once its status records that the operator acted on `token`; an error after
+/// `timeout`.
+async fn wait_for_reopen(
+    cluster: &Cluster,
+    name: &str,
+    token: &str,
+    timeout: Duration,
+) -> Result<DbPool, Error> {
+    let start = Instant::now();
+    loop {
+        let pool = cluster.pool(name).await?;
+        let acted = pool
+            .status
+            .as_ref()
+            .and_then(|s| s.last_force_reopen.as_ref())
+            .is_some_and(|r| r.token == token);
+        if acted {
+            return Ok(pool);
         }
+        if start.elapsed() >= timeout {
+            return Err(Error::new(format!(
+                "the operator did not act on token {token} within {timeout:?}: is it running? (kubectl dbpool diagnose {name})"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `hold`: holds the breaker open, recording who and why.
+async fn hold(cluster: &Cluster, name: &str, reason: &str) -> Result<ExitCode, Error> {
+    if reason.trim().is_empty() {
+        return Err(Error::new("--reason must say why".to_owned()));
+    }
+    cluster.pool(name).await?;
+    let who = cluster.whoami().await?;
+    let pool = cluster
+        .annotate(
+            name,
+            BTreeMap::from([
+                (HOLD_ANNOTATION, Some(reason.trim().to_owned())),
+                (HELD_BY_ANNOTATION, Some(who)),
+                (RELEASED_BY_ANNOTATION, None),
+            ]),
+        )
+        .await?;
+    let hold = Hold::from_annotations(pool.annotations())
+        .map(|h| h.describe())
+        .unwrap_or_default();
+    println!(
+        "{}/{name}: breaker {hold}; release with: kubectl dbpool release {name} -n {}",
+        cluster.namespace, cluster.namespace
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `release`: ends a maintenance hold, recording who.
+async fn release(cluster: &Cluster, name: &str) -> Result<ExitCode, Error> {
+    let pool = cluster.pool(name).await?;
+    let Some(hold) = Hold::from_annotations(pool.annotations()) else {
+        println!("{}/{name} is not held", cluster.namespace);
+        return Ok(ExitCode::SUCCESS);
+    };
+    let who = cluster.whoami().await?;
+    cluster
+        .annotate(
+            name,
+            BTreeMap::from([
+                (HOLD_ANNOTATION, None),
+                (HELD_BY_ANNOTATION, None),
+                (RELEASED_BY_ANNOTATION, Some(who.clone())),
+            ]),
+        )
+        .await?;
+    println!(
+        "{}/{name}: released by {who} (was {}); the breaker follows spec.breaker.mode again",
+        cluster.namespace,
+        hold.describe()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `diagnose`: prints the findings; exit code 1 when the pool is unhealthy.
+async fn diagnose_pool(cluster: &Cluster, name: &str) -> Result<ExitCode, Error> {
+    let pool = cluster.pool(name).await?;
+    let events = cluster.events(name).await?;
+    let report = diagnose::diagnose(&pool, &events, Timestamp::now());
+    print!("{}", diagnose::render(&report));
+    if !report.healthy {
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `events`: the pool's events, oldest first.
+async fn events(cluster: &Cluster, name: &str) -> Result<ExitCode, Error> {
+    cluster.pool(name).await?;
+    let events = cluster.events(name).await?;
+    if events.is_empty() {
+        eprintln!("No events for {}/{name}.", cluster.namespace);
+    } else {
+        print!(
+            "{}",
+            render::table(&render::event_rows(&events, Timestamp::now()))
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
