@@ -5,8 +5,10 @@
 //! `kubectl explain` shows, so they are written for users. No behaviour lives here: deciding,
 //! probing and reconciling belong to `dbpool-recovery`, `dbpool-probe` and the operator's
 //! controller. The enums those crates decide on or report (breaker mode and state, phase, TLS
-//! mode, roles, probe stages and outcomes) are theirs and re-exported here, so the schema shows
-//! them and neither crate needs kube. Must not live here: I/O, clocks, the Kubernetes client.
+//! mode, roles, probe stages and outcomes) are theirs (the probe's live in `dbpool-vocab`) and
+//! re-exported here, so the schema shows them and neither crate needs kube; this crate does not
+//! depend on `dbpool-probe`, so `kubectl-dbpool` links no database client. Must not live here:
+//! I/O, clocks, the Kubernetes client.
 
 // Each `printcolumn(...)` of the CustomResource derive repeats `type_`, which clippy takes for a
 // duplicated attribute.
@@ -47,8 +49,8 @@ mod policy;
 pub mod reason;
 mod status;
 
-pub use dbpool_probe::{ProbeOutcome, ProbeStage, SslMode, TargetSessionAttrs};
 pub use dbpool_recovery::{BreakerMode, BreakerState, Phase};
+pub use dbpool_vocab::{ProbeOutcome, ProbeStage, SslMode, TargetSessionAttrs};
 pub use duration::{DURATION_MESSAGE, DURATION_RULE, DurationError, GoDuration};
 pub use hold::{HELD_BY_ANNOTATION, HOLD_ANNOTATION, Hold, RELEASED_BY_ANNOTATION};
 pub use status::*;

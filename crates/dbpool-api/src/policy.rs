@@ -5,8 +5,8 @@
 //! (so those crates never see the API). Must not live here: any rule about what the values mean;
 //! [`Policy::clamped`] owns the ranges.
 
-use dbpool_probe::ProbeReport;
 use dbpool_recovery::Policy;
+use dbpool_vocab::ProbeReport;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 
 use crate::{DbPoolSpec, ProbeSummary};

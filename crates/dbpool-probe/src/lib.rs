@@ -5,7 +5,9 @@
 //! happens; the probe stages (resolve, TCP, TLS, startup/auth, `SELECT 1`, role, saturation) with
 //! their timeouts; the classification of every failure into a [`ProbeOutcome`]; and
 //! [`open_session`], the same connect path handing a usable session to application pools
-//! (`dbpool-client`), so there is one copy of connect, TLS and classification.
+//! (`dbpool-client`), so there is one copy of connect, TLS and classification. The vocabulary
+//! (the enums, [`ProbeReport`], the outcome → failure kind mapping) lives in `dbpool-vocab`, which
+//! the API shares, and is re-exported here under its old paths.
 //!
 //! Must not live here: anything about Kubernetes (reading Secrets, writing status, scheduling the
 //! next probe) or recovery policy (backoff, breaker): the probe reports what it saw and the
@@ -20,7 +22,6 @@ mod prober;
 mod session;
 mod stage;
 mod tls;
-mod types;
 
 use std::{fmt, time::Duration};
 
@@ -29,7 +30,8 @@ pub use guard::{
 };
 pub use prober::{ConnectionKey, Prober};
 pub use session::{Session, SessionConnection, SessionError, classify_error, open_session};
-pub use types::{ProbeOutcome, ProbeStage, SslMode, TargetSessionAttrs};
+// The vocabulary lives in dbpool-vocab (so the API needs no probe); its old paths stay valid.
+pub use dbpool_vocab::{ProbeOutcome, ProbeReport, ProbeStage, SslMode, TargetSessionAttrs};
 
 /// A database password. `Debug` prints `<redacted>` and there is no `Display`, so it cannot end up
 /// in a message or a log line by accident; [`Password::expose`] is the one way to read it.
@@ -82,55 +84,6 @@ pub struct ProbeTarget {
     pub pool_max_size: u32,
     /// Budget for the whole probe; every stage gets what is left of it.
     pub timeout: Duration,
-}
-
-/// What one probe saw. Never contains a password.
-#[derive(Clone, Debug)]
-pub struct ProbeReport {
-    /// Success, or which kind of failure.
-    pub outcome: ProbeOutcome,
-    /// The stage that failed, or the last stage run on success.
-    pub stage: ProbeStage,
-    /// Wall time of the whole probe.
-    pub latency: Duration,
-    /// What happened, short and for people.
-    pub message: String,
-    /// SQLSTATE of the server's error, when there was one.
-    pub sql_state: Option<String>,
-    /// `server_version` of the server.
-    pub server_version: Option<String>,
-    /// `pg_is_in_recovery()`: true on a standby.
-    pub in_recovery: Option<bool>,
-    /// Client backends open on the server.
-    pub connections: Option<i64>,
-    /// Connections ordinary roles may open: max_connections minus the reserved slots.
-    pub max_connections: Option<i64>,
-    /// `max_connections - connections`, never below zero.
-    pub free_slots: Option<i64>,
-    /// Whether `pool_max_size` more connections would fit into the free slots.
-    pub pool_fits: Option<bool>,
-    /// Whether this probe opened a new connection (false: it reused the persistent one).
-    pub fresh_connection: bool,
-    /// The failure is evidence about the network path, not the server (the fleet guard's
-    /// evidence): a timeout of any stage, an unreachable network or host, or a failed host
-    /// lookup. A refused connection, a reset or close, a SQLSTATE or a configuration failure
-    /// never is: each proves something at the address answered (or that the spec is wrong).
-    /// Always false on success. The one copy of this rule (`classify`).
-    pub path_evidence: bool,
-    /// Wall time of each stage that ran, in order.
-    pub stage_latencies: Vec<(ProbeStage, Duration)>,
-    /// The resolved address (IP and port) of the session the checks ran on: one at which the
-    /// probe authenticated to the declared database, found by resolving `host` when the session
-    /// was opened (so a name that moves is followed at the next reconnect). `None` when no
-    /// authenticated session was reached.
-    pub peer: Option<std::net::SocketAddr>,
-}
-
-impl ProbeReport {
-    /// Whether the probe succeeded.
-    pub fn is_success(&self) -> bool {
-        self.outcome == ProbeOutcome::Success
-    }
 }
 
 /// Tuning of the [`Prober`].

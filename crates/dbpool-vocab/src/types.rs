@@ -3,7 +3,7 @@
 //! Lives here: the four enums that the probe reads from a spec or reports in a result, with the
 //! serde and JSON-schema derives the DbPool API needs (it re-exports them for the CRD), and the
 //! one mapping from an outcome to the recovery engine's failure kind. Must not live here:
-//! anything about Kubernetes, and any probing logic.
+//! anything about Kubernetes, any probing logic, and the report of a probe (`report`).
 
 use dbpool_recovery::FailureKind;
 use schemars::JsonSchema;
