@@ -24,10 +24,7 @@ lint: ## cargo fmt --check, clippy with warnings denied, the crate graph's rules
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	CARGO="$(CARGO)" hack/check-crate-graph.sh
 	python3 hack/check-shape.py --self-test
-	python3 hack/check-shape.py --only sizes --root crates/kubectl-dbpool/src
-# The controller's shape (issue #22), to enable when src/controller passes it (doors and sizes):
-#	python3 hack/check-shape.py --only doors --root src/controller
-#	python3 hack/check-shape.py --only sizes --root src/controller
+	python3 hack/check-shape.py
 
 unit: ## Unit and property tests only (no control plane, no PostgreSQL)
 	$(CARGO) test --workspace --lib

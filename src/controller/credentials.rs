@@ -10,7 +10,10 @@
 //! contain a Secret's data, and a missing Secret reads the same as one that does not consent.
 //! Must not live here: the watch itself (`watches`) or what a failure does to the pool (`reconcile`).
 
-use super::api_permits::{ApiPermits, Priority};
+use super::{
+    api_permits::{ApiPermits, Priority},
+    error::CredentialError,
+};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -25,7 +28,7 @@ use kube::{
 };
 
 use crate::{
-    api::{ALLOWED_HOSTS_ANNOTATION, CREDENTIALS_LABEL, DbPool, SecretKeyRef, secret_consents},
+    api::{DbPool, SecretKeyRef, secret_consents},
     probe::Password,
 };
 
@@ -37,68 +40,6 @@ pub struct Credentials {
     pub ca_pem: Option<Vec<u8>>,
     /// resourceVersions of the Secrets used; a change means "probe again now".
     pub fingerprint: String,
-}
-
-/// Why credentials could not be read. Messages say exactly what to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum CredentialError {
-    /// The Secret does not exist, or does not consent to being used for this host. The two are
-    /// one error: telling them apart would need what the operator must not read.
-    #[error(
-        "Secret \"{name}\" in namespace \"{namespace}\" not found, or not opted in for host \"{host}\" \
-         (add the label {CREDENTIALS_LABEL}=true and \"{host}\" to the annotation \
-         {ALLOWED_HOSTS_ANNOTATION}; the password goes under the key \"{key}\")"
-    )]
-    NotFoundOrNotOptedIn {
-        /// Namespace looked in.
-        namespace: String,
-        /// Secret name.
-        name: String,
-        /// Key the spec names.
-        key: String,
-        /// The pool's host.
-        host: String,
-    },
-    /// The Secret exists but lacks the key.
-    #[error("Secret \"{name}\" in namespace \"{namespace}\" has no key \"{key}\"")]
-    KeyMissing {
-        /// Namespace looked in.
-        namespace: String,
-        /// Secret name.
-        name: String,
-        /// Key the spec names.
-        key: String,
-    },
-    /// The password is not UTF-8.
-    #[error("key \"{key}\" of Secret \"{name}\" is not valid UTF-8 text")]
-    NotText {
-        /// Secret name.
-        name: String,
-        /// Key the spec names.
-        key: String,
-    },
-    /// The Secret watch has not completed its first list (the operator just started): the
-    /// Secret may well exist, so the reconcile stops without a verdict and is triggered again.
-    #[error("Secret \"{name}\": the Secret watch has not synced yet")]
-    NotSynced {
-        /// Secret name.
-        name: String,
-    },
-    /// The apiserver could not be asked (RBAC, network): not the user's Secret's fault.
-    #[error("cannot read Secret \"{name}\": {source}")]
-    Api {
-        /// Secret name.
-        name: String,
-        /// The client error.
-        source: kube::Error,
-    },
-}
-
-impl CredentialError {
-    /// Whether the error is a mistake in configuration (as opposed to an apiserver problem).
-    pub fn is_config(&self) -> bool {
-        !matches!(self, Self::Api { .. } | Self::NotSynced { .. })
-    }
 }
 
 #[derive(Clone)]

@@ -4,7 +4,8 @@
 //!
 //! The modules stand in layers, and imports only go down (checked by `hack/check-shape.py` in
 //! `make lint`):
-//! - **runtime** — `leadership` (the Lease elector and the per-term loop), `watches` (the
+//! - **runtime** — `launch` ([`run`], [`run_observed`]), `leadership` (the Lease elector and
+//!   the per-term loop), `watches` (the
 //!   DbPool and Secret watches, the connection-lost trigger, readiness), `liveness` (watch
 //!   errors and the failing streak `/healthz` judges), `running` ([`RunningOperator`]);
 //! - **context** — `context` ([`Context`](context::Context): the parts, the one pool registry,
@@ -16,10 +17,11 @@
 //!   targets), `credentials` (reading Secrets), `status` (the status a user sees), `gate` (the
 //!   gated Service of `spec.gate`), `write` (outboxes, the writer's decisions, the write budget),
 //!   `triggers` (which events a reconcile feeds the engine);
-//! - **vocabulary**, which any layer may use — `config` ([`OperatorConfig`]), `observer`,
+//! - **door** — `fence` ([`Fence`] and the one door for writes and per-pool metrics);
+//! - **vocabulary**, which any layer may use — `config` ([`OperatorConfig`]), `error`
+//!   ([`Error`]), `observer`,
 //!   `names` (pool and target keys, [`PerPool`](names::PerPool)), `events` (event wording),
-//!   `fence` ([`Fence`] and the one door for writes and per-pool metrics), `api_permits` (the
-//!   apiserver request budget), `sync` (the lock policy).
+//!   `api_permits` (the apiserver request budget), `sync` (the lock policy).
 //!
 //! Two words with one meaning each: a *permit* is a place in a budget (probe permits in
 //! `slots`, API permits in `api_permits`); the *fence* is leadership as every write checks it,
@@ -36,10 +38,12 @@ mod api_permits;
 mod config;
 mod context;
 mod credentials;
+mod error;
 mod events;
 mod fence;
 mod fleet;
 mod gate;
+mod launch;
 mod leadership;
 mod liveness;
 mod names;
@@ -55,71 +59,11 @@ mod triggers;
 mod watches;
 mod write;
 
-use std::{future::Future, sync::Arc};
-
-use futures::FutureExt;
-use kube::Client;
-
 pub use config::{
     FIELD_MANAGER, FleetGuardSettings, GateAllowlist, LeaderElection, OperatorConfig,
 };
+pub use error::Error;
 pub use fence::{Fence, Leadership};
+pub use launch::{run, run_observed};
 pub use observer::{Footprint, NoObserver, Observer, ProbeObservation};
 pub use running::RunningOperator;
-
-use crate::metrics::Metrics;
-use credentials::CredentialError;
-
-/// Errors a reconcile or the operator as a whole can end with.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// An apiserver call failed.
-    #[error("apiserver request failed: {0}")]
-    Kube(#[from] kube::Error),
-    /// A Secret could not be read for a reason other than the user's configuration.
-    #[error("{0}")]
-    Credentials(#[from] CredentialError),
-    /// A write did not complete within its deadline (the rest of the term, at most 10s).
-    #[error("apiserver write took longer than {0:?}")]
-    WriteTimeout(std::time::Duration),
-    /// The pool was deleted while its reconcile ran (never surfaces: the reconcile forgets it).
-    #[error("the DbPool was deleted")]
-    Deleted,
-    /// Leader election could not be set up (the process cannot safely run).
-    #[error("cannot set up leader election: {0}")]
-    LeaderElection(String),
-}
-
-/// Runs the operator until `shutdown` resolves: directly, or (with leader election) whenever
-/// this process holds the Lease. Fails when leader election cannot be set up.
-pub async fn run(
-    client: Client,
-    config: OperatorConfig,
-    metrics: Arc<Metrics>,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) -> Result<(), Error> {
-    run_observed(client, config, metrics, Arc::new(NoObserver), shutdown).await
-}
-
-/// [`run`], telling `observer` about every probe and acknowledged status write.
-pub async fn run_observed(
-    client: Client,
-    config: OperatorConfig,
-    metrics: Arc<Metrics>,
-    observer: Arc<dyn Observer>,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) -> Result<(), Error> {
-    let shutdown = shutdown.boxed().shared();
-    match config.leader_election.clone() {
-        None => {
-            metrics.set_leader(true);
-            let fence = Fence::always_open();
-            watches::run_controller(client, config, metrics, observer, fence, shutdown).await;
-            Ok(())
-        }
-        Some(election) => {
-            leadership::run_with_election(client, config, election, metrics, observer, shutdown)
-                .await
-        }
-    }
-}

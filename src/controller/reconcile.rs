@@ -34,7 +34,7 @@ use super::{
     Error,
     api_permits::apiserver_retry_delay,
     context::{Context, PoolMemory},
-    credentials::CredentialError,
+    error::CredentialError,
     names::{PoolRef, pool_labels},
     sharing::{ShareKey, SharedResult, Ticket},
     targets::SharedFailure,

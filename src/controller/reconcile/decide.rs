@@ -18,7 +18,8 @@ use crate::{
     controller::{
         Error,
         context::Context,
-        credentials::{CredentialError, Credentials},
+        credentials::Credentials,
+        error::CredentialError,
         fleet::Seen,
         names::{owner_key, spec_target_key},
         sharing::{SharedResult, Ticket},

@@ -19,7 +19,8 @@ use crate::{
     },
     controller::{
         context::{Context, PoolMemory},
-        credentials::{CredentialError, Credentials},
+        credentials::Credentials,
+        error::CredentialError,
         names::{pool_labels, spec_target_key},
         triggers::{Observed, Trigger, triggers},
     },
