@@ -27,8 +27,9 @@ mod stream;
 
 use std::sync::Arc;
 
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::{controller::Action, events::EventType, reflector::ObjectRef};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{
     Error,
@@ -93,6 +94,8 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
     run.publish_state(&ctx);
     run.write(&pool, &ctx).await;
     let requeue = run.memory.requeue_after(&run.policy);
+    let next = run.memory.next(&run.policy, Timestamp::now());
+    debug!(pool = %run.key, at = %next.at, why = ?next.why, "next action");
     // Deleted while this reconcile ran: remember nothing (no entry, series or probe connection).
     if !ctx.exists(&pool, &run.key) {
         ctx.forget(&run.key);

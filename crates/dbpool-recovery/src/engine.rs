@@ -104,36 +104,64 @@ pub fn apply_guarded(
 ///
 /// See the module docs for the rules. The result is never before `last_probe_at`.
 pub fn next_deadline(state: &PoolState, policy: &Policy) -> Option<Timestamp> {
+    next_due(state, policy).0
+}
+
+/// Why the engine wants the next probe when it does (see [`next_due`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Never probed: now.
+    First,
+    /// A probe was requested (force reopen, lost connection, new Secret, spec change): now.
+    Requested,
+    /// The health-check interval of a healthy pool.
+    Interval,
+    /// The backoff delay after a failure.
+    Backoff,
+    /// The breaker's trial after `openTimeout` (or the later backoff delay).
+    Trial,
+    /// The end of a cooldown.
+    Cooldown,
+    /// The next trial of a half-open breaker, one initial delay after the last.
+    HalfOpenTrial,
+}
+
+/// When the next probe is due (`None`: now) and why: the one rule of [`next_deadline`], with
+/// its reason. The deadline is never before `last_probe_at`.
+pub fn next_due(state: &PoolState, policy: &Policy) -> (Option<Timestamp>, Due) {
     if state.probe_requested {
-        return None;
+        return (None, Due::Requested);
     }
-    let last_probe = state.last_probe_at?;
+    let Some(last_probe) = state.last_probe_at else {
+        return (None, Due::First);
+    };
     let open_auto = state.breaker == BreakerState::Open && policy.mode == BreakerMode::Auto;
     let trial_at = state
         .breaker_since
         .map_or(last_probe, |since| add(since, policy.open_timeout));
-    let deadline = if let Some(until) = state.cooldown_until {
+    let (deadline, due) = if let Some(until) = state.cooldown_until {
         if open_auto {
-            until.max(trial_at)
+            (until.max(trial_at), Due::Cooldown)
         } else {
-            until
+            (until, Due::Cooldown)
         }
     } else if open_auto {
         match (state.last_failure_at, state.current_backoff) {
-            (Some(at), Some(backoff)) => trial_at.max(add(at, backoff)),
-            _ => trial_at,
+            (Some(at), Some(backoff)) => (trial_at.max(add(at, backoff)), Due::Trial),
+            _ => (trial_at, Due::Trial),
         }
     } else if state.last_failure.is_some() {
         let backoff = state.current_backoff.unwrap_or(policy.initial_delay);
-        state
+        let at = state
             .last_failure_at
-            .map_or(last_probe, |at| add(at, backoff))
+            .map_or(last_probe, |at| add(at, backoff));
+        (at, Due::Backoff)
     } else if state.breaker == BreakerState::HalfOpen {
-        add(last_probe, policy.initial_delay)
+        (add(last_probe, policy.initial_delay), Due::HalfOpenTrial)
     } else {
-        add(last_probe, policy.interval)
+        (add(last_probe, policy.interval), Due::Interval)
     };
-    Some(deadline.max(last_probe))
+    (Some(deadline.max(last_probe)), due)
 }
 
 /// The phase the state shows, by the first rule that matches: Pending, ConfigError, CoolingDown,

@@ -1,7 +1,8 @@
 //! The recovery engine: reconnect backoff, circuit breaker and phase, as pure functions.
 //!
 //! Lives here: [`Policy`] (the spec's knobs, clamped), [`PoolState`] (one pool's recovery
-//! memory), [`apply`] (event → new state + effects), [`next_deadline`], [`phase`],
+//! memory), [`apply`] (event → new state + effects), [`next_deadline`] (and [`next_due`], the
+//! same with its reason), [`phase`],
 //! [`backoff_delay`], the shared connect schedule of a target that is down
 //! ([`shared_policy`], [`TargetSchedule`]), the sharing of results among equivalent probes
 //! of a healthy target ([`share_decision`]) and the fleet guard's verdict ([`FleetGuard`]). Must not live here: I/O, async, the Kubernetes client, logging, or reading
@@ -94,7 +95,7 @@ mod target;
 mod types;
 
 pub use backoff::backoff_delay;
-pub use engine::{add, apply, apply_guarded, next_deadline, phase};
+pub use engine::{Due, add, apply, apply_guarded, next_deadline, next_due, phase};
 pub use fleet::{FLEET_ENTRY_TTL, FleetGuard, FleetGuardConfig, FleetVerdict, MAX_FLEET_ENTRIES};
 pub use policy::{MAX_MULTIPLIER, MIN_DURATION, Policy};
 pub use share::{

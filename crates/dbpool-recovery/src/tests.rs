@@ -798,3 +798,25 @@ fn a_success_ends_a_hold_and_half_open_is_never_held() {
     }));
     assert_eq!(sim.state.held_since, None);
 }
+
+#[test]
+fn the_deadline_says_why() {
+    let mut sim = Sim::new(exact());
+    let due = |sim: &Sim| next_due(&sim.state, &sim.policy);
+    assert_eq!(due(&sim), (None, Due::First));
+    sim.probe_ok();
+    assert_eq!(due(&sim), (Some(add(sim.now, secs(30))), Due::Interval));
+    sim.wait();
+    sim.probe_fail(FailureKind::Outage);
+    assert_eq!(due(&sim), (Some(add(sim.now, secs(1))), Due::Backoff));
+    for _ in 0..4 {
+        sim.wait();
+        sim.probe_fail(FailureKind::Outage);
+    }
+    assert_eq!(sim.state.breaker, BreakerState::Open);
+    assert_eq!(due(&sim).1, Due::Trial);
+    sim.apply(Event::ProbeRequested);
+    assert_eq!(due(&sim), (None, Due::Requested));
+    // next_deadline is next_due's instant, whatever the reason.
+    assert_eq!(next_deadline(&sim.state, &sim.policy), due(&sim).0);
+}

@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
+use super::schedule::{Next, Plan, Reason, Wants};
 use crate::{
     api::{
         BREAKER_LABEL, BreakerState, CONDITION_BREAKER_OPEN, DbPool, DbPoolStatus,
@@ -37,24 +38,14 @@ pub(crate) struct PoolMemory {
     pub label_written: Option<String>,
     pub label_written_at: Option<Timestamp>,
     pub credentials_fingerprint: Option<String>,
-    /// No probe before this instant (restart spreading, rate limit of loss-triggered probes,
-    /// the next shared attempt of a target that is down).
-    pub not_before: Option<Timestamp>,
+    /// The pool's own word on its next action (see `schedule`).
+    pub plan: Plan,
     /// The address of the last probe that logged in: the only address a gate may point at.
     pub gate_peer: Option<std::net::SocketAddr>,
     /// The gate Service this process last wrote for the pool (to remove it when undeclared).
     pub gate_applied: Option<String>,
-    /// Since when a pool that is due "now" (never probed) has waited for its target's shared
-    /// attempt, or the deadline a pool first found due for a probe stream to answer (see
-    /// `sharing`): the deadline a shared result must satisfy. Cleared by a probe.
-    pub due_since: Option<Timestamp>,
-    /// When the probe connection's loss asked for a probe that has not run yet: a probe of the
-    /// pool's stream that started since then answers the request as well as its own would.
-    pub requested_at: Option<Timestamp>,
-    /// The grid point of the pool's probe stream it plans its next probe at, when that is
-    /// before the engine's deadline (a steady pool only; see `sharing`). Recomputed after every
-    /// result, cleared by every trigger.
-    pub aligned: Option<Timestamp>,
+    /// How fresh someone else's result must be to answer for this pool (see `schedule`).
+    pub wants: Wants,
 }
 
 /// How far after a restart a restored pool's first probe waits: spread over one interval (or
@@ -93,12 +84,10 @@ impl PoolMemory {
             label_written: None,
             label_written_at: None,
             credentials_fingerprint: None,
-            not_before: None,
+            plan: Plan::Engine,
             gate_peer: None,
             gate_applied: None,
-            due_since: None,
-            requested_at: None,
-            aligned: None,
+            wants: Wants::default(),
         };
         let Some(status) = pool.status.as_ref().filter(|s| s.phase.is_some()) else {
             return fresh;
@@ -121,23 +110,14 @@ impl PoolMemory {
             // make every pool refresh its status at once.
             last_written_at: status.last_probe.as_ref().map(|p| p.time.0),
             label_written: pool.labels().get(BREAKER_LABEL).cloned(),
-            not_before: Some(add(now, spread)),
+            plan: Plan::NotBefore(add(now, spread), Reason::RestartSpread),
             ..fresh
         }
     }
 
-    /// When the next probe is due: the engine's deadline (or the earlier grid point of the
-    /// pool's probe stream), or `not_before` if later.
-    pub fn deadline(&self, policy: &Policy, now: Timestamp) -> Timestamp {
-        let engine = recovery::next_deadline(&self.state, policy).unwrap_or(now);
-        let engine = match self.aligned {
-            Some(aligned) if aligned < engine => aligned,
-            _ => engine,
-        };
-        match self.not_before {
-            Some(nb) if nb > engine => nb,
-            _ => engine,
-        }
+    /// When the pool acts next, and why (see `schedule`).
+    pub fn next(&self, policy: &Policy, now: Timestamp) -> Next {
+        self.plan.next(&self.state, policy, now)
     }
 
     /// Feeds one event to the engine, collecting its effects.
@@ -169,7 +149,7 @@ impl PoolMemory {
     /// The time until the next probe, as a requeue delay (at least 1 ms).
     pub fn requeue_after(&self, policy: &Policy) -> Duration {
         let now = Timestamp::now();
-        let wait = now.duration_until(self.deadline(policy, now));
+        let wait = now.duration_until(self.next(policy, now).at);
         Duration::try_from(wait)
             .unwrap_or(Duration::ZERO)
             .max(Duration::from_millis(1))
@@ -230,15 +210,16 @@ mod tests {
         let pool = pool_with_status("steady", Some(healthy_status(now)));
         let policy = pool.spec.policy();
         let mut memory = PoolMemory::restore(&pool, &policy, now);
-        memory.not_before = None;
-        let engine = memory.deadline(&policy, now);
+        assert!(matches!(
+            memory.plan,
+            Plan::NotBefore(_, Reason::RestartSpread)
+        ));
+        memory.plan = Plan::Engine;
+        let engine = memory.next(&policy, now).at;
         assert_eq!(engine, add(now, policy.interval));
         let earlier = add(now, policy.interval / 2);
-        memory.aligned = Some(earlier);
-        assert_eq!(memory.deadline(&policy, now), earlier);
-        // Never later than the engine asks for.
-        memory.aligned = Some(add(engine, policy.interval));
-        assert_eq!(memory.deadline(&policy, now), engine);
+        memory.plan = Plan::At(earlier, Reason::StreamGrid);
+        assert_eq!(memory.next(&policy, now).at, earlier);
     }
 
     #[test]
@@ -247,7 +228,7 @@ mod tests {
         let pool = pool_with_status("fresh", None);
         let policy = pool.spec.policy();
         let entry = PoolMemory::restore(&pool, &policy, now);
-        assert_eq!(entry.deadline(&policy, now), now);
+        assert_eq!(entry.next(&policy, now).at, now);
     }
 
     #[test]
@@ -261,7 +242,9 @@ mod tests {
             .map(|i| {
                 let pool = pool_with_status(&format!("pool-{i}"), Some(healthy_status(long_ago)));
                 let policy = pool.spec.policy();
-                PoolMemory::restore(&pool, &policy, now).deadline(&policy, now)
+                PoolMemory::restore(&pool, &policy, now)
+                    .next(&policy, now)
+                    .at
             })
             .collect();
         let interval = SignedDuration::from_secs(30);

@@ -4,8 +4,9 @@
 //! everything the process remembers about one pool in the registry itself, keyed by its
 //! [`PoolRef`]), [`Parts`] (the parts that keep something per pool on the side: the prober's
 //! connection shares, the targets, the fleet guard, the probe streams), forgetting a pool in
-//! all of them at once ([`Context::forget`]), the recovery memory (`memory`) and the per-pool
-//! writer task (`writer`). Must not live here: the reconcile steps (`reconcile`), the
+//! all of them at once ([`Context::forget`]), the recovery memory (`memory`), the scheduling
+//! model (`schedule`: when a pool acts next, one value with one reason) and the per-pool writer
+//! task (`writer`). Must not live here: the reconcile steps (`reconcile`), the
 //! subsystems' own rules (each in its module), watches or event wording.
 //!
 //! **Forgetting is by construction.** A part that keeps something per pool is a field of
@@ -14,6 +15,7 @@
 //! per-pool metric series go with them (`Metrics::forget`).
 
 mod memory;
+mod schedule;
 mod writer;
 
 use std::{
@@ -29,6 +31,7 @@ use kube::{
 use tracing::debug;
 
 pub(crate) use memory::PoolMemory;
+pub(crate) use schedule::{Plan, Reason, Wants};
 pub(crate) use writer::submit;
 
 use super::{

@@ -15,7 +15,11 @@ use super::Run;
 use crate::{
     api::ProbeSummary,
     controller::{
-        context::Context, fence::Door, fleet::Fleet, fleet::Seen, observer::Observer,
+        context::{Context, Plan, Wants},
+        fence::Door,
+        fleet::Fleet,
+        fleet::Seen,
+        observer::Observer,
         observer::ProbeObservation,
     },
     recovery::{Effect, Event, FailureKind},
@@ -109,9 +113,8 @@ impl Run {
             });
         }
         self.memory.last_probe = Some(outcome.summary);
-        self.memory.not_before = None;
-        self.memory.due_since = None;
-        self.memory.requested_at = None;
+        self.memory.plan = Plan::Engine;
+        self.memory.wants = Wants::default();
     }
 }
 
@@ -125,7 +128,10 @@ mod tests {
     use crate::{
         api::{DbPool, DbPoolSpec, ProbeOutcome},
         controller::{
-            FleetGuardSettings, api_permits::ApiPermits, context::PoolMemory, fence::Fence,
+            FleetGuardSettings,
+            api_permits::ApiPermits,
+            context::{PoolMemory, Reason},
+            fence::Fence,
             fence::Leadership,
         },
         metrics::Metrics,
@@ -239,16 +245,15 @@ mod tests {
     fn a_success_clears_the_markers_and_keeps_the_address_for_the_gate() {
         let parts = parts(Leadership::Standby);
         let mut run = run();
-        run.memory.not_before = Some(Timestamp::now());
-        run.memory.due_since = Some(Timestamp::now());
-        run.memory.requested_at = Some(Timestamp::now());
+        run.memory.plan = Plan::NotBefore(Timestamp::now(), Reason::LostConnection);
+        run.memory.wants.requested(Timestamp::now());
+        run.memory.wants.target_due(None, Timestamp::now());
         let result = outcome(&mut run, None, false);
         let peer = result.peer;
         run.apply_to(&sinks(&parts), "db:5432", result);
         assert_eq!(run.memory.gate_peer, peer);
-        assert!(run.memory.not_before.is_none());
-        assert!(run.memory.due_since.is_none());
-        assert!(run.memory.requested_at.is_none());
+        assert_eq!(run.memory.plan, Plan::Engine);
+        assert_eq!(run.memory.wants, Wants::default());
         assert_eq!(
             run.memory.last_probe.as_ref().map(|p| p.outcome),
             Some(ProbeOutcome::Success)

@@ -17,7 +17,7 @@ use crate::{
     api::{BreakerState, DbPool, ProbeOutcome, ProbeStage, ProbeSummary},
     controller::{
         Error,
-        context::Context,
+        context::{Context, Plan, Reason},
         credentials::Credentials,
         error::CredentialError,
         fleet::Seen,
@@ -51,16 +51,16 @@ impl Run {
             Claim::Use(result) => Some(Source::DownTarget(result)),
             Claim::Wait(at) => {
                 // The target is down and its next shared attempt will answer for this pool too.
-                self.memory.not_before = Some(at);
+                self.memory.plan = Plan::At(at, Reason::TargetAttempt);
                 None
             }
         }
     }
 
-    /// Whether the engine's deadline (or the rate limit) says probe now.
+    /// Whether the pool's next action (see `context::schedule`) is now.
     fn probe_due(&self) -> bool {
         let now = Timestamp::now();
-        self.memory.deadline(&self.policy, now) <= now
+        self.memory.next(&self.policy, now).at <= now
     }
 
     /// Asks the pool's target what to do (see `targets`).
@@ -69,12 +69,8 @@ impl Run {
             return Claim::Probe;
         }
         let now = Timestamp::now();
-        // A pool due "now" (never probed) keeps the instant it first became due, so a shared
-        // result finished after it satisfies it (else it would chase every new attempt).
-        let due = match recovery::next_deadline(&self.memory.state, &self.policy) {
-            Some(deadline) => deadline,
-            None => *self.memory.due_since.get_or_insert(now),
-        };
+        let engine = recovery::next_deadline(&self.memory.state, &self.policy);
+        let due = self.memory.wants.target_due(engine, now);
         ctx.parts.targets.claim(
             &spec_target_key(pool),
             &self.key,

@@ -18,7 +18,7 @@ use crate::{
         RELEASED_BY_ANNOTATION, reason,
     },
     controller::{
-        context::{Context, PoolMemory},
+        context::{Context, Plan, PoolMemory, Reason},
         credentials::Credentials,
         error::CredentialError,
         names::{pool_labels, spec_target_key},
@@ -62,7 +62,7 @@ impl Run {
             memory
         });
         if let Some(at) = requested_at {
-            memory.requested_at.get_or_insert(at);
+            memory.wants.requested(at);
         }
         (Self::new(pool, memory), requested_at.is_some())
     }
@@ -115,11 +115,9 @@ impl Run {
             fingerprint: &fingerprint,
         };
         for trigger in triggers(&observed) {
-            self.memory.aligned = None;
             self.memory
                 .apply(trigger.event(), now, &self.policy, &mut self.effects);
-            self.memory.not_before =
-                not_before_after(trigger, self.memory.state.last_probe_at, &self.policy);
+            self.memory.plan = plan_after(trigger, self.memory.state.last_probe_at, &self.policy);
             self.record_trigger(trigger, pool, token.as_deref(), hold.as_deref(), now);
         }
         self.memory.credentials_fingerprint = Some(fingerprint);
@@ -170,20 +168,26 @@ pub(super) fn policy_of(pool: &DbPool) -> (Option<Hold>, Policy) {
     (hold, policy)
 }
 
-/// No probe before this instant after `trigger`: a lost connection waits `initialDelay` after
-/// the last probe (a connection that dies right after every probe must not become a probe
-/// loop); every other trigger probes at once.
-pub(super) fn not_before_after(
+/// The plan after `trigger` (see `context::schedule`): a lost connection waits `initialDelay`
+/// after the last probe (a connection that dies right after every probe must not become a probe
+/// loop); every other trigger follows the engine, which probes at once.
+pub(super) fn plan_after(
     trigger: Trigger,
     last_probe_at: Option<Timestamp>,
     policy: &Policy,
-) -> Option<Timestamp> {
-    match trigger {
-        Trigger::ConnectionLost => last_probe_at.map(|t| add(t, policy.initial_delay)),
-        Trigger::SpecChanged
-        | Trigger::HoldChanged
-        | Trigger::ForceReopen
-        | Trigger::CredentialsChanged => None,
+) -> Plan {
+    match (trigger, last_probe_at) {
+        (Trigger::ConnectionLost, Some(last)) => {
+            Plan::NotBefore(add(last, policy.initial_delay), Reason::LostConnection)
+        }
+        (Trigger::ConnectionLost, None)
+        | (
+            Trigger::SpecChanged
+            | Trigger::HoldChanged
+            | Trigger::ForceReopen
+            | Trigger::CredentialsChanged,
+            _,
+        ) => Plan::Engine,
     }
 }
 
@@ -224,12 +228,12 @@ mod tests {
         let policy = Policy::default();
         let last = Timestamp::UNIX_EPOCH;
         assert_eq!(
-            not_before_after(Trigger::ConnectionLost, Some(last), &policy),
-            Some(add(last, policy.initial_delay))
+            plan_after(Trigger::ConnectionLost, Some(last), &policy),
+            Plan::NotBefore(add(last, policy.initial_delay), Reason::LostConnection)
         );
         assert_eq!(
-            not_before_after(Trigger::ConnectionLost, None, &policy),
-            None
+            plan_after(Trigger::ConnectionLost, None, &policy),
+            Plan::Engine
         );
         for trigger in [
             Trigger::SpecChanged,
@@ -237,7 +241,7 @@ mod tests {
             Trigger::ForceReopen,
             Trigger::CredentialsChanged,
         ] {
-            assert_eq!(not_before_after(trigger, Some(last), &policy), None);
+            assert_eq!(plan_after(trigger, Some(last), &policy), Plan::Engine);
         }
         assert_eq!(policy.initial_delay, Duration::from_secs(1));
     }

@@ -15,7 +15,7 @@ use super::{Run, Source, apply::Outcome, decide::probe_target};
 use crate::{
     api::DbPool,
     controller::{
-        context::Context,
+        context::{Context, Plan, Reason},
         credentials::Credentials,
         fleet::Seen,
         names::pool_labels,
@@ -40,16 +40,11 @@ impl Run {
         let bound = self.policy.timeout.saturating_add(IN_FLIGHT_GRACE);
         let give_up = tokio::time::Instant::now() + bound;
         let now = Timestamp::now();
-        let due = *self
-            .memory
-            .due_since
-            .get_or_insert(self.memory.deadline(&self.policy, now));
         // A requested probe (the connection was lost) takes only what its stream saw since the
         // request.
-        let due = match self.memory.requested_at {
-            Some(at) if self.memory.state.probe_requested => at,
-            _ => due,
-        };
+        let deadline = self.memory.next(&self.policy, now).at;
+        let requested = self.memory.state.probe_requested;
+        let due = self.memory.wants.stream_due(deadline, requested);
         loop {
             // Past the bound nobody is waited for: the decision is a probe or a result.
             let waiting = if tokio::time::Instant::now() < give_up {
@@ -111,7 +106,7 @@ impl Run {
     /// stream's grid point (`aligned_deadline`), when that is before the engine's deadline;
     /// every other pool on the engine's deadline.
     pub(super) fn align(&mut self, ctx: &Context) {
-        self.memory.aligned = None;
+        self.memory.plan = Plan::Engine;
         let Some(key) = &self.stream else { return };
         if !recovery::is_steady(&self.memory.state) {
             return;
@@ -124,9 +119,12 @@ impl Run {
         ) {
             // On the grid, a stable offset after it (never after the engine's deadline).
             let offset = recovery::grid_offset(state.seed, &self.policy);
-            self.memory.aligned =
+            if let Some(point) =
                 recovery::aligned_deadline(anchor, self.policy.interval, last, deadline)
-                    .map(|point| recovery::add(point, offset).min(deadline));
+            {
+                let at = recovery::add(point, offset).min(deadline);
+                self.memory.plan = Plan::At(at, Reason::StreamGrid);
+            }
         }
     }
 }
