@@ -1,55 +1,66 @@
 //! Fair probe slots: one namespace's slow or hanging probes cannot hold another namespace's
-//! probes back.
+//! probes back, and a namespace that holds no slot never waits out someone else's timeouts.
 //!
-//! Lives here: [`ProbeSlots`] (the `--max-concurrent-probes` slots, granted round-robin across
-//! namespaces, with a namespace share and a target share) and [`ProbeSlot`] (a held slot,
-//! released on drop). Must not live here: when a pool is due (the engine), the probe itself
-//! (`dbpool-probe`).
+//! Lives here: [`ProbeSlots`] (the `--max-concurrent-probes` slots) and [`ProbeSlot`] (a held
+//! slot, released on drop), which apply the pure rule in `policy` (no clock but the instants it
+//! is given, no channels; property-tested there). Must not live here: when a pool is due (the
+//! engine), the probe itself (`dbpool-probe`).
 //!
-//! **The rules.** Waiters queue per namespace, first come first served within one. Whenever a
-//! slot frees, namespaces with a grantable waiter are served in turn (round-robin), so a
-//! namespace with a thousand due pools gets one slot per turn like a namespace with one.
-//! - A *target* (the spec's `host:port`, see `docs/design.md` "Fair probing") holds at most
-//!   `ceil(slots / active targets)` slots, active meaning holding or waiting for one.
-//! - A namespace holds at most `ceil(slots / active namespaces)` slots, active meaning it asked
-//!   for a slot within the last [`ACTIVE_WINDOW`] or holds or waits for one; and never more than
-//!   `slots − ceil(slots / 8)`, so a namespace that shows up while another one's probes hang
-//!   finds a free slot at once instead of waiting out their timeouts.
+//! **The rules.** Of `C` slots, `R = floor(C / 2)` are the *reserve* (32 of the default 64).
+//! Waiters queue per namespace, first come first served within one; namespaces with waiters
+//! stand in a ring, a newcomer at the back, and each free slot goes to the first namespace in
+//! the ring that may take it, which then moves to the back (the others keep their places).
+//! - A namespace holding **no** slot may take any free slot, the reserve included. Its first
+//!   waiter whose target is under the target share goes first, else its first waiter.
+//! - A namespace holding slots may take another (an *extra*) only if at most `C − R` slots are
+//!   then in use — the reserve stays whole — and it holds fewer than its share,
+//!   `ceil((C − R) / active namespaces)`, active meaning it asked for a slot within the last
+//!   [`ACTIVE_WINDOW`](policy::ACTIVE_WINDOW) (2 minutes) or holds or waits for one.
+//! - An extra goes to a waiter whose *target* (the spec's `host:port`, see `docs/design.md`
+//!   "Fair probing") holds fewer than `ceil(C / active targets)` slots, active meaning holding or
+//!   waiting for one.
+//!
+//! So the reserve is taken only by first slots, one per namespace, and refills before any
+//! namespace gets an extra: a freed slot goes to a namespace holding none, or stays free.
+//!
+//! **Newcomers.** A namespace holding no slot is granted one in the same call it asks, without
+//! waiting for any release, unless all `C` slots are held; and all are held only when at least
+//! `R + 1` namespaces hold a slot (every extra leaves `R` free, so `C` slots in use take `R + 1`
+//! first slots). Hence: while at most `R` other namespaces hold slots (32 with the default 64),
+//! a namespace holding none never waits, however many pools they have, however long their
+//! probes hang, in whatever order they came. No rule can do better without cancelling probes:
+//! `C` namespaces with one hanging probe each hold every slot.
+//!
+//! **Established namespaces.** Newcomers cannot starve them: a namespace that waits holding
+//! none is passed over by at most one grant per namespace ahead of it in the ring (newcomers
+//! join behind it), so it is served within that many grants; one holding slots keeps them and
+//! gets extras in turn whenever the reserve is whole. A newcomer takes at most one slot of the
+//! reserve. Nobody waits forever unless hanging probes hold the slots it needs (all `C` for a
+//! namespace holding none; the reserve, its share or its targets' share for one holding some),
+//! and a probe hangs at most its timeout.
+
+mod policy;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use tokio::sync::oneshot;
 
+use self::policy::{Grant, Policy, WaiterId};
 use super::context::lock;
-
-/// A namespace that asked for a slot this recently still counts as active for the shares.
-pub(super) const ACTIVE_WINDOW: Duration = Duration::from_secs(120);
 
 /// The probe slots of one controller.
 pub(super) struct ProbeSlots {
     inner: Arc<Mutex<Inner>>,
 }
 
-struct Waiter {
-    target: String,
-    tx: oneshot::Sender<ProbeSlot>,
-}
-
 struct Inner {
-    capacity: usize,
-    in_use: usize,
-    by_namespace: HashMap<String, usize>,
-    by_target: HashMap<String, usize>,
-    /// Waiters per namespace, in arrival order.
-    waiting: HashMap<String, VecDeque<Waiter>>,
-    /// Namespaces with waiters, in the order they are served next.
-    ring: VecDeque<String>,
-    /// When each namespace last asked for a slot.
-    recent: HashMap<String, Instant>,
+    policy: Policy,
+    /// Where each waiting ask's slot goes.
+    senders: HashMap<WaiterId, oneshot::Sender<ProbeSlot>>,
 }
 
 /// A held probe slot; dropping it frees the slot and grants it to the next waiter.
@@ -65,13 +76,8 @@ impl ProbeSlots {
     pub fn new(capacity: usize) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Inner {
-                capacity: capacity.max(1),
-                in_use: 0,
-                by_namespace: HashMap::new(),
-                by_target: HashMap::new(),
-                waiting: HashMap::new(),
-                ring: VecDeque::new(),
-                recent: HashMap::new(),
+                policy: Policy::new(capacity),
+                senders: HashMap::new(),
             })),
         }
     }
@@ -79,30 +85,25 @@ impl ProbeSlots {
     /// Waits for a slot for a probe of `target` on behalf of a pool in `namespace`. Cancel-safe:
     /// a waiter dropped before its grant takes nothing, one dropped after frees its slot.
     pub async fn acquire(&self, namespace: &str, target: &str) -> ProbeSlot {
-        let rx = {
+        let (id, rx) = {
             let mut inner = lock(&self.inner);
-            let now = Instant::now();
-            inner
-                .recent
-                .retain(|_, at| now.duration_since(*at) < ACTIVE_WINDOW);
-            inner.recent.insert(namespace.to_owned(), now);
             let (tx, rx) = oneshot::channel();
-            let queue = inner.waiting.entry(namespace.to_owned()).or_default();
-            let was_empty = queue.is_empty();
-            queue.push_back(Waiter {
-                target: target.to_owned(),
-                tx,
-            });
-            if was_empty && !inner.ring.iter().any(|n| n == namespace) {
-                inner.ring.push_back(namespace.to_owned());
-            }
-            grant(&mut inner, &self.inner);
-            rx
+            let (id, grants) = inner.policy.ask(namespace, target, Instant::now());
+            inner.senders.insert(id, tx);
+            deliver(&mut inner, &self.inner, grants);
+            (id, rx)
         };
-        match rx.await {
+        let mut pending = Pending {
+            inner: &self.inner,
+            id,
+            done: false,
+        };
+        let granted = rx.await;
+        pending.done = true;
+        match granted {
             Ok(slot) => slot,
-            // The sender lives in `inner`, which this `ProbeSlots` keeps alive, and is only
-            // dropped after a send: unreachable, but a slot that counts nothing is harmless.
+            // The sender lives in `inner` until it has sent: unreachable, but a slot that
+            // counts nothing is harmless.
             Err(_) => ProbeSlot {
                 inner: self.inner.clone(),
                 namespace: namespace.to_owned(),
@@ -113,100 +114,47 @@ impl ProbeSlots {
     }
 }
 
-impl Inner {
-    fn namespace_cap(&self) -> usize {
-        let mut active: Vec<&String> = self.recent.keys().collect();
-        for ns in self.by_namespace.keys().chain(self.waiting.keys()) {
-            if !active.contains(&ns) {
-                active.push(ns);
-            }
-        }
-        let share = self.capacity.div_ceil(active.len().max(1));
-        let headroom = self.capacity.div_ceil(8);
-        share.min(self.capacity.saturating_sub(headroom).max(1))
-    }
+/// An ask waiting for its slot. Dropped before the grant, it withdraws the ask; a slot already
+/// sent is then dropped with the receiver, which frees it.
+struct Pending<'a> {
+    inner: &'a Arc<Mutex<Inner>>,
+    id: WaiterId,
+    done: bool,
+}
 
-    fn target_cap(&self) -> usize {
-        let mut active: Vec<&String> = self.by_target.keys().collect();
-        for waiter in self.waiting.values().flatten() {
-            if !waiter.tx.is_closed() && !active.contains(&&waiter.target) {
-                active.push(&waiter.target);
-            }
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
         }
-        self.capacity.div_ceil(active.len().max(1))
+        let mut inner = lock(self.inner);
+        inner.senders.remove(&self.id);
+        let grants = inner.policy.cancel(self.id);
+        deliver(&mut inner, self.inner, grants);
     }
 }
 
-/// Grants free slots to waiters, serving namespaces round-robin.
-fn grant(inner: &mut Inner, shared: &Arc<Mutex<Inner>>) {
-    while inner.in_use < inner.capacity {
-        let namespace_cap = inner.namespace_cap();
-        let target_cap = inner.target_cap();
-        let mut granted = false;
-        for _ in 0..inner.ring.len() {
-            let Some(namespace) = inner.ring.pop_front() else {
-                break;
-            };
-            let held = inner.by_namespace.get(&namespace).copied().unwrap_or(0);
-            let mut chosen = None;
-            if let Some(queue) = inner.waiting.get_mut(&namespace) {
-                queue.retain(|w| !w.tx.is_closed());
-                if held < namespace_cap {
-                    chosen = queue
-                        .iter()
-                        .position(|w| {
-                            inner.by_target.get(&w.target).copied().unwrap_or(0) < target_cap
-                        })
-                        .and_then(|i| queue.remove(i));
-                }
-            }
-            let remaining = inner.waiting.get(&namespace).is_some_and(|q| !q.is_empty());
-            if !remaining {
-                inner.waiting.remove(&namespace);
-            }
-            if let Some(waiter) = chosen {
-                *inner.by_namespace.entry(namespace.clone()).or_default() += 1;
-                *inner.by_target.entry(waiter.target.clone()).or_default() += 1;
-                inner.in_use += 1;
-                let slot = ProbeSlot {
-                    inner: shared.clone(),
-                    namespace: namespace.clone(),
-                    target: waiter.target,
-                    armed: true,
-                };
-                if let Err(mut slot) = waiter.tx.send(slot) {
-                    // The waiter went away after all: undo, without re-entering the lock.
-                    slot.armed = false;
-                    release(inner, &slot.namespace, &slot.target);
-                }
-                if remaining {
-                    inner.ring.push_back(namespace);
-                }
-                granted = true;
-                break;
-            }
-            if remaining {
-                inner.ring.push_back(namespace);
-            }
-        }
-        if !granted {
-            break;
-        }
-    }
-}
-
-/// Counts one slot of `namespace` and `target` as free.
-fn release(inner: &mut Inner, namespace: &str, target: &str) {
-    inner.in_use = inner.in_use.saturating_sub(1);
-    for (map, key) in [
-        (&mut inner.by_namespace, namespace),
-        (&mut inner.by_target, target),
-    ] {
-        if let Some(n) = map.get_mut(key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(key);
-            }
+/// Sends each granted slot to its waiter; a slot whose waiter is gone is given back at once
+/// (without re-entering the lock), which may grant further slots.
+fn deliver(inner: &mut Inner, shared: &Arc<Mutex<Inner>>, grants: Vec<Grant>) {
+    let mut grants = grants;
+    while let Some(grant) = grants.pop() {
+        let slot = ProbeSlot {
+            inner: shared.clone(),
+            namespace: grant.namespace,
+            target: grant.target,
+            armed: true,
+        };
+        let sent = match inner.senders.remove(&grant.id) {
+            Some(tx) => tx.send(slot),
+            None => Err(slot),
+        };
+        if let Err(mut slot) = sent {
+            slot.armed = false;
+            let more = inner
+                .policy
+                .release(&slot.namespace, &slot.target, Instant::now());
+            grants.extend(more);
         }
     }
 }
@@ -219,8 +167,10 @@ impl Drop for ProbeSlot {
         self.armed = false;
         let shared = self.inner.clone();
         let mut inner = lock(&shared);
-        release(&mut inner, &self.namespace, &self.target);
-        grant(&mut inner, &shared);
+        let grants = inner
+            .policy
+            .release(&self.namespace, &self.target, Instant::now());
+        deliver(&mut inner, &shared, grants);
     }
 }
 
@@ -256,7 +206,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_namespace_leaves_headroom_for_a_newcomer() {
+    async fn one_namespace_leaves_the_reserve_to_newcomers() {
         let slots = ProbeSlots::new(16);
         let mut held = Vec::new();
         for i in 0..16 {
@@ -264,19 +214,70 @@ mod tests {
                 held.push(slot);
             }
         }
-        assert_eq!(held.len(), 14, "16 slots less ceil(16 / 8) of headroom");
+        assert_eq!(held.len(), 8, "16 slots less the reserve of 8");
         assert!(now_or_never(slots.acquire("other", "good")).is_some());
     }
 
     #[tokio::test]
-    async fn one_target_holds_at_most_its_share() {
-        let slots = ProbeSlots::new(8);
-        let _b = now_or_never(slots.acquire("ns", "b")).expect("a free slot");
-        // Two active targets: ceil(8 / 2) = 4 each; a fifth probe of `a` waits.
-        let a: Vec<_> = (0..5)
-            .filter_map(|_| now_or_never(slots.acquire("ns", "a")))
+    async fn issue_23_many_hostile_namespaces_do_not_block_a_newcomer() {
+        let slots = ProbeSlots::new(64);
+        let asks: Vec<(String, String)> = [(5, 16), (20, 4)]
+            .into_iter()
+            .flat_map(|(namespaces, pools)| {
+                (0..namespaces).flat_map(move |ns| {
+                    (0..pools).map(move |i| (format!("h{namespaces}-{ns}"), format!("h{ns}-{i}")))
+                })
+            })
             .collect();
-        assert_eq!(a.len(), 4);
+        let mut held = Vec::new();
+        let mut queued = Vec::new();
+        for (ns, target) in &asks {
+            let mut acquire = Box::pin(slots.acquire(ns, target));
+            match now_or_never(&mut acquire) {
+                Some(slot) => held.push(slot),
+                None => queued.push(acquire),
+            }
+        }
+        // The hanging probes never end; two innocent namespaces come and go.
+        for innocent in ["tenant-a", "tenant-b"] {
+            let slot = now_or_never(slots.acquire(innocent, "db:5432"));
+            assert!(
+                slot.is_some(),
+                "{innocent} waits with {} slots held",
+                held.len()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gave_up_takes_nothing() {
+        let slots = ProbeSlots::new(1);
+        let held = now_or_never(slots.acquire("a", "t")).expect("a free slot");
+        assert!(now_or_never(slots.acquire("b", "t")).is_none());
+        drop(held);
+        assert_eq!(lock(&slots.inner).policy.in_use(), 0);
+        assert!(now_or_never(slots.acquire("c", "t")).is_some());
+    }
+
+    #[tokio::test]
+    async fn one_target_holds_at_most_its_share() {
+        let slots = ProbeSlots::new(64);
+        let others: Vec<_> = ["b", "c", "d"]
+            .iter()
+            .map(|t| now_or_never(slots.acquire("ns", t)).expect("a free slot"))
+            .collect();
+        // Four active targets: ceil(64 / 4) = 16 each; the 17th probe of `a` waits.
+        let mut waiting = Vec::new();
+        let mut a = Vec::new();
+        for _ in 0..20 {
+            let mut acquire = Box::pin(slots.acquire("ns", "a"));
+            match now_or_never(&mut acquire) {
+                Some(slot) => a.push(slot),
+                None => waiting.push(acquire),
+            }
+        }
+        assert_eq!(a.len(), 16);
         assert!(now_or_never(slots.acquire("ns", "b")).is_some());
+        drop(others);
     }
 }
