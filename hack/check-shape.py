@@ -43,7 +43,7 @@ LAYERS = [
     ("context", {"context"}),
     # The rooms: each takes what it needs as arguments or small traits.
     ("subsystems", {
-        "targets", "sharing", "fleet", "slots", "credentials", "status", "gate", "write",
+        "targets", "sharing", "fleet", "probe_permits", "credentials", "status", "gate", "write",
         "triggers",
     }),
     # The one door for writes and per-pool metrics.

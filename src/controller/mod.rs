@@ -13,7 +13,7 @@
 //!   runs on it);
 //! - **subsystems**, which import no context and no other subsystem — `targets` (one shared
 //!   connect schedule per target while it is down), `sharing` (probe streams while a target is
-//!   healthy), `fleet` (the fleet guard), `slots` (the probe permits, fair across namespaces and
+//!   healthy), `fleet` (the fleet guard), `probe_permits` (the probe permits, fair across namespaces and
 //!   targets), `credentials` (reading Secrets), `status` (the status a user sees), `gate` (the
 //!   gated Service of `spec.gate`), `write` (outboxes, the writer's decisions, the write budget),
 //!   `triggers` (which events a reconcile feeds the engine);
@@ -24,7 +24,7 @@
 //!   `api_permits` (the apiserver request budget), `sync` (the lock policy).
 //!
 //! Two words with one meaning each: a *permit* is a place in a budget (probe permits in
-//! `slots`, API permits in `api_permits`); the *fence* is leadership as every write checks it,
+//! `probe_permits`, API permits in `api_permits`); the *fence* is leadership as every write checks it,
 //! and the *gate* is only the gated Service of `spec.gate`.
 //!
 //! Must not live here: the engine's rules (`dbpool-recovery`), talking to PostgreSQL
@@ -48,10 +48,10 @@ mod leadership;
 mod liveness;
 mod names;
 mod observer;
+mod probe_permits;
 mod reconcile;
 mod running;
 mod sharing;
-mod slots;
 pub mod status;
 mod sync;
 mod targets;

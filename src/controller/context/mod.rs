@@ -41,8 +41,8 @@ use super::{
     fleet::Fleet,
     names::{PerPool, PoolRef, owner_key, pool_labels},
     observer::{Footprint, Observer},
+    probe_permits::ProbePermits,
     sharing::Streams,
-    slots::ProbeSlots,
     sync::lock,
     targets::Targets,
     write::{WriteBudget, WriteIo, WriterState},
@@ -64,8 +64,8 @@ pub(crate) struct Context {
     pub door: Door,
     /// The parts that keep something per pool besides the registry.
     pub parts: Parts,
-    /// The probe permits, shared fairly across namespaces and targets (see `slots`).
-    pub probe_permits: ProbeSlots,
+    /// The probe permits, shared fairly across namespaces and targets (see `probe_permits`).
+    pub probe_permits: ProbePermits,
     /// The global write budget (two token buckets; see `write`).
     pub write_budget: WriteBudget,
     /// The metrics (per-pool series only through `door`).
@@ -154,7 +154,7 @@ impl Context {
     ) -> Self {
         metrics.controller_context(1);
         Self {
-            probe_permits: ProbeSlots::new(config.max_concurrent_probes),
+            probe_permits: ProbePermits::new(config.max_concurrent_probes),
             write_budget: WriteBudget::new(config.counter_write_rate, config.transition_write_rate),
             client,
             config,
