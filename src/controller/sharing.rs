@@ -114,6 +114,9 @@ struct Stream {
     latest: Option<SharedResult>,
     in_flight: usize,
     in_flight_since: Option<Timestamp>,
+    /// The namespaces of probes in flight that still wait for their probe permit (one entry
+    /// per probe): only owners in the same namespace wait for those (see [`Ticket::permitted`]).
+    queued: Vec<String>,
     /// Bumped whenever a probe of the stream ends (with or without a result).
     ended: watch::Sender<u64>,
     owners: usize,
@@ -141,6 +144,7 @@ impl Inner {
                 latest: None,
                 in_flight: 0,
                 in_flight_since: None,
+                queued: Vec::new(),
                 ended: watch::Sender::new(0),
                 owners: 0,
             })
@@ -158,6 +162,21 @@ impl Inner {
     }
 }
 
+impl Stream {
+    /// Whether an owner in `namespace` may wait for the probes in flight: one of them holds its
+    /// probe permit, or waits for it in this very namespace.
+    fn worth_joining(&self, namespace: &str) -> bool {
+        self.in_flight > self.queued.len() || self.queued.iter().any(|n| n == namespace)
+    }
+
+    /// One queued probe of `namespace` got its permit or ended.
+    fn unqueue(&mut self, namespace: &str) {
+        if let Some(i) = self.queued.iter().position(|n| n == namespace) {
+            self.queued.swap_remove(i);
+        }
+    }
+}
+
 /// Every probe stream of one controller.
 #[derive(Default)]
 pub(super) struct Streams {
@@ -171,9 +190,24 @@ pub(super) struct Ticket {
     inner: Arc<Mutex<Inner>>,
     key: ShareKey,
     done: bool,
+    /// The namespace of the probing pool while it waits for its probe permit.
+    queued_in: Option<String>,
 }
 
 impl Ticket {
+    /// The probe got its probe permit: from now on every owner may wait for it. Until then only
+    /// owners in its own namespace do, so no pool waits in another namespace's permit queue
+    /// (issue 23: a hostile namespace's hanging probes must not delay an innocent one).
+    pub fn permitted(&mut self) {
+        let Some(namespace) = self.queued_in.take() else {
+            return;
+        };
+        let mut inner = lock(&self.inner);
+        if let Some(stream) = inner.streams.get_mut(&self.key) {
+            stream.unqueue(&namespace);
+        }
+    }
+
     /// Ends the probe with `result`, which becomes the stream's latest unless a newer one is.
     pub fn finish(mut self, result: SharedResult) {
         self.end(Some(result));
@@ -197,6 +231,9 @@ impl Ticket {
                 .is_none_or(|l| l.finished() <= result.finished())
         {
             stream.latest = Some(result);
+        }
+        if let Some(namespace) = self.queued_in.take() {
+            stream.unqueue(&namespace);
         }
         stream.in_flight = stream.in_flight.saturating_sub(1);
         if stream.in_flight == 0 {
@@ -240,9 +277,12 @@ impl Streams {
             .latest
             .as_ref()
             .filter(|result| result.fits(policy.timeout));
+        let namespace = pool.namespace.clone().unwrap_or_default();
         let view = StreamView {
             latest: latest.map(SharedResult::finished),
-            in_flight_since: stream.in_flight_since,
+            in_flight_since: stream
+                .in_flight_since
+                .filter(|_| stream.worth_joining(&namespace)),
         };
         match share_decision(state, policy, due, &view, now, in_flight_bound) {
             ShareDecision::Take => match latest {
@@ -253,7 +293,10 @@ impl Streams {
             ShareDecision::Probe => {
                 stream.in_flight += 1;
                 stream.in_flight_since = Some(now);
-                Decision::Probe(self.ticket(key, false))
+                stream.queued.push(namespace.clone());
+                let mut ticket = self.ticket(key, false);
+                ticket.queued_in = Some(namespace);
+                Decision::Probe(ticket)
             }
         }
     }
@@ -263,6 +306,7 @@ impl Streams {
             inner: Arc::clone(&self.inner),
             key: key.clone(),
             done,
+            queued_in: None,
         }
     }
 

@@ -25,7 +25,7 @@ use crate::{
         sharing::{SharedResult, Ticket},
         targets::{Claim, SharedFailure},
     },
-    probe::ProbeTarget,
+    probe::{ProbeReport, ProbeTarget},
     recovery::{self, Event, FailureKind},
 };
 
@@ -169,7 +169,7 @@ impl Run {
         pool: &DbPool,
         ctx: &Context,
         creds: &Credentials,
-        ticket: Option<Ticket>,
+        mut ticket: Option<Ticket>,
     ) -> Result<Outcome, Error> {
         let recovering = self.recovering();
         let seq = self.start_probe(Timestamp::now());
@@ -178,6 +178,9 @@ impl Run {
         let (started, report) = {
             let namespace = self.key.namespace.as_deref().unwrap_or_default();
             let _permit = ctx.probe_permits.acquire(namespace, &target_key).await;
+            if let Some(ticket) = ticket.as_mut() {
+                ticket.permitted();
+            }
             // Deleted while queued for a permit: open no connection for it.
             if !ctx.exists(pool, &self.key) {
                 ctx.parts.targets.abandon(&target_key);
@@ -198,15 +201,7 @@ impl Run {
             .targets
             .record(&target_key, started, &summary, report.path_evidence);
         if let Some(ticket) = ticket {
-            ticket.finish(SharedResult {
-                summary: summary.clone(),
-                kind: report.outcome.failure_kind(),
-                degraded: report.pool_fits == Some(false),
-                latency: report.latency,
-                budget: target.timeout,
-                peer: report.peer.filter(|_| success),
-                path_evidence: report.path_evidence,
-            });
+            ticket.finish(shared_result(&report, &summary, target.timeout));
         }
         Ok(Outcome {
             seq,
@@ -225,6 +220,19 @@ impl Run {
             peer: report.peer,
             observed: Some((report.latency, report.fresh_connection, false)),
         })
+    }
+}
+
+/// A probe's result as the other owners of its stream take it.
+fn shared_result(report: &ProbeReport, summary: &ProbeSummary, budget: Duration) -> SharedResult {
+    SharedResult {
+        summary: summary.clone(),
+        kind: report.outcome.failure_kind(),
+        degraded: report.pool_fits == Some(false),
+        latency: report.latency,
+        budget,
+        peer: report.peer.filter(|_| report.is_success()),
+        path_evidence: report.path_evidence,
     }
 }
 

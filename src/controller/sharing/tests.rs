@@ -200,3 +200,38 @@ fn an_abandoned_probe_wakes_its_joiners_and_forgotten_owners_drop_the_stream() {
     streams.forget(&b);
     assert_eq!(streams.len(), 0);
 }
+
+#[test]
+fn nobody_waits_in_another_namespaces_permit_queue() {
+    let (prober, _lost) = Prober::new(ProberConfig::default());
+    let key = ShareKey::of(&prober, &target("secret", "app"));
+    let streams = Streams::default();
+    let p = policy();
+    let state = healthy(0);
+    let hostile = ObjectRef::<DbPool>::new("a").within("hostile");
+    let neighbour = ObjectRef::<DbPool>::new("b").within("hostile");
+    let innocent = ObjectRef::<DbPool>::new("c").within("innocent");
+    let Decision::Probe(mut ticket) =
+        streams.decide(&hostile, &key, &state, &p, at(2000), at(2000), BOUND)
+    else {
+        panic!("the first due owner probes");
+    };
+    // Its probe still waits for a permit: its own namespace joins, another probes itself.
+    assert!(matches!(
+        streams.decide(&neighbour, &key, &state, &p, at(2001), at(2001), BOUND),
+        Decision::Join(_)
+    ));
+    let Decision::Probe(mut own) =
+        streams.decide(&innocent, &key, &state, &p, at(2001), at(2001), BOUND)
+    else {
+        panic!("the innocent pool does not wait in the hostile namespace's queue");
+    };
+    own.permitted();
+    ticket.permitted();
+    // Once a probe holds its permit, every owner may wait for it.
+    let other = ObjectRef::<DbPool>::new("d").within("third");
+    assert!(matches!(
+        streams.decide(&other, &key, &state, &p, at(2002), at(2002), BOUND),
+        Decision::Join(_)
+    ));
+}
