@@ -166,22 +166,10 @@ async fn a_thawed_leader_writes_nothing() {
         serde_json::json!({}),
     );
     create(&client, ns.name(), &no_secret).await;
-    wait_status(
+    wait_phases(
         &client,
         ns.name(),
-        "orders",
-        "Healthy",
-        Duration::from_secs(30),
-        |s| s.phase == Some(Phase::Healthy),
-    )
-    .await;
-    wait_status(
-        &client,
-        ns.name(),
-        "nosecret",
-        "ConfigError",
-        Duration::from_secs(30),
-        |s| s.phase == Some(Phase::ConfigError),
+        &[("orders", Phase::Healthy), ("nosecret", Phase::ConfigError)],
     )
     .await;
     let procs = [&a, &b];
@@ -606,6 +594,21 @@ async fn deleted_pools_leave_nothing_behind() {
     .await;
 }
 
+/// Waits (30 s each) until every named pool shows its phase.
+async fn wait_phases(client: &Client, ns: &str, phases: &[(&str, Phase)]) {
+    for (name, phase) in phases {
+        wait_status(
+            client,
+            ns,
+            name,
+            "its phase",
+            Duration::from_secs(30),
+            |s| s.phase == Some(*phase),
+        )
+        .await;
+    }
+}
+
 /// Keeps the footprint of the controller it is told about.
 #[derive(Default)]
 struct FootprintWatch(Mutex<Option<Weak<dyn Footprint>>>);
@@ -656,22 +659,17 @@ async fn deleted_pools_leave_the_registry_and_every_part_empty() {
     for p in &pools {
         create(&client, ns.name(), p).await;
     }
-    for (name, phase) in [
-        ("a", Phase::Healthy),
-        ("b", Phase::Healthy),
-        ("down", Phase::BreakerOpen),
-        ("nosecret", Phase::ConfigError),
-    ] {
-        wait_status(
-            &client,
-            ns.name(),
-            name,
-            "its phase",
-            Duration::from_secs(30),
-            |s| s.phase == Some(phase),
-        )
-        .await;
-    }
+    wait_phases(
+        &client,
+        ns.name(),
+        &[
+            ("a", Phase::Healthy),
+            ("b", Phase::Healthy),
+            ("down", Phase::BreakerOpen),
+            ("nosecret", Phase::ConfigError),
+        ],
+    )
+    .await;
     let before = watch.now().expect("the controller runs");
     println!("per-pool entries with 4 pools: {before:?}");
     for (part, pools) in &before {

@@ -192,19 +192,9 @@ fn log_change(v: &FleetVerdict, enabled: bool) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
-    fn settings() -> FleetGuardSettings {
-        FleetGuardSettings {
-            enabled: true,
-            share: 0.5,
-            min_targets: 3,
-            window: Duration::from_secs(30),
-            max_hold: Duration::from_secs(60),
-        }
-    }
+    use crate::controller::testing::fleet_settings as settings;
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + s).expect("valid")

@@ -55,6 +55,8 @@ mod sharing;
 pub mod status;
 mod sync;
 mod targets;
+#[cfg(test)]
+mod testing;
 mod triggers;
 mod watches;
 mod write;

@@ -78,18 +78,7 @@ pub(crate) fn stable_seed(pool: &DbPool) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::DbPoolSpec;
-
-    fn pool(name: &str) -> DbPool {
-        let spec: DbPoolSpec = serde_json::from_value(serde_json::json!({
-            "database": {"host": "H", "dbname": "d", "user": "u"}
-        }))
-        .expect("spec");
-        let mut pool = DbPool::new(name, spec);
-        pool.metadata.namespace = Some("ns".into());
-        pool.metadata.uid = Some(format!("uid-{name}"));
-        pool
-    }
+    use crate::controller::testing::pool;
 
     #[test]
     fn the_jitter_seed_is_stable_across_processes_and_releases() {

@@ -21,9 +21,7 @@ use kube::{
     Api, Client, ResourceExt,
     core::PartialObjectMeta,
     runtime::{
-        Controller, WatchStreamExt,
-        events::{Recorder, Reporter},
-        reflector,
+        Controller, WatchStreamExt, reflector,
         reflector::{ObjectRef, Store},
         watcher,
     },
@@ -31,25 +29,19 @@ use kube::{
 use tracing::{debug, info, warn};
 
 use super::{
-    FIELD_MANAGER, OperatorConfig,
-    api_permits::ApiPermits,
-    context::{Context, Parts},
-    credentials::SecretCache,
-    fence::{Door, Fence},
-    fleet::Fleet,
+    OperatorConfig,
+    context::{Context, LostReceiver},
+    fence::Fence,
     liveness::WatchHealth,
     names::from_owner_key,
-    observer::{Footprint, Observer},
+    observer::Observer,
     reconcile::{error_policy, reconcile},
-    sharing::Streams,
-    targets::Targets,
 };
 use crate::{
     api::{
         CREDENTIALS_LABEL, DbPool, FORCE_REOPEN_ANNOTATION, HELD_BY_ANNOTATION, HOLD_ANNOTATION,
     },
     metrics::Metrics,
-    probe::{Prober, ProberConfig},
 };
 
 /// How long a stopping controller may take to finish its in-flight reconciles.
@@ -76,7 +68,7 @@ pub(super) async fn run_controller(
     let (secret_reader, secret_writer) = reflector::store();
     let (pool_reader, pool_writer) = reflector::store();
     let stores = (secret_reader, pool_reader.clone());
-    let (ctx, lost_rx) = build_context(client, config, metrics.clone(), observer, fence, stores);
+    let (ctx, lost_rx) = Context::start(client, config, metrics.clone(), observer, fence, stores);
     let (lost_task, lost_refs) = trigger_lost_connections(&ctx, lost_rx);
     // Ready once both caches have completed their initial list. (Noted from the streams:
     // awaiting `Store::wait_until_ready` next to the controller's own wait can miss its wake-up.)
@@ -112,59 +104,6 @@ pub(super) async fn run_controller(
     metrics.set_ready(false);
     info!("dbpool-operator controller stopped");
 }
-
-/// The context of one controller run, over the two caches (Secrets' metadata, DbPools); and the
-/// prober's channel of lost connections. Tells the observer where its footprint is.
-fn build_context(
-    client: Client,
-    config: OperatorConfig,
-    metrics: Arc<Metrics>,
-    observer: Arc<dyn Observer>,
-    fence: Fence,
-    (secret_reader, pool_reader): (Store<PartialObjectMeta<Secret>>, Store<DbPool>),
-) -> (Arc<Context>, LostReceiver) {
-    let (prober, lost_rx) = Prober::new(ProberConfig {
-        reconnect_every: config.reconnect_every,
-    });
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: FIELD_MANAGER.to_owned(),
-            instance: Some(config.instance.clone()),
-        },
-    );
-    let permits = Arc::new(ApiPermits::new(config.max_concurrent_api_requests));
-    let secrets = SecretCache::new(
-        client.clone(),
-        secret_reader,
-        pool_reader.clone(),
-        permits.clone(),
-    );
-    let parts = Parts {
-        prober,
-        targets: Targets::default(),
-        fleet: Fleet::new(config.fleet_guard, metrics.clone()),
-        streams: Streams::default(),
-    };
-    let door = Door::new(fence, permits, metrics.clone());
-    let ctx = Arc::new(Context::new(
-        client,
-        config,
-        secrets,
-        recorder,
-        door,
-        parts,
-        metrics,
-        observer.clone(),
-        pool_reader,
-    ));
-    let footprint: Arc<dyn Footprint> = ctx.clone();
-    observer.controller_started(Arc::downgrade(&footprint));
-    (ctx, lost_rx)
-}
-
-/// The prober's channel of lost connections.
-type LostReceiver = tokio::sync::mpsc::UnboundedReceiver<crate::probe::ConnectionLost>;
 
 /// Probe connections that die trigger their pools at once, and the other owners of their probe
 /// streams (they lost their source too: they join the one new attempt, see `sharing`, instead

@@ -161,17 +161,13 @@ mod tests {
     use super::*;
     use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::SignedDuration};
 
-    use crate::api::{BreakerStatus, DbPoolSpec, Phase, ProbeOutcome, ProbeStage};
+    use crate::{
+        api::{BreakerStatus, Phase, ProbeOutcome},
+        controller::testing,
+    };
 
     fn pool_with_status(name: &str, status: Option<DbPoolStatus>) -> DbPool {
-        let spec: DbPoolSpec = serde_json::from_value(serde_json::json!({
-            "database": {"host": "h", "dbname": "d", "user": "u"}
-        }))
-        .expect("spec");
-        let mut pool = DbPool::new(name, spec);
-        pool.metadata.namespace = Some("ns".into());
-        pool.metadata.uid = Some(format!("uid-{name}"));
-        pool.metadata.generation = Some(1);
+        let mut pool = testing::pool(name);
         pool.status = status;
         pool
     }
@@ -187,18 +183,7 @@ mod tests {
                 open_count: 0,
                 half_open_successes: 0,
             }),
-            last_probe: Some(ProbeSummary {
-                time: MicroTime(at),
-                outcome: ProbeOutcome::Success,
-                stage: Some(ProbeStage::Saturation),
-                latency_ms: 1,
-                message: None,
-                sql_state: None,
-                server_version: None,
-                in_recovery: None,
-                connections: None,
-                max_connections: None,
-            }),
+            last_probe: Some(testing::summary(ProbeOutcome::Success, at)),
             last_success_time: Some(MicroTime(at)),
             ..DbPoolStatus::default()
         }

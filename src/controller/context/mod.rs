@@ -10,8 +10,9 @@
 //! subsystems' own rules (each in its module), watches or event wording.
 //!
 //! **Forgetting is by construction.** A part that keeps something per pool is a field of
-//! [`Parts`] and implements [`PerPool`]; [`Context::forget`] and [`Context::pools_known`]
-//! destructure `Parts` without `..`, so a new part that is not forgotten does not compile. The
+//! [`Parts`] and implements [`PerPool`]; `Parts::each`, through which [`Context::forget`] and
+//! the footprint see the parts, destructures `Parts` without `..`, so a new part that is not
+//! forgotten does not compile. The
 //! per-pool metric series go with them (`Metrics::forget`).
 
 mod memory;
@@ -23,10 +24,15 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     Client,
-    runtime::{events::Recorder, reflector::Store},
+    core::PartialObjectMeta,
+    runtime::{
+        events::{Recorder, Reporter},
+        reflector::Store,
+    },
 };
 use tracing::debug;
 
@@ -35,9 +41,10 @@ pub(crate) use schedule::{Plan, Reason, Wants};
 pub(crate) use writer::submit;
 
 use super::{
-    OperatorConfig,
+    FIELD_MANAGER, OperatorConfig,
+    api_permits::ApiPermits,
     credentials::SecretCache,
-    fence::Door,
+    fence::{Door, Fence},
     fleet::Fleet,
     names::{PerPool, PoolRef, owner_key, pool_labels},
     observer::{Footprint, Observer},
@@ -47,7 +54,11 @@ use super::{
     targets::Targets,
     write::{WriteBudget, WriteIo, WriterState},
 };
-use crate::{api::DbPool, metrics::Metrics, probe::Prober};
+use crate::{
+    api::DbPool,
+    metrics::Metrics,
+    probe::{ConnectionLost, Prober, ProberConfig},
+};
 
 /// Shared state of one running controller. Dropped, with its probe connections and caches, when
 /// the controller stops.
@@ -103,6 +114,28 @@ pub(crate) struct PoolEntry {
     writer: WriterState,
 }
 
+impl Parts {
+    /// Every part, named. The destructuring has no `..`: a new part does not compile until it
+    /// is listed here, and then it is forgotten and counted with the others.
+    fn each(&self) -> [(&'static str, &dyn PerPool); 4] {
+        let Parts {
+            prober,
+            targets,
+            fleet,
+            streams,
+        } = self;
+        [
+            ("prober", prober),
+            ("targets", targets),
+            ("fleet", fleet),
+            ("streams", streams),
+        ]
+    }
+}
+
+/// The prober's channel of lost connections.
+pub(crate) type LostReceiver = tokio::sync::mpsc::UnboundedReceiver<ConnectionLost>;
+
 impl PerPool for Prober {
     fn forget(&self, pool: &PoolRef) {
         Prober::forget(self, &owner_key(pool));
@@ -122,51 +155,61 @@ impl Drop for Context {
 
 impl Footprint for Context {
     fn pools_known(&self) -> Vec<(&'static str, usize)> {
-        let Parts {
-            prober,
-            targets,
-            fleet,
-            streams,
-        } = &self.parts;
-        vec![
-            ("registry", lock(&self.pools).len()),
-            ("prober", prober.pools_known()),
-            ("targets", targets.pools_known()),
-            ("fleet", fleet.pools_known()),
-            ("streams", streams.pools_known()),
-        ]
+        let registry = ("registry", lock(&self.pools).len());
+        let parts = self
+            .parts
+            .each()
+            .map(|(name, part)| (name, part.pools_known()));
+        std::iter::once(registry).chain(parts).collect()
     }
 }
 
 impl Context {
-    /// A context over its parts, with an empty registry.
-    #[allow(clippy::too_many_arguments)] // each is one part; named at the one call site
-    pub fn new(
+    /// The context of one controller run, over the two caches (Secrets' metadata, DbPools),
+    /// with an empty registry; and the prober's channel of lost connections. Tells the
+    /// observer where its footprint is.
+    pub fn start(
         client: Client,
         config: OperatorConfig,
-        secrets: SecretCache,
-        recorder: Recorder,
-        door: Door,
-        parts: Parts,
         metrics: Arc<Metrics>,
         observer: Arc<dyn Observer>,
-        store: Store<DbPool>,
-    ) -> Self {
+        fence: Fence,
+        (secret_store, store): (Store<PartialObjectMeta<Secret>>, Store<DbPool>),
+    ) -> (Arc<Self>, LostReceiver) {
+        let (prober, lost_rx) = Prober::new(ProberConfig {
+            reconnect_every: config.reconnect_every,
+        });
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: Some(config.instance.clone()),
+        };
+        let permits = Arc::new(ApiPermits::new(config.max_concurrent_api_requests));
+        let secrets =
+            SecretCache::new(client.clone(), secret_store, store.clone(), permits.clone());
+        let parts = Parts {
+            prober,
+            targets: Targets::default(),
+            fleet: Fleet::new(config.fleet_guard, metrics.clone()),
+            streams: Streams::default(),
+        };
         metrics.controller_context(1);
-        Self {
+        let ctx = Arc::new(Self {
             probe_permits: ProbePermits::new(config.max_concurrent_probes),
             write_budget: WriteBudget::new(config.counter_write_rate, config.transition_write_rate),
+            recorder: Recorder::new(client.clone(), reporter),
+            door: Door::new(fence, permits, metrics.clone()),
             client,
             config,
             secrets,
-            recorder,
-            door,
             parts,
             metrics,
-            observer,
+            observer: observer.clone(),
             store,
             pools: Mutex::new(HashMap::new()),
-        }
+        });
+        let footprint: Arc<dyn Footprint> = ctx.clone();
+        observer.controller_started(Arc::downgrade(&footprint));
+        (ctx, lost_rx)
     }
 
     /// What sending a pool's outbox needs.
@@ -203,14 +246,7 @@ impl Context {
     /// part, its metric series.
     pub fn forget(&self, pool: &PoolRef) {
         lock(&self.pools).remove(pool);
-        let Parts {
-            prober,
-            targets,
-            fleet,
-            streams,
-        } = &self.parts;
-        let parts: [&dyn PerPool; 4] = [prober, targets, fleet, streams];
-        for part in parts {
+        for (_, part) in self.parts.each() {
             part.forget(pool);
         }
         self.metrics.forget(&pool_labels(pool));

@@ -122,35 +122,22 @@ impl Run {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-
     use super::*;
     use crate::{
-        api::{DbPool, DbPoolSpec, ProbeOutcome},
+        api::ProbeOutcome,
         controller::{
-            FleetGuardSettings,
             api_permits::ApiPermits,
             context::{PoolMemory, Reason},
             fence::Fence,
             fence::Leadership,
+            testing,
         },
         metrics::Metrics,
         recovery::BreakerState,
     };
 
-    fn pool() -> DbPool {
-        let spec: DbPoolSpec = serde_json::from_value(serde_json::json!({
-            "database": {"host": "db", "dbname": "d", "user": "u"}
-        }))
-        .expect("spec");
-        let mut pool = DbPool::new("orders", spec);
-        pool.metadata.namespace = Some("ns".into());
-        pool.metadata.uid = Some("uid-orders".into());
-        pool
-    }
-
     fn run() -> Run {
-        let pool = pool();
+        let pool = testing::pool("orders");
         let memory = PoolMemory::restore(&pool, &pool.spec.policy(), Timestamp::now());
         Run::new(&pool, memory)
     }
@@ -169,22 +156,12 @@ mod tests {
     fn outcome(run: &mut Run, kind: Option<FailureKind>, path: bool) -> Outcome {
         let at = Timestamp::now();
         let seq = run.start_probe(at);
-        let summary = ProbeSummary {
-            outcome: if kind.is_none() {
-                ProbeOutcome::Success
-            } else {
-                ProbeOutcome::TransientFailure
-            },
-            time: MicroTime(at),
-            stage: None,
-            latency_ms: 3,
-            message: None,
-            sql_state: None,
-            server_version: None,
-            in_recovery: None,
-            connections: None,
-            max_connections: None,
+        let outcome_of = if kind.is_none() {
+            ProbeOutcome::Success
+        } else {
+            ProbeOutcome::TransientFailure
         };
+        let summary = testing::summary(outcome_of, at);
         Outcome {
             seq,
             at,
@@ -213,16 +190,7 @@ mod tests {
         let (tx, rx) = tokio::sync::watch::channel(leadership);
         std::mem::forget(tx);
         Parts {
-            fleet: Fleet::new(
-                FleetGuardSettings {
-                    enabled: true,
-                    share: 0.5,
-                    min_targets: 3,
-                    window: Duration::from_secs(30),
-                    max_hold: Duration::from_secs(60),
-                },
-                metrics.clone(),
-            ),
+            fleet: Fleet::new(testing::fleet_settings(), metrics.clone()),
             door: Door::new(
                 Fence::new(rx),
                 Arc::new(ApiPermits::new(1)),
@@ -302,7 +270,7 @@ mod tests {
             // Three healthy targets in two namespaces, then all fail on the path: suspect.
             let mut runs: Vec<(Run, String)> = (0..3)
                 .map(|i| {
-                    let mut pool = pool();
+                    let mut pool = testing::pool("orders");
                     pool.metadata.name = Some(format!("p{i}"));
 
                     let memory = PoolMemory::restore(&pool, &pool.spec.policy(), Timestamp::now());
