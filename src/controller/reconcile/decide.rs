@@ -270,3 +270,59 @@ fn credential_failure(err: &CredentialError, now: Timestamp) -> ProbeSummary {
         max_connections: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::{context::PoolMemory, testing};
+
+    fn run() -> Run {
+        let pool = testing::pool("orders");
+        let policy = pool.spec.policy();
+        Run::new(&pool, PoolMemory::restore(&pool, &policy, Timestamp::now()))
+    }
+
+    #[test]
+    fn a_down_targets_failure_is_this_pools_outage_at_the_instant_it_applies() {
+        let mut run = run();
+        let attempt = Timestamp::now();
+        let failure = SharedFailure {
+            finished: attempt,
+            summary: testing::summary(ProbeOutcome::TransientFailure, attempt),
+            path_evidence: true,
+        };
+        let before = run.memory.state.probe_seq;
+        let outcome = run.down_target_outcome(failure);
+        assert_eq!(outcome.seq, run.memory.state.probe_seq);
+        assert!(outcome.seq != before, "a probe of its own was started");
+        assert!(outcome.at >= attempt);
+        assert_eq!(outcome.kind, Some(FailureKind::Outage));
+        assert_eq!(outcome.seen, Some(Seen::Failed { path: true }));
+        assert_eq!(outcome.peer, None);
+        let (_, fresh, shared) = outcome.observed.expect("observed");
+        assert!(!fresh && shared);
+    }
+
+    #[test]
+    fn the_probe_target_carries_the_spec_and_the_secrets() {
+        let pool = testing::pool("orders");
+        let creds = Credentials {
+            password: None,
+            ca_pem: None,
+            fingerprint: String::new(),
+        };
+        let target = probe_target(&pool, &creds);
+        assert_eq!((target.host.as_str(), target.port), ("h", 5432));
+        assert_eq!(target.timeout, pool.spec.health_check.timeout.as_std());
+        let failure = credential_failure(
+            &CredentialError::KeyMissing {
+                namespace: "ns".into(),
+                name: "s".into(),
+                key: "k".into(),
+            },
+            Timestamp::now(),
+        );
+        assert_eq!(failure.outcome, ProbeOutcome::ConfigFailure);
+        assert_eq!(failure.stage, Some(ProbeStage::Credentials));
+    }
+}

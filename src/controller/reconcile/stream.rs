@@ -106,14 +106,23 @@ impl Run {
     /// stream's grid point (`aligned_deadline`), when that is before the engine's deadline;
     /// every other pool on the engine's deadline.
     pub(super) fn align(&mut self, ctx: &Context) {
+        let anchor = self
+            .stream
+            .as_ref()
+            .and_then(|key| ctx.parts.streams.anchor(key));
+        self.align_on(anchor);
+    }
+
+    /// [`Run::align`] on the grid anchored at `anchor` (None: the pool asked no stream, or the
+    /// stream has no result yet).
+    pub(super) fn align_on(&mut self, anchor: Option<Timestamp>) {
         self.memory.plan = Plan::Engine;
-        let Some(key) = &self.stream else { return };
-        if !recovery::is_steady(&self.memory.state) {
+        let state = &self.memory.state;
+        if !recovery::is_steady(state) {
             return;
         }
-        let state = &self.memory.state;
         if let (Some(anchor), Some(last), Some(deadline)) = (
-            ctx.parts.streams.anchor(key),
+            anchor,
             state.last_probe_at,
             recovery::next_deadline(state, &self.policy),
         ) {
@@ -126,5 +135,56 @@ impl Run {
                 self.memory.plan = Plan::At(at, Reason::StreamGrid);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+    use crate::{
+        controller::{context::PoolMemory, testing},
+        recovery::{Event, FailureKind},
+    };
+
+    /// A run of a pool whose last probe, at `t`, ended as `kind` says.
+    fn run_after(t: Timestamp, kind: Option<FailureKind>) -> Run {
+        let pool = testing::pool("orders");
+        let policy = pool.spec.policy();
+        let mut run = Run::new(&pool, PoolMemory::restore(&pool, &policy, t));
+        let seq = run.start_probe(t);
+        let event = match kind {
+            None => Event::ProbeSucceeded {
+                seq,
+                degraded: false,
+            },
+            Some(kind) => Event::ProbeFailed { seq, kind },
+        };
+        run.memory.apply(event, t, &policy, &mut Vec::new());
+        run
+    }
+
+    #[test]
+    fn a_steady_pool_plans_on_its_streams_grid_never_after_its_own_deadline() {
+        let last = Timestamp::from_second(1_800_000_000).expect("valid");
+        let mut run = run_after(last, None);
+        let deadline = recovery::next_deadline(&run.memory.state, &run.policy).expect("steady");
+        // The stream's grid started 10 s into the pool's 30 s interval.
+        run.align_on(Some(recovery::add(last, Duration::from_secs(10))));
+        let Plan::At(at, Reason::StreamGrid) = run.memory.plan else {
+            panic!("on the grid: {:?}", run.memory.plan);
+        };
+        assert!(
+            at <= deadline && at > last,
+            "{at} within ({last}, {deadline}]"
+        );
+        // No stream result yet: the engine's deadline.
+        run.align_on(None);
+        assert_eq!(run.memory.plan, Plan::Engine);
+        // A failing pool follows its backoff, whatever the grid.
+        let mut failing = run_after(last, Some(FailureKind::Outage));
+        failing.align_on(Some(last));
+        assert_eq!(failing.memory.plan, Plan::Engine);
     }
 }
