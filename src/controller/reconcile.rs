@@ -49,6 +49,8 @@ use crate::{
 enum Source {
     /// A probe of its own; with a ticket when it is its probe stream's probe in flight.
     Own(Option<Ticket>),
+    /// The shared attempt of its target, which is down (see `targets`).
+    Attempt,
     /// The latest failed attempt of its target, which is down (see `targets`).
     DownTarget(SharedFailure),
     /// Another owner's equivalent probe (see `sharing`).

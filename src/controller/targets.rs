@@ -50,6 +50,9 @@ pub(super) enum Claim {
     Probe,
     /// The target is down and this pool makes the shared attempt: probe for real.
     Attempt,
+    /// The target is down and its shared attempt still waits for a probe permit in another
+    /// namespace: probe for real, without waiting in that queue.
+    Alone,
     /// Take this result: it is at least as fresh as the pool's deadline.
     Use(SharedFailure),
     /// Wait until this instant: the next shared attempt (or the one in flight) will tell.
@@ -61,7 +64,9 @@ struct Entry {
     owners: HashMap<ObjectRef<DbPool>, Policy>,
     schedule: TargetSchedule,
     last: Option<SharedFailure>,
-    in_flight: bool,
+    /// The shared attempt in flight, if one is: `Some(namespace)` while it still waits for its
+    /// probe permit in that namespace, `None` once it holds one.
+    in_flight: Option<Option<String>>,
 }
 
 /// Every target some pool probed, keyed by `host:port`.
@@ -121,14 +126,19 @@ impl Targets {
         {
             return Claim::Use(last.clone());
         }
-        if entry.in_flight {
-            return Claim::Wait(add(now, IN_FLIGHT_POLL));
+        let namespace = pool.namespace.as_deref().unwrap_or_default();
+        match &entry.in_flight {
+            // The attempt waits in another namespace's permit queue: no pool waits there
+            // (issue 23); this one probes for itself, and its result counts for the target.
+            Some(Some(queued_in)) if queued_in != namespace => return Claim::Alone,
+            Some(_) => return Claim::Wait(add(now, IN_FLIGHT_POLL)),
+            None => {}
         }
         let shared = shared_policy(entry.owners.values()).unwrap_or(*policy);
         match entry.schedule.next_attempt(&shared) {
             Some(at) if at > now => Claim::Wait(at),
             _ => {
-                entry.in_flight = true;
+                entry.in_flight = Some(Some(namespace.to_owned()));
                 Claim::Attempt
             }
         }
@@ -147,7 +157,7 @@ impl Targets {
         let Some(entry) = map.get_mut(target) else {
             return;
         };
-        entry.in_flight = false;
+        entry.in_flight = None;
         if is_path_failure(summary) {
             // Attempts that ran side by side (several owners probing at the moment the target
             // went down) are one attempt for the schedule: counting each would run through
@@ -171,10 +181,19 @@ impl Targets {
         }
     }
 
+    /// The shared attempt of `target` got its probe permit: from now on every owner waits for it.
+    pub fn permitted(&self, target: &str) {
+        if let Some(entry) = lock(&self.map).get_mut(target)
+            && let Some(queued) = entry.in_flight.as_mut()
+        {
+            *queued = None;
+        }
+    }
+
     /// A probe that was to be the shared attempt did not run (the reconcile ended first).
     pub fn abandon(&self, target: &str) {
         if let Some(entry) = lock(&self.map).get_mut(target) {
-            entry.in_flight = false;
+            entry.in_flight = None;
         }
     }
 }
@@ -273,6 +292,37 @@ mod tests {
             Claim::Wait(until) => assert_eq!(until, at(401)),
             _ => panic!("expected a wait for the next shared attempt"),
         }
+    }
+
+    #[test]
+    fn nobody_waits_for_an_attempt_queued_in_another_namespace() {
+        let targets = Targets::default();
+        let hostile = ObjectRef::<DbPool>::new("a").within("hostile");
+        let neighbour = ObjectRef::<DbPool>::new("b").within("hostile");
+        let innocent = ObjectRef::<DbPool>::new("c").within("innocent");
+        let p = policy();
+        targets.claim("h:1", &hostile, &p, (at(0), None), at(0));
+        targets.record("h:1", at(0), &refused(at(1)), false);
+        assert!(matches!(
+            targets.claim("h:1", &hostile, &p, (at(201), Some(at(1))), at(201)),
+            Claim::Attempt
+        ));
+        // The attempt waits for a permit in "hostile": its own namespace waits for it, another
+        // probes alone.
+        assert!(matches!(
+            targets.claim("h:1", &neighbour, &p, (at(202), Some(at(1))), at(202)),
+            Claim::Wait(_)
+        ));
+        assert!(matches!(
+            targets.claim("h:1", &innocent, &p, (at(202), Some(at(1))), at(202)),
+            Claim::Alone
+        ));
+        // Holding its permit, it is worth waiting for everywhere.
+        targets.permitted("h:1");
+        assert!(matches!(
+            targets.claim("h:1", &innocent, &p, (at(203), Some(at(1))), at(203)),
+            Claim::Wait(_)
+        ));
     }
 
     #[test]

@@ -47,7 +47,8 @@ impl Run {
         };
         match self.claim_target(pool, ctx) {
             Claim::Probe => Some(self.share(pool, ctx, creds).await),
-            Claim::Attempt => Some(Source::Own(None)),
+            Claim::Attempt => Some(Source::Attempt),
+            Claim::Alone => Some(Source::Own(None)),
             Claim::Use(result) => Some(Source::DownTarget(result)),
             Claim::Wait(at) => {
                 // The target is down and its next shared attempt will answer for this pool too.
@@ -92,7 +93,14 @@ impl Run {
         let outcome = match (source, credentials) {
             (Source::Stream(result), _) => self.stream_outcome(ctx, result),
             (Source::DownTarget(failure), Ok(_)) => self.down_target_outcome(failure),
-            (Source::Own(ticket), Ok(creds)) => self.own_probe(pool, ctx, &creds, ticket).await?,
+            (Source::Own(ticket), Ok(creds)) => {
+                let held = ticket.map_or(Held::Nothing, Held::Stream);
+                self.own_probe(pool, ctx, &creds, held).await?
+            }
+            (Source::Attempt, Ok(creds)) => {
+                self.own_probe(pool, ctx, &creds, Held::TargetAttempt)
+                    .await?
+            }
             (_, Err(err)) if err.is_config() => self.config_failure(ctx, &err),
             (_, Err(err)) => return Err(err.into()),
         };
@@ -163,13 +171,13 @@ impl Run {
     }
 
     /// A probe of the pool's own, under a probe permit fair across namespaces and targets; its
-    /// result is recorded for the target and, with a ticket, published to the pool's stream.
+    /// result is recorded for the target and, for a stream's probe, published to the stream.
     async fn own_probe(
         &mut self,
         pool: &DbPool,
         ctx: &Context,
         creds: &Credentials,
-        mut ticket: Option<Ticket>,
+        mut held: Held,
     ) -> Result<Outcome, Error> {
         let recovering = self.recovering();
         let seq = self.start_probe(Timestamp::now());
@@ -178,8 +186,11 @@ impl Run {
         let (started, report) = {
             let namespace = self.key.namespace.as_deref().unwrap_or_default();
             let _permit = ctx.probe_permits.acquire(namespace, &target_key).await;
-            if let Some(ticket) = ticket.as_mut() {
-                ticket.permitted();
+            // Holding a permit, its probe is worth waiting for in every namespace.
+            match &mut held {
+                Held::Stream(ticket) => ticket.permitted(),
+                Held::TargetAttempt => ctx.parts.targets.permitted(&target_key),
+                Held::Nothing => {}
             }
             // Deleted while queued for a permit: open no connection for it.
             if !ctx.exists(pool, &self.key) {
@@ -200,7 +211,7 @@ impl Run {
         ctx.parts
             .targets
             .record(&target_key, started, &summary, report.path_evidence);
-        if let Some(ticket) = ticket {
+        if let Held::Stream(ticket) = held {
             ticket.finish(shared_result(&report, &summary, target.timeout));
         }
         Ok(Outcome {
@@ -221,6 +232,16 @@ impl Run {
             observed: Some((report.latency, report.fresh_connection, false)),
         })
     }
+}
+
+/// What a probe of the pool's own stands for besides the pool while it runs.
+enum Held {
+    /// Only the pool.
+    Nothing,
+    /// Its probe stream's probe in flight.
+    Stream(Ticket),
+    /// The shared attempt of its target, which is down.
+    TargetAttempt,
 }
 
 /// A probe's result as the other owners of its stream take it.
