@@ -2,14 +2,21 @@
 //! with two classes.
 //!
 //! Lives here: [`ApiPermits`], [`Priority`] and the retry delay after apiserver failures
-//! ([`apiserver_retry_delay`]). A freed permit goes to the longest-waiting
-//! [`Priority::First`] request (a status write carrying a transition, a Secret read a reconcile
-//! waits on, a gate write) before any [`Priority::Later`] one (breaker labels, events,
-//! counter-only statuses), so when hundreds of pools open together every Open status is
-//! written before the labels and events that follow them. Must not live here: what a request
-//! is or whether it may be sent (`write`, `credentials`, `gate`).
+//! ([`apiserver_retry_delay`]). A freed permit goes to a [`Priority::First`] request (a status
+//! write carrying a transition, a Secret read a reconcile waits on, a gate write) before any
+//! [`Priority::Later`] one (breaker labels, events, counter-only statuses), so when hundreds of
+//! pools open together every Open status is written before the labels and events that follow
+//! them. Within a class the namespaces with a waiting request take turns (first come, first
+//! served within one), so a namespace whose thousands of pools change at once delays another
+//! namespace's request by at most one request of its own per turn (issue 23: a newcomer's first
+//! status never queues behind a tenant's flood). Must not live here: what a request is or
+//! whether it may be sent (`write`, `credentials`, `gate`).
 
-use std::{collections::VecDeque, sync::Mutex, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+    time::Duration,
+};
 
 use tokio::sync::oneshot;
 
@@ -35,8 +42,48 @@ pub(crate) enum Priority {
 #[derive(Default)]
 struct State {
     free: usize,
-    first: VecDeque<oneshot::Sender<()>>,
-    later: VecDeque<oneshot::Sender<()>>,
+    first: Queue,
+    later: Queue,
+}
+
+/// The waiters of one class: per namespace in arrival order, the namespaces served in turn.
+#[derive(Default)]
+struct Queue {
+    /// Namespaces with a waiter, in the order they are served.
+    ring: VecDeque<String>,
+    waiting: HashMap<String, VecDeque<oneshot::Sender<()>>>,
+}
+
+impl Queue {
+    fn push(&mut self, namespace: &str, waiter: oneshot::Sender<()>) {
+        let queue = self.waiting.entry(namespace.to_owned()).or_default();
+        if queue.is_empty() {
+            self.ring.push_back(namespace.to_owned());
+        }
+        queue.push_back(waiter);
+    }
+
+    /// The first waiter of the namespace whose turn it is; that namespace goes to the back.
+    fn pop(&mut self) -> Option<oneshot::Sender<()>> {
+        let namespace = self.ring.pop_front()?;
+        let queue = self.waiting.get_mut(&namespace)?;
+        let waiter = queue.pop_front();
+        if queue.is_empty() {
+            self.waiting.remove(&namespace);
+        } else {
+            self.ring.push_back(namespace);
+        }
+        waiter
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ring.is_empty()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.waiting.values().map(VecDeque::len).sum()
+    }
 }
 
 /// At most `n` requests in flight; see the module comment for the order.
@@ -60,8 +107,8 @@ impl ApiPermits {
         }
     }
 
-    /// Waits for a permit in `priority`'s queue.
-    pub async fn acquire(&self, priority: Priority) -> ApiPermit<'_> {
+    /// Waits for a permit in `priority`'s queue, for a request about `namespace`.
+    pub async fn acquire(&self, priority: Priority, namespace: &str) -> ApiPermit<'_> {
         let waiting = {
             let mut state = lock(&self.state);
             if state.free > 0 && (priority == Priority::First || state.first.is_empty()) {
@@ -70,8 +117,8 @@ impl ApiPermits {
             } else {
                 let (tx, rx) = oneshot::channel();
                 match priority {
-                    Priority::First => state.first.push_back(tx),
-                    Priority::Later => state.later.push_back(tx),
+                    Priority::First => state.first.push(namespace, tx),
+                    Priority::Later => state.later.push(namespace, tx),
                 }
                 Some(rx)
             }
@@ -95,7 +142,7 @@ impl ApiPermits {
     fn release(&self) {
         let mut state = lock(&self.state);
         loop {
-            let next = state.first.pop_front().or_else(|| state.later.pop_front());
+            let next = state.first.pop().or_else(|| state.later.pop());
             match next {
                 Some(waiter) => {
                     if waiter.send(()).is_ok() {
@@ -144,12 +191,12 @@ mod tests {
     #[tokio::test]
     async fn a_freed_slot_goes_to_first_before_later() {
         let permits = Arc::new(ApiPermits::new(1));
-        let held = permits.acquire(Priority::Later).await;
+        let held = permits.acquire(Priority::Later, "ns").await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let spawn = |priority: Priority, name: &'static str| {
             let (permits, order) = (permits.clone(), order.clone());
             tokio::spawn(async move {
-                let _permit = permits.acquire(priority).await;
+                let _permit = permits.acquire(priority, "ns").await;
                 lock(&order).push(name);
             })
         };
@@ -175,17 +222,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn namespaces_take_turns_within_a_class() {
+        let permits = Arc::new(ApiPermits::new(1));
+        let held = permits.acquire(Priority::First, "flood").await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (namespace, name) in [
+            ("flood", "flood-1"),
+            ("flood", "flood-2"),
+            ("flood", "flood-3"),
+            ("newcomer", "newcomer"),
+        ] {
+            let (mine, order) = (permits.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = mine.acquire(Priority::First, namespace).await;
+                lock(&order).push(name);
+            }));
+            // Queued in this order.
+            while lock(&permits.state).first.len() < tasks.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(held);
+        for task in tasks {
+            assert!(task.await.is_ok());
+        }
+        assert_eq!(*lock(&order), ["flood-1", "newcomer", "flood-2", "flood-3"]);
+    }
+
+    #[tokio::test]
     async fn a_waiter_that_gave_up_does_not_keep_the_permit() {
         let permits = ApiPermits::new(1);
-        let held = permits.acquire(Priority::First).await;
+        let held = permits.acquire(Priority::First, "ns").await;
         let gave_up = tokio::time::timeout(
             std::time::Duration::from_millis(10),
-            permits.acquire(Priority::First),
+            permits.acquire(Priority::First, "ns"),
         )
         .await;
         assert!(gave_up.is_err());
         drop(held);
         assert_eq!(lock(&permits.state).free, 1);
-        let _again = permits.acquire(Priority::Later).await;
+        let _again = permits.acquire(Priority::Later, "ns").await;
     }
 }

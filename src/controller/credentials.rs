@@ -188,7 +188,7 @@ impl SecretCache {
         if let Some(cached) = fresh() {
             return Ok(cached);
         }
-        let _permit = self.api_permits.acquire(Priority::First).await;
+        let _permit = self.api_permits.acquire(Priority::First, namespace).await;
         if let Some(cached) = fresh() {
             return Ok(cached);
         }

@@ -148,15 +148,16 @@ impl Door {
         self.fence.may_write().then_some(self.metrics.as_ref())
     }
 
-    /// Sends one write through the request budget, only if this process still leads right
+    /// Sends one write about `namespace` through the request budget, only if this process still leads right
     /// before sending, and bounded by what is left of its term. Ok(false): not sent (not
     /// leading).
     pub async fn send<T>(
         &self,
         priority: Priority,
+        namespace: &str,
         request: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<bool, Error> {
-        let permit = self.permits.acquire(priority).await;
+        let permit = self.permits.acquire(priority, namespace).await;
         self.send_with(permit, request).await
     }
 
@@ -191,7 +192,7 @@ mod tests {
         );
         assert!(door.metrics().is_none());
         let sent = door
-            .send(Priority::First, async { Ok::<(), kube::Error>(()) })
+            .send(Priority::First, "ns", async { Ok::<(), kube::Error>(()) })
             .await;
         assert!(matches!(sent, Ok(false)));
         let _ = tx.send(Leadership::Leading {
@@ -201,7 +202,7 @@ mod tests {
         assert!(door.metrics().is_some());
         assert_eq!(door.fence().epoch(), Some(3));
         let sent = door
-            .send(Priority::Later, async { Ok::<(), kube::Error>(()) })
+            .send(Priority::Later, "ns", async { Ok::<(), kube::Error>(()) })
             .await;
         assert!(matches!(sent, Ok(true)));
     }

@@ -331,11 +331,16 @@ pub(crate) async fn sync(
     }
 }
 
-async fn get_opt<K>(io: &GateIo<'_>, api: &Api<K>, name: &str) -> Result<Option<K>, Error>
+async fn get_opt<K>(
+    io: &GateIo<'_>,
+    api: &Api<K>,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<K>, Error>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let _permit = io.door.permits().acquire(Priority::First).await;
+    let _permit = io.door.permits().acquire(Priority::First, namespace).await;
     Ok(api.get_opt(name).await?)
 }
 
@@ -349,12 +354,12 @@ async fn apply(
 ) -> Result<GateOutcome, Error> {
     let services: Api<Service> = Api::namespaced(io.client.clone(), namespace);
     let slices: Api<EndpointSlice> = Api::namespaced(io.client.clone(), namespace);
-    let existing_service = get_opt(io, &services, &gate.service_name).await?;
+    let existing_service = get_opt(io, &services, namespace, &gate.service_name).await?;
     if let Some(foreign) = foreign(existing_service.as_ref(), pool, "Service") {
         return Ok(foreign);
     }
     let name = slice_name(gate);
-    let existing_slice = get_opt(io, &slices, &name).await?;
+    let existing_slice = get_opt(io, &slices, namespace, &name).await?;
     if let Some(foreign) = foreign(existing_slice.as_ref(), pool, "EndpointSlice") {
         return Ok(foreign);
     }
@@ -375,6 +380,7 @@ async fn apply(
         io.door
             .send(
                 Priority::First,
+                namespace,
                 services.patch(&gate.service_name, &params, &Patch::Apply(&service)),
             )
             .await?;
@@ -415,18 +421,24 @@ async fn write_slice(
     slice: &EndpointSlice,
 ) -> Result<bool, Error> {
     let name = slice.name_any();
+    let namespace = slice.namespace().unwrap_or_default();
+    let namespace = namespace.as_str();
     if let Some(existing) = existing
         && existing.address_type != slice.address_type
     {
         let params = DeleteParams::default();
         io.door
-            .send(Priority::First, slices.delete(&name, &params))
+            .send(Priority::First, namespace, slices.delete(&name, &params))
             .await?;
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let patch = Patch::Apply(slice);
     io.door
-        .send(Priority::First, slices.patch(&name, &params, &patch))
+        .send(
+            Priority::First,
+            namespace,
+            slices.patch(&name, &params, &patch),
+        )
         .await
 }
 
@@ -441,22 +453,22 @@ async fn remove(
     let slices: Api<EndpointSlice> = Api::namespaced(io.client.clone(), namespace);
     let slice = format!("{name}-dbpool");
     let mut gone = true;
-    if let Some(existing) = get_opt(io, &slices, &slice).await?
+    if let Some(existing) = get_opt(io, &slices, namespace, &slice).await?
         && owned_by(&existing.metadata, pool)
     {
         let params = delete_exactly(existing.metadata.uid);
         gone &= io
             .door
-            .send(Priority::First, slices.delete(&slice, &params))
+            .send(Priority::First, namespace, slices.delete(&slice, &params))
             .await?;
     }
-    if let Some(existing) = get_opt(io, &services, name).await?
+    if let Some(existing) = get_opt(io, &services, namespace, name).await?
         && owned_by(&existing.metadata, pool)
     {
         let params = delete_exactly(existing.metadata.uid);
         gone &= io
             .door
-            .send(Priority::First, services.delete(name, &params))
+            .send(Priority::First, namespace, services.delete(name, &params))
             .await?;
         info!(service = %name, namespace, "gate Service removed");
     }

@@ -251,8 +251,8 @@ pub(crate) async fn send(
     permit: ApiPermit<'_>,
 ) -> Result<bool, Error> {
     let pool = outbox.pool.as_ref();
-    let api: Api<DbPool> =
-        Api::namespaced(io.client.clone(), &pool.namespace().unwrap_or_default());
+    let namespace = pool.namespace().unwrap_or_default();
+    let api: Api<DbPool> = Api::namespaced(io.client.clone(), &namespace);
     let name = pool.name_any();
     let params = PatchParams::apply(FIELD_MANAGER).force();
     if let Some(status) = &outbox.status {
@@ -283,7 +283,7 @@ pub(crate) async fn send(
         });
         let patch = Patch::Apply(&patch);
         let request = api.patch(&name, &params, &patch);
-        if !io.door.send(Priority::Later, request).await? {
+        if !io.door.send(Priority::Later, &namespace, request).await? {
             return Ok(false);
         }
     }
@@ -300,7 +300,8 @@ async fn publish_event(io: &WriteIo<'_>, pool: &DbPool, pending: &PendingEvent) 
     let event = pending.to_event();
     let reference = pool.object_ref(&());
     let request = io.recorder.publish(&event, &reference);
-    if let Err(err) = io.door.send(Priority::Later, request).await {
+    let namespace = pool.namespace().unwrap_or_default();
+    if let Err(err) = io.door.send(Priority::Later, &namespace, request).await {
         warn!(pool = %pool.name_any(), error = %err, "cannot publish event");
     }
 }

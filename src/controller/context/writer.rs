@@ -41,7 +41,8 @@ async fn drain(weak: Weak<Context>, key: PoolRef) {
             }
             continue;
         };
-        let permit = ctx.door.permits().acquire(priority).await;
+        let namespace = key.namespace.as_deref().unwrap_or_default();
+        let permit = ctx.door.permits().acquire(priority, namespace).await;
         let outbox = match next_step(&ctx, &key) {
             Step::Stop => return,
             Step::Wait(until, wake) => {
