@@ -19,8 +19,7 @@ use k8s_openapi::{
         core::v1::{Service, ServicePort, ServiceSpec},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
-    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time},
-    jiff::Timestamp,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use kube::{
     Api, Resource, ResourceExt,
@@ -29,7 +28,10 @@ use kube::{
 use tracing::{debug, info};
 
 use super::{Error, FIELD_MANAGER, api_permits::Priority, config::GateAllowlist, fence::Door};
-use crate::api::{BreakerState, CONDITION_GATE, DbPool, GateSpec, reason};
+use crate::api::{BreakerState, DbPool, GateSpec};
+
+mod outcome;
+pub use outcome::GateOutcome;
 
 /// Label every EndpointSlice of a Service carries, naming the Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -191,90 +193,6 @@ fn service_matches(existing: &Service, desired: &Service) -> bool {
             .as_ref()
             .and_then(|s| s.selector.as_ref())
             .is_none()
-}
-
-/// What became of the gate in one reconcile.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GateOutcome {
-    /// spec.gate is not set.
-    NotDeclared,
-    /// The operator does not allow gates in this namespace.
-    NotAllowed,
-    /// An object of the gate's name exists and is not ours.
-    NotOwned {
-        /// "Service" or "EndpointSlice".
-        kind: &'static str,
-        /// Its name.
-        name: String,
-    },
-    /// The Service and EndpointSlice are as desired.
-    Synced {
-        /// The address in the EndpointSlice, if any.
-        peer: Option<SocketAddr>,
-        /// Whether it is ready.
-        ready: bool,
-    },
-    /// A read or write failed.
-    Failed(String),
-}
-
-impl GateOutcome {
-    /// The `Gate` condition (None when no gate is declared). `lastTransitionTime` is filled in by
-    /// the status code.
-    pub fn condition(&self, gate: Option<&GateSpec>) -> Option<Condition> {
-        let name = gate.map_or("", |g| g.service_name.as_str());
-        let (status, reason, message) = match self {
-            Self::NotDeclared => return None,
-            Self::NotAllowed => (
-                false,
-                reason::GATES_NOT_ALLOWED,
-                format!(
-                    "the operator does not allow gates in this namespace (--allow-gates-in); no Service {name} is created"
-                ),
-            ),
-            Self::NotOwned { kind, name } => (
-                false,
-                reason::GATE_SERVICE_NOT_OWNED,
-                format!(
-                    "{kind} {name} exists and is not owned by this DbPool; it is left untouched"
-                ),
-            ),
-            Self::Synced { peer: None, .. } => (
-                true,
-                reason::GATE_NO_ADDRESS,
-                format!(
-                    "Service {name} has no endpoint yet (no probe logged in); connects are refused"
-                ),
-            ),
-            Self::Synced {
-                peer: Some(peer),
-                ready: true,
-            } => (
-                true,
-                reason::GATE_OPEN,
-                format!("Service {name} forwards to {peer}"),
-            ),
-            Self::Synced {
-                peer: Some(peer),
-                ready: false,
-            } => (
-                true,
-                reason::GATE_REJECTING,
-                format!(
-                    "Service {name}: endpoint {peer} not ready while the breaker is not closed; connects are refused"
-                ),
-            ),
-            Self::Failed(message) => (false, reason::GATE_WRITE_FAILED, message.clone()),
-        };
-        Some(Condition {
-            type_: CONDITION_GATE.to_owned(),
-            status: if status { "True" } else { "False" }.to_owned(),
-            reason: reason.to_owned(),
-            message,
-            last_transition_time: Time(Timestamp::UNIX_EPOCH),
-            observed_generation: None,
-        })
-    }
 }
 
 /// What writing a gate needs.
@@ -489,6 +407,7 @@ fn delete_exactly(uid: Option<String>) -> DeleteParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::reason;
 
     fn pool(gate: Option<GateSpec>) -> DbPool {
         let mut pool: DbPool = serde_json::from_value(serde_json::json!({
