@@ -244,15 +244,17 @@ impl Drop for TestNamespace {
         if self.deleted {
             return;
         }
-        // Fire and forget: the child outlives the test process if need be.
-        let _ = std::process::Command::new("kubectl")
-            .args([
-                "delete",
-                "namespace",
-                &self.name,
-                "--wait=false",
-                "--ignore-not-found",
-            ])
+        // Fire and forget: the child outlives the test process if need be. The DbPools go
+        // first and explicitly: without kube-controller-manager (the tests run none) a deleted
+        // namespace stays Terminating with everything in it, and a cluster-wide operator of a
+        // later test would reconcile every DbPool an earlier test left there.
+        let script = format!(
+            "kubectl delete dbpools --all -n {ns} --wait=false --ignore-not-found; \
+             kubectl delete namespace {ns} --wait=false --ignore-not-found",
+            ns = self.name
+        );
+        let _ = std::process::Command::new("sh")
+            .args(["-c", &script])
             .env("KUBECONFIG", kubeconfig_path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
