@@ -28,7 +28,7 @@ impl Run {
     /// Step 2c (the target is not known down): ask the pool's probe stream whether a result of
     /// an equivalent probe answers for this pool (see `sharing`). Waits for a probe in flight
     /// at most the pool's timeout plus [`IN_FLIGHT_GRACE`]; a pool due "now" keeps the instant
-    /// it first became due as its deadline (`due_since`).
+    /// it first became due as its deadline (`Wants`).
     pub(super) async fn share(
         &mut self,
         pool: &DbPool,
