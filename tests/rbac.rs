@@ -18,7 +18,7 @@ use std::{
     io::Write,
     str::FromStr,
     sync::{Arc, Mutex, OnceLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use dbpool_operator::{
@@ -46,7 +46,7 @@ use support::{
     },
     pools::{condition, create, pool, wait_status},
     postgres::{APP_PASSWORD, PgServer},
-    wait::{wait_for, wait_until},
+    wait::wait_until,
 };
 use tracing_subscriber::{EnvFilter, fmt::MakeWriter};
 
@@ -435,13 +435,31 @@ async fn operator_works_with_only_the_charts_rbac(namespace_mode: bool) {
         s.phase == Some(Phase::ConfigError)
     })
     .await;
-    let config_error = wait_for("a ConfigError event", DEADLINE, || async {
-        events(&admin, a, reasons::CONFIG_ERROR)
+    let started = Instant::now();
+    let config_error = loop {
+        if let Some(event) = events(&admin, a, reasons::CONFIG_ERROR)
             .await
             .into_iter()
             .next()
-    })
-    .await;
+        {
+            break event;
+        }
+        if started.elapsed() > DEADLINE {
+            let all: Api<DbPool> = Api::all(admin.clone());
+            let pools = all.list(&ListParams::default()).await.map(|l| l.items.len());
+            let text = logs.text();
+            let tail: Vec<&str> = text[log_start.min(text.len())..]
+                .lines()
+                .filter(|l| l.contains(POOL) || l.contains("event") || l.contains("write"))
+                .collect();
+            panic!(
+                "no ConfigError event after {DEADLINE:?} ({pools:?} DbPools in the cluster); the \
+                 operator's log about it:\n{}",
+                tail[tail.len().saturating_sub(60)..].join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // poll interval of the wait
+    };
     assert_eq!(
         config_error.reporting_instance.as_deref(),
         Some(instance.as_str())
