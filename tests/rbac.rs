@@ -446,7 +446,10 @@ async fn operator_works_with_only_the_charts_rbac(namespace_mode: bool) {
         }
         if started.elapsed() > DEADLINE {
             let all: Api<DbPool> = Api::all(admin.clone());
-            let pools = all.list(&ListParams::default()).await.map(|l| l.items.len());
+            let pools = all
+                .list(&ListParams::default())
+                .await
+                .map(|l| l.items.len());
             let text = logs.text();
             let tail: Vec<&str> = text[log_start.min(text.len())..]
                 .lines()
