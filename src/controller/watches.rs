@@ -40,6 +40,7 @@ use super::{
     liveness::WatchHealth,
     names::from_owner_key,
     observer::{Footprint, Observer},
+    pings::Pings,
     reconcile::{error_policy, reconcile},
     sharing::Streams,
     targets::Targets,
@@ -76,8 +77,14 @@ pub(super) async fn run_controller(
     let (secret_reader, secret_writer) = reflector::store();
     let (pool_reader, pool_writer) = reflector::store();
     let stores = (secret_reader, pool_reader.clone());
-    let (ctx, lost_rx) = build_context(client, config, metrics.clone(), observer, fence, stores);
+    let (ctx, lost_rx, edge_refs) =
+        build_context(client, config, metrics.clone(), observer, fence, stores);
     let (lost_task, lost_refs) = trigger_lost_connections(&ctx, lost_rx);
+    // Pools told that their target accepts connections again (see `pings`) reconcile at once.
+    let triggered = futures::stream::select(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(lost_refs),
+        tokio_stream::wrappers::UnboundedReceiverStream::new(edge_refs),
+    );
     // Ready once both caches have completed their initial list. (Noted from the streams:
     // awaiting `Store::wait_until_ready` next to the controller's own wait can miss its wake-up.)
     let synced = Arc::new(Synced::default());
@@ -88,9 +95,7 @@ pub(super) async fn run_controller(
     let mapper_pools = pool_reader.clone();
     let controller = Controller::for_stream(pools, pool_reader)
         .watches_stream(secrets, move |secret| pools_reading(&mapper_pools, &secret))
-        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
-            lost_refs,
-        ))
+        .reconcile_on(triggered)
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -113,8 +118,9 @@ pub(super) async fn run_controller(
     info!("dbpool-operator controller stopped");
 }
 
-/// The context of one controller run, over the two caches (Secrets' metadata, DbPools); and the
-/// prober's channel of lost connections. Tells the observer where its footprint is.
+/// The context of one controller run, over the two caches (Secrets' metadata, DbPools); the
+/// prober's channel of lost connections; and the channel of pools whose target accepts
+/// connections again (the ping streams'). Tells the observer where its footprint is.
 fn build_context(
     client: Client,
     config: OperatorConfig,
@@ -122,7 +128,11 @@ fn build_context(
     observer: Arc<dyn Observer>,
     fence: Fence,
     (secret_reader, pool_reader): (Store<PartialObjectMeta<Secret>>, Store<DbPool>),
-) -> (Arc<Context>, LostReceiver) {
+) -> (
+    Arc<Context>,
+    LostReceiver,
+    tokio::sync::mpsc::UnboundedReceiver<ObjectRef<DbPool>>,
+) {
     let (prober, lost_rx) = Prober::new(ProberConfig {
         reconnect_every: config.reconnect_every,
     });
@@ -140,11 +150,13 @@ fn build_context(
         pool_reader.clone(),
         permits.clone(),
     );
+    let (pings, edge_refs) = Pings::new(config.max_pings_per_second, metrics.clone());
     let parts = Parts {
         prober,
         targets: Targets::default(),
         fleet: Fleet::new(config.fleet_guard, metrics.clone()),
         streams: Streams::default(),
+        pings,
     };
     let door = Door::new(fence, permits, metrics.clone());
     let ctx = Arc::new(Context::new(
@@ -160,7 +172,7 @@ fn build_context(
     ));
     let footprint: Arc<dyn Footprint> = ctx.clone();
     observer.controller_started(Arc::downgrade(&footprint));
-    (ctx, lost_rx)
+    (ctx, lost_rx, edge_refs)
 }
 
 /// The prober's channel of lost connections.

@@ -3,7 +3,8 @@
 //! Lives here: [`Context`] (what every reconcile shares), the pool registry ([`PoolEntry`]:
 //! everything the process remembers about one pool in the registry itself, keyed by its
 //! [`PoolRef`]), [`Parts`] (the parts that keep something per pool on the side: the prober's
-//! connection shares, the targets, the fleet guard, the probe streams), forgetting a pool in
+//! connection shares, the targets, the fleet guard, the probe streams, the readiness ping
+//! streams), forgetting a pool in
 //! all of them at once ([`Context::forget`]), the recovery memory (`memory`) and the per-pool
 //! writer task (`writer`). Must not live here: the reconcile steps (`reconcile`), the
 //! subsystems' own rules (each in its module), watches or event wording.
@@ -38,6 +39,7 @@ use super::{
     fleet::Fleet,
     names::{PerPool, PoolRef, owner_key, pool_labels},
     observer::{Footprint, Observer},
+    pings::Pings,
     sharing::Streams,
     slots::ProbeSlots,
     sync::lock,
@@ -85,6 +87,8 @@ pub(crate) struct Parts {
     pub fleet: Fleet,
     /// Per-credential probe streams of healthy targets (see `sharing`).
     pub streams: Streams,
+    /// Readiness ping streams of targets whose pools wait out an outage (see `pings`).
+    pub pings: Pings,
 }
 
 /// Everything this process remembers about one pool in the registry itself.
@@ -124,6 +128,7 @@ impl Footprint for Context {
             targets,
             fleet,
             streams,
+            pings,
         } = &self.parts;
         vec![
             ("registry", lock(&self.pools).len()),
@@ -131,6 +136,7 @@ impl Footprint for Context {
             ("targets", targets.pools_known()),
             ("fleet", fleet.pools_known()),
             ("streams", streams.pools_known()),
+            ("pings", pings.pools_known()),
         ]
     }
 }
@@ -205,8 +211,9 @@ impl Context {
             targets,
             fleet,
             streams,
+            pings,
         } = &self.parts;
-        let parts: [&dyn PerPool; 4] = [prober, targets, fleet, streams];
+        let parts: [&dyn PerPool; 5] = [prober, targets, fleet, streams, pings];
         for part in parts {
             part.forget(pool);
         }
