@@ -20,7 +20,7 @@ use kube::{
 };
 use support::{
     kube::{TestNamespace, create_consenting_secret, install_crd},
-    pools::{condition, create, pool, wait_status},
+    pools::{condition, create, pool, status, wait_status},
     postgres::{APP_PASSWORD, PgServer},
 };
 
@@ -82,9 +82,10 @@ fn ready_again(api: Api<DbPool>, name: &str) -> tokio::task::JoinHandle<Option<T
     })
 }
 
-/// A 3 s outage of a pool with every knob at its default (and `earlyTrial` as given): how long
-/// after the server's ready line the watch saw the pool Ready, and the operator's metrics text.
-async fn three_second_outage(early_trial: bool) -> (Duration, String) {
+/// An outage of `outage` of a pool with every knob at its default (and `earlyTrial` as given):
+/// how long after the server's ready line the watch saw the pool Ready, the operator's metrics
+/// text, and the pool's phase just before the server started again.
+async fn outage_of(outage: Duration, early_trial: bool) -> (Duration, String, Option<Phase>) {
     let client = support::kube::client().await;
     install_crd(&client).await;
     let ns = TestNamespace::new(&client).await;
@@ -126,19 +127,22 @@ async fn three_second_outage(early_trial: bool) -> (Duration, String) {
     )
     .await;
     // The outage's length is the scenario, not a wait for a condition.
-    tokio::time::sleep_until(stopped + Duration::from_secs(3)).await;
+    tokio::time::sleep_until(stopped + outage).await;
+    let phase = status(&client, ns.name(), "orders")
+        .await
+        .and_then(|s| s.phase);
     pg.start().await;
     let start = ready_at(&pg);
-    let end = tokio::time::timeout(Duration::from_secs(60), watch)
+    let end = tokio::time::timeout(Duration::from_secs(90), watch)
         .await
-        .expect("Ready again within 60s")
+        .expect("Ready again within 90s")
         .expect("watch task")
         .expect("the watch saw Ready again");
     let took = Duration::try_from(end.duration_since(start)).unwrap_or(Duration::ZERO);
     eprintln!("earlyTrial {early_trial}: Ready {took:?} after the server's ready line");
     let text = op.metrics.encode();
     ns.cleanup().await;
-    (took, text)
+    (took, text, phase)
 }
 
 /// The sum of the samples of metric lines starting with `prefix`.
@@ -151,7 +155,7 @@ fn metric(text: &str, prefix: &str) -> f64 {
 
 #[tokio::test]
 async fn a_pool_is_ready_within_500ms_of_the_database_after_a_3s_outage() {
-    let (took, text) = three_second_outage(true).await;
+    let (took, text, _) = outage_of(Duration::from_secs(3), true).await;
     assert!(took <= BOUND, "Ready {took:?} after the server was ready");
     // It was an early trial (the next backoff delay was seconds away), and pings were counted.
     assert!(metric(&text, "dbpool_early_trials_total") >= 1.0, "{text}");
@@ -166,7 +170,19 @@ async fn a_pool_is_ready_within_500ms_of_the_database_after_a_3s_outage() {
 /// server's start, so only printed: 0.85-0.93 s in three runs, up to 4 s possible).
 #[tokio::test]
 async fn without_early_trials_the_pool_waits_for_the_timers() {
-    let (_took, text) = three_second_outage(false).await;
+    let (_, text, _) = outage_of(Duration::from_secs(3), false).await;
     assert_eq!(metric(&text, "dbpool_early_trials_total"), 0.0, "{text}");
     assert_eq!(metric(&text, "dbpool_readiness_pings_total"), 0.0, "{text}");
+}
+
+/// A 30 s outage opens the breaker (5 failures by about 15 s; openTimeout 60 s): the early trial
+/// closes it as soon as the server is back. Not in `make test` (it takes 40 s); run by hand:
+/// `CARGO_TEST_ARGS="--test early_trial -- --ignored" hack/test.sh`.
+#[tokio::test]
+#[ignore = "40 s; run by hand"]
+async fn an_open_breaker_closes_within_500ms_of_the_database_after_a_30s_outage() {
+    let (took, text, phase) = outage_of(Duration::from_secs(30), true).await;
+    assert_eq!(phase, Some(Phase::BreakerOpen));
+    assert!(took <= BOUND, "Ready {took:?} after the server was ready");
+    assert!(metric(&text, "dbpool_early_trials_total") >= 1.0, "{text}");
 }

@@ -4,9 +4,8 @@
 //! everything the process remembers about one pool in the registry itself, keyed by its
 //! [`PoolRef`]), [`Parts`] (the parts that keep something per pool on the side: the prober's
 //! connection shares, the targets, the fleet guard, the probe streams, the readiness ping
-//! streams), forgetting a pool in
-//! all of them at once ([`Context::forget`]), the recovery memory (`memory`) and the per-pool
-//! writer task (`writer`). Must not live here: the reconcile steps (`reconcile`), the
+//! streams), forgetting a pool in all of them at once ([`Context::forget`]), the recovery memory
+//! (`memory`) and the per-pool writer task (`writer`). Must not live here: the reconcile steps (`reconcile`), the
 //! subsystems' own rules (each in its module), watches or event wording.
 //!
 //! **Forgetting is by construction.** A part that keeps something per pool is a field of
