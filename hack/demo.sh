@@ -260,8 +260,10 @@ run "curl -s $metrics_url/metrics | grep -E '^dbpool_(circuit_breaker_state|cons
 step "The database returns: the breaker half-opens and closes"
 run "$ENVSH pg-start"
 PG_STOPPED=0
-say "The operator does not hammer an open breaker: it waits for openTimeout ($OPEN_TIMEOUT after opening,"
-say "status.breaker.nextProbeAt), then trial probes (HalfOpen); 2 successful trials close it."
+say "The operator does not hammer an open breaker with logins: while it is open it only pings the"
+say "database without a password (at most 4 times a second). The moment PostgreSQL accepts connections"
+say "again, one trial login runs at once (breaker.earlyTrial) instead of waiting for openTimeout"
+say "($OPEN_TIMEOUT after opening, status.breaker.nextProbeAt): HalfOpen; 2 successful trials close it."
 watch_pool "$CLOSE_DEADLINE" Healthy Closed
 if grep -q ' HalfOpen ' <<<"$SEEN"; then
   say "The breaker went Open -> HalfOpen -> Closed, and the pool is Ready again."
@@ -271,6 +273,10 @@ fi
 run "kubectl get events --field-selector involvedObject.name=$POOL --sort-by=.eventTime"
 
 step "Don't wait for the trial probe: force a reopen"
+say "Without early trials (breaker.earlyTrial: false, the pure timers) a returning database waits for"
+say "openTimeout. Turn them off for this pool, so that a person has to ask for the probe."
+must "the DbPool could not be patched" \
+  "kubectl patch dbpool $POOL --type=merge -p '{\"spec\":{\"breaker\":{\"earlyTrial\":false}}}'"
 say "A second outage opens the breaker again; this time the database is back at once and a person"
 say "asks for a probe now with the dbpool.io/force-reopen annotation, instead of waiting openTimeout."
 PG_STOPPED=1

@@ -39,6 +39,8 @@ pub mod defaults {
     pub const MIN_STATUS_PERIOD: Duration = Duration::from_millis(1000);
     /// Counter-only writes (status, label, event requests) per second, all pools together.
     pub const COUNTER_WRITE_RATE: u32 = 50;
+    /// Readiness pings per second, all targets together.
+    pub const MAX_PINGS_PER_SECOND: u32 = 200;
     /// Transition writes (status, label, event requests) per second, all pools together.
     pub const TRANSITION_WRITE_RATE: u32 = 1000;
     /// Reopen each persistent probe connection this often.
@@ -128,6 +130,11 @@ pub struct RunArgs {
     /// fixed ceiling no DbPool spec can raise.
     #[arg(long, env = "DBPOOL_COUNTER_WRITE_RATE", default_value_t = defaults::COUNTER_WRITE_RATE)]
     pub counter_write_rate: u32,
+    /// Readiness pings (no password) per second across all targets, handed out in turn across
+    /// namespaces; each target is pinged at most 4 times a second while its pools wait out an
+    /// outage.
+    #[arg(long, env = "DBPOOL_MAX_PINGS_PER_SECOND", default_value_t = defaults::MAX_PINGS_PER_SECOND)]
+    pub max_pings_per_second: u32,
     /// Transition write requests (status, label, event) per second across all pools: a budget
     /// of their own, so a flood of counter updates never delays an Open.
     #[arg(long, env = "DBPOOL_TRANSITION_WRITE_RATE", default_value_t = defaults::TRANSITION_WRITE_RATE)]
@@ -210,6 +217,7 @@ impl RunArgs {
             status_refresh: self.status_refresh.as_std(),
             min_status_period: self.min_status_period.as_std(),
             counter_write_rate: self.counter_write_rate.max(1),
+            max_pings_per_second: self.max_pings_per_second.max(1),
             transition_write_rate: self.transition_write_rate.max(1),
             reconnect_every: self.reconnect_every.as_std(),
             instance,
@@ -242,6 +250,7 @@ impl Default for OperatorConfig {
             status_refresh: defaults::STATUS_REFRESH,
             min_status_period: defaults::MIN_STATUS_PERIOD,
             counter_write_rate: defaults::COUNTER_WRITE_RATE,
+            max_pings_per_second: defaults::MAX_PINGS_PER_SECOND,
             transition_write_rate: defaults::TRANSITION_WRITE_RATE,
             reconnect_every: defaults::RECONNECT_EVERY,
             instance: defaults::INSTANCE.to_owned(),
@@ -288,6 +297,7 @@ mod tests {
         assert_eq!(config.reconnect_every, default.reconnect_every);
         assert_eq!(config.min_status_period, default.min_status_period);
         assert_eq!(config.counter_write_rate, default.counter_write_rate);
+        assert_eq!(config.max_pings_per_second, default.max_pings_per_second);
         assert_eq!(config.transition_write_rate, default.transition_write_rate);
         assert_eq!(config.instance, default.instance);
         assert!(config.leader_election.is_none());

@@ -60,6 +60,11 @@ struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabels {
     stage: String,
 }
@@ -80,6 +85,8 @@ pub struct Metrics {
     controller_contexts: Gauge,
     fleet_suspect: Gauge,
     fleet_held_openings: Counter,
+    readiness_pings: Family<ResultLabels, Counter>,
+    early_trials: Counter,
     ready: AtomicBool,
     is_leader: AtomicBool,
     /// Since when the watches have failed without a success in between.
@@ -174,8 +181,22 @@ impl Metrics {
             "Breaker openings the fleet guard held (one per pool per hold)",
             fleet_held_openings.clone(),
         );
+        let readiness_pings = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "readiness_pings",
+            "Readiness pings (no password) of targets whose pools wait out an outage, by result",
+            readiness_pings.clone(),
+        );
+        let early_trials = Counter::default();
+        registry.register(
+            "early_trials",
+            "Early trials granted: credentialed attempts made at once because a readiness ping saw the database accepting again (each also counts in recovery_attempts)",
+            early_trials.clone(),
+        );
         Self {
             registry,
+            readiness_pings,
+            early_trials,
             fleet_suspect,
             fleet_held_openings,
             recovery_attempts,
@@ -348,6 +369,20 @@ impl Metrics {
     /// The current `dbpool_fleet_suspect`.
     pub fn is_fleet_suspect(&self) -> bool {
         self.fleet_suspect.get() == 1
+    }
+
+    /// Counts a readiness ping by its result.
+    pub fn readiness_ping(&self, result: crate::probe::Readiness) {
+        self.readiness_pings
+            .get_or_create(&ResultLabels {
+                result: result.name().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts an early trial granted to a pool.
+    pub fn early_trial_granted(&self) {
+        self.early_trials.inc();
     }
 
     /// Counts a breaker opening the fleet guard held (the start of one pool's hold).

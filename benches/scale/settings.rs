@@ -37,6 +37,7 @@ pub fn pool_policy(interval: Duration) -> Policy {
         open_timeout: Duration::from_secs(4),
         success_threshold: 1,
         mode: BreakerMode::Auto,
+        early_trial: true,
     }
 }
 

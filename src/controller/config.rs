@@ -33,6 +33,8 @@ pub struct OperatorConfig {
     pub counter_write_rate: u32,
     /// Transition write requests per second, all pools together (token bucket, burst = rate).
     pub transition_write_rate: u32,
+    /// Readiness pings per second, all targets together, fair across namespaces (see `pings`).
+    pub max_pings_per_second: u32,
     /// Reopen each persistent probe connection this often, to test the full connect path.
     pub reconnect_every: Duration,
     /// Name of this operator instance in events and in the leader lease (e.g. the pod name).

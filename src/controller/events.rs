@@ -162,7 +162,7 @@ fn describe(
                 facts.state.consecutive_failures
             ),
         ),
-        Effect::Ignored => return None,
+        Effect::Ignored | Effect::EarlyTrialGranted => return None,
     })
 }
 

@@ -13,8 +13,9 @@
 //!   runs on it);
 //! - **subsystems**, which import no context and no other subsystem — `targets` (one shared
 //!   connect schedule per target while it is down), `sharing` (probe streams while a target is
-//!   healthy), `fleet` (the fleet guard), `probe_permits` (the probe permits, fair across namespaces and
-//!   targets), `credentials` (reading Secrets), `status` (the status a user sees), `gate` (the
+//!   healthy), `fleet` (the fleet guard), `probe_permits` (the probe permits, fair across
+//!   namespaces and targets), `pings` (readiness ping streams while a target's pools wait out an
+//!   outage), `credentials` (reading Secrets), `status` (the status a user sees), `gate` (the
 //!   gated Service of `spec.gate`), `write` (outboxes, the writer's decisions, the write budget),
 //!   `triggers` (which events a reconcile feeds the engine);
 //! - **door** — `fence` ([`Fence`] and the one door for writes and per-pool metrics);
@@ -48,6 +49,7 @@ mod leadership;
 mod liveness;
 mod names;
 mod observer;
+mod pings;
 mod probe_permits;
 mod reconcile;
 mod running;

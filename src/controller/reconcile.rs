@@ -82,7 +82,8 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
         ctx.store_memory(&run.key, run.memory, false);
         return Err(err.into());
     }
-    run.apply_triggers(&pool, connection_lost, &credentials);
+    let readiness_edge = ctx.parts.pings.take_edge(&run.key);
+    run.apply_triggers(&pool, (connection_lost, readiness_edge), &credentials);
     if let Some(source) = run.decide(&pool, &ctx, &credentials).await
         && let Err(err) = run.probe(&pool, &ctx, credentials, source).await
     {
@@ -112,6 +113,13 @@ impl Run {
     /// not keep a stale breaker).
     fn publish_state(&self, ctx: &Context) {
         if let Some(metrics) = ctx.door.metrics() {
+            for _ in self
+                .effects
+                .iter()
+                .filter(|e| **e == Effect::EarlyTrialGranted)
+            {
+                metrics.early_trial_granted();
+            }
             metrics.pool_state(
                 &pool_labels(&self.key),
                 self.memory.state.breaker,

@@ -31,6 +31,9 @@ pub(super) struct Observed<'a> {
     pub known_fingerprint: Option<&'a str>,
     /// Fingerprint of the credentials now (or of the error reading them).
     pub fingerprint: &'a str,
+    /// The pool's target was seen accepting connections again by a readiness ping (see
+    /// `pings`) since the last reconcile.
+    pub readiness_edge: bool,
 }
 
 /// Why the engine is told something.
@@ -48,6 +51,9 @@ pub(super) enum Trigger {
     ConnectionLost,
     /// A Secret was created, fixed or rotated: probe the new credentials now.
     CredentialsChanged,
+    /// A readiness ping saw the target accepting connections again: the engine may grant an
+    /// early trial.
+    ReadinessAccepting,
 }
 
 impl Trigger {
@@ -57,6 +63,7 @@ impl Trigger {
             Self::SpecChanged | Self::HoldChanged => Event::SpecChanged,
             Self::ForceReopen => Event::ForceReopen,
             Self::ConnectionLost | Self::CredentialsChanged => Event::ProbeRequested,
+            Self::ReadinessAccepting => Event::ReadinessAccepting,
         }
     }
 }
@@ -84,6 +91,9 @@ pub(super) fn triggers(observed: &Observed<'_>) -> Vec<Trigger> {
     {
         out.push(Trigger::CredentialsChanged);
     }
+    if observed.readiness_edge {
+        out.push(Trigger::ReadinessAccepting);
+    }
     out
 }
 
@@ -103,7 +113,25 @@ mod tests {
             failing: false,
             known_fingerprint: Some("rv-1"),
             fingerprint: "rv-1",
+            readiness_edge: false,
         }
+    }
+
+    #[test]
+    fn a_readiness_edge_is_fed_to_the_engine_last() {
+        let edge = Observed {
+            readiness_edge: true,
+            generation: Some(2),
+            ..steady()
+        };
+        assert_eq!(
+            triggers(&edge),
+            [Trigger::SpecChanged, Trigger::ReadinessAccepting]
+        );
+        assert_eq!(
+            Trigger::ReadinessAccepting.event(),
+            Event::ReadinessAccepting
+        );
     }
 
     #[test]

@@ -68,8 +68,14 @@ pub(super) async fn run_controller(
     let (secret_reader, secret_writer) = reflector::store();
     let (pool_reader, pool_writer) = reflector::store();
     let stores = (secret_reader, pool_reader.clone());
-    let (ctx, lost_rx) = Context::start(client, config, metrics.clone(), observer, fence, stores);
+    let (ctx, lost_rx, edge_refs) =
+        Context::start(client, config, metrics.clone(), observer, fence, stores);
     let (lost_task, lost_refs) = trigger_lost_connections(&ctx, lost_rx);
+    // Pools told that their target accepts connections again (see `pings`) reconcile at once.
+    let triggered = futures::stream::select(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(lost_refs),
+        tokio_stream::wrappers::UnboundedReceiverStream::new(edge_refs),
+    );
     // Ready once both caches have completed their initial list. (Noted from the streams:
     // awaiting `Store::wait_until_ready` next to the controller's own wait can miss its wake-up.)
     let synced = Arc::new(Synced::default());
@@ -80,9 +86,7 @@ pub(super) async fn run_controller(
     let mapper_pools = pool_reader.clone();
     let controller = Controller::for_stream(pools, pool_reader)
         .watches_stream(secrets, move |secret| pools_reading(&mapper_pools, &secret))
-        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
-            lost_refs,
-        ))
+        .reconcile_on(triggered)
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

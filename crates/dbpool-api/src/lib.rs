@@ -374,7 +374,9 @@ pub struct BreakerSpec {
     #[serde(default = "default_failure_threshold")]
     #[schemars(range(min = 1, max = 1000))]
     pub failure_threshold: i32,
-    /// How long the breaker stays open before a half-open trial probe.
+    /// How long the breaker stays open before a half-open trial probe, unless the database is
+    /// seen accepting connections again earlier (see earlyTrial): with earlyTrial on, this is the
+    /// longest the breaker waits, not the shortest.
     #[serde(default = "default_open_timeout")]
     pub open_timeout: GoDuration,
     /// Successful probes in half-open needed to close the breaker.
@@ -384,6 +386,17 @@ pub struct BreakerSpec {
     /// Auto (normal), ForcedOpen (hold open for maintenance; probes go on) or Disabled (never open).
     #[serde(default)]
     pub mode: BreakerMode,
+    /// Try at once when the database is seen accepting connections again. While the pool is
+    /// Recovering, BreakerOpen (breaker open) or CoolingDown, the operator pings the server
+    /// without a password; when the answer turns from not accepting (refused, timed out, starting
+    /// up) to accepting, one credentialed trial runs at once instead of waiting for the backoff
+    /// delay, the cooldown or openTimeout. A failed trial counts towards the breaker but leaves
+    /// the backoff schedule, the cooldown and the breaker's clock alone; a successful one while
+    /// open counts as a half-open success. At most one early trial per backoff delay (at least
+    /// backoff.initialDelay) and per scheduled probe. Never in breaker mode ForcedOpen. false keeps
+    /// the pure timers.
+    #[serde(default = "default_early_trial")]
+    pub early_trial: bool,
 }
 
 impl Default for BreakerSpec {
@@ -393,6 +406,7 @@ impl Default for BreakerSpec {
             open_timeout: default_open_timeout(),
             success_threshold: default_success_threshold(),
             mode: BreakerMode::default(),
+            early_trial: default_early_trial(),
         }
     }
 }
@@ -441,6 +455,9 @@ fn default_open_timeout() -> GoDuration {
 }
 fn default_success_threshold() -> i32 {
     1
+}
+fn default_early_trial() -> bool {
+    true
 }
 
 /// The CRD as YAML, exactly as `dbpool-operator crd` prints it and `crds/dbpool.yaml` stores it.

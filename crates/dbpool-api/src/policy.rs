@@ -32,6 +32,7 @@ impl DbPoolSpec {
             open_timeout: br.open_timeout.as_std(),
             success_threshold: count(br.success_threshold),
             mode: br.mode,
+            early_trial: br.early_trial,
         }
         .clamped()
     }

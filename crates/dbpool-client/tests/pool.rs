@@ -40,6 +40,7 @@ fn short_policy() -> Policy {
         open_timeout: Duration::from_secs(1),
         success_threshold: 1,
         mode: dbpool_client::BreakerMode::Auto,
+        early_trial: true,
     }
 }
 

@@ -357,7 +357,7 @@ const MAX_LOOKUPS: usize = 8;
 static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 
 /// Resolves `host` (a name or an address literal; literals need no lookup).
-async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Failure> {
+pub(crate) async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Failure> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
@@ -389,7 +389,10 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Failure> {
 }
 
 /// Connects to `addr`.
-async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<(TcpStream, String), Failure> {
+pub(crate) async fn connect_one(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(TcpStream, String), Failure> {
     let peer = addr.to_string();
     let attempt = async {
         let socket = probe_socket(addr, timeout)?;

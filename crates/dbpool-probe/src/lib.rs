@@ -5,7 +5,8 @@
 //! happens; the probe stages (resolve, TCP, TLS, startup/auth, `SELECT 1`, role, saturation) with
 //! their timeouts; the classification of every failure into a [`ProbeOutcome`]; and
 //! [`open_session`], the same connect path handing a usable session to application pools
-//! (`dbpool-client`), so there is one copy of connect, TLS and classification. The vocabulary
+//! (`dbpool-client`), so there is one copy of connect, TLS and classification; and [`ping`], the
+//! readiness ping that learns whether a server accepts connections without any password. The vocabulary
 //! (the enums, [`ProbeReport`], the outcome → failure kind mapping) lives in `dbpool-vocab`, which
 //! the API shares, and is re-exported here under its old paths.
 //!
@@ -18,6 +19,7 @@ mod checks;
 mod classify;
 mod connect;
 mod guard;
+mod ping;
 mod prober;
 mod session;
 mod stage;
@@ -28,10 +30,13 @@ use std::{fmt, time::Duration};
 pub use guard::{
     MAX_SCRAM_ITERATIONS, MAX_SERVER_MESSAGE, MAX_STARTUP_BYTES, MIN_SCRAM_ITERATIONS,
 };
+pub use ping::{MAX_PING_MESSAGE, MAX_PING_TIME, PingReport, PingTarget, ping};
 pub use prober::{ConnectionKey, Prober};
 pub use session::{Session, SessionConnection, SessionError, classify_error, open_session};
 // The vocabulary lives in dbpool-vocab (so the API needs no probe); its old paths stay valid.
-pub use dbpool_vocab::{ProbeOutcome, ProbeReport, ProbeStage, SslMode, TargetSessionAttrs};
+pub use dbpool_vocab::{
+    ProbeOutcome, ProbeReport, ProbeStage, Readiness, SslMode, TargetSessionAttrs,
+};
 
 /// A database password. `Debug` prints `<redacted>` and there is no `Display`, so it cannot end up
 /// in a message or a log line by accident; [`Password::expose`] is the one way to read it.

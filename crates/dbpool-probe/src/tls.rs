@@ -243,12 +243,7 @@ pub(crate) enum SslAnswer {
 
 /// Sends PostgreSQL's SSLRequest and reads the one-byte answer.
 pub(crate) async fn ssl_request(stream: &mut TcpStream, peer: &str) -> Result<SslAnswer, Failure> {
-    // Length 8, request code 80877103 (1234 << 16 | 5679).
-    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-    let io_failure = |e: io::Error| super::classify::from_io_error(&e, ProbeStage::Tls, peer);
-    stream.write_all(&SSL_REQUEST).await.map_err(io_failure)?;
-    let answer = stream.read_u8().await.map_err(io_failure)?;
-    match answer {
+    match ssl_request_byte(stream, peer).await? {
         b'S' => Ok(SslAnswer::Supported),
         b'N' => Ok(SslAnswer::NotSupported),
         other => Err(Failure::config(
@@ -258,6 +253,35 @@ pub(crate) async fn ssl_request(stream: &mut TcpStream, peer: &str) -> Result<Ss
             ),
         )),
     }
+}
+
+/// Sends PostgreSQL's SSLRequest and returns the server's one-byte answer as it came ('S', 'N'
+/// or anything else), for callers that tell "not PostgreSQL" apart themselves (the ping).
+pub(crate) async fn ssl_request_byte(stream: &mut TcpStream, peer: &str) -> Result<u8, Failure> {
+    // Length 8, request code 80877103 (1234 << 16 | 5679).
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    let io_failure = |e: io::Error| super::classify::from_io_error(&e, ProbeStage::Tls, peer);
+    stream.write_all(&SSL_REQUEST).await.map_err(io_failure)?;
+    stream.read_u8().await.map_err(io_failure)
+}
+
+/// The TLS handshake with `host` (the name verify-full checks and SNI carries) over `stream`,
+/// after the server said 'S', with the sslMode's `config` from [`client_config`]. The
+/// certificate is verified here, before anything else is sent. A rejected certificate or a
+/// handshake alert is a configuration failure, I/O trouble an outage (as for the probe).
+pub(crate) async fn handshake(
+    host: &str,
+    config: ClientConfig,
+    stream: TcpStream,
+    peer: &str,
+) -> Result<TlsStream, Failure> {
+    let mut make = MakeRustlsConnect::new(config);
+    let Ok(connect) =
+        <MakeRustlsConnect as MakeTlsConnect<TcpStream>>::make_tls_connect(&mut make, host);
+    connect
+        .connect(stream)
+        .await
+        .map_err(|e| super::classify::from_tls_io_error(&e, peer))
 }
 
 /// A tokio-postgres-rustls connector that notes when the handshake finished, so that the time of

@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use std::time::Duration;
 
 use super::backoff::backoff_delay;
+use super::early;
 use super::policy::Policy;
 use super::state::{Effect, Event, FailureKind, PoolState};
 use crate::{BreakerMode, BreakerState, Phase};
@@ -16,8 +17,9 @@ use crate::{BreakerMode, BreakerState, Phase};
 /// The state after `event` happened at `now` under `policy`, and what visibly changed.
 ///
 /// A probe result whose `seq` is not `state.probe_seq` changes nothing and yields
-/// `[Effect::Ignored]`. Any other event first brings the breaker in line with the mode (see the
-/// module docs), then applies the event's own rule.
+/// `[Effect::Ignored]`. A readiness edge only grants an early trial or changes nothing. Any other
+/// event first brings the breaker in line with the mode (see the module docs), then applies the
+/// event's own rule.
 pub fn apply(
     state: &PoolState,
     event: Event,
@@ -45,27 +47,33 @@ pub fn apply_guarded(
     }
     let mut s = state.clone();
     let mut fx = Vec::new();
+    if event == Event::ReadinessAccepting {
+        // Evidence, not a probe: an edge that grants nothing changes nothing.
+        early::grant(&mut s, now, policy, &mut fx);
+        return (s, fx);
+    }
     enforce_mode(&mut s, now, policy, &mut fx);
     match event {
-        Event::ProbeStarted => {
-            s.probe_seq = s.probe_seq.wrapping_add(1);
-            s.probe_requested = false;
-            end_cooldown_if_due(&mut s, now, &mut fx);
-            if policy.mode == BreakerMode::Auto
-                && s.breaker == BreakerState::Open
-                && s.breaker_since
-                    .is_none_or(|since| now >= add(since, policy.open_timeout))
-            {
-                transition(&mut s, BreakerState::HalfOpen, now, &mut fx);
-            }
+        Event::ProbeStarted => on_start(&mut s, now, policy, &mut fx),
+        Event::ProbeSucceeded { seq, degraded } => {
+            let trial = early::is_trial(&s, seq);
+            s.trial_seq = None;
+            on_success(&mut s, degraded, trial, now, policy, &mut fx)
         }
-        Event::ProbeSucceeded { degraded, .. } => {
-            on_success(&mut s, degraded, now, policy, &mut fx)
+        Event::ProbeFailed { seq, kind } => {
+            let trial = early::is_trial(&s, seq);
+            s.trial_seq = None;
+            let failure = Failure {
+                kind,
+                trial,
+                hold_opening,
+            };
+            on_failure(&mut s, failure, now, policy, &mut fx)
         }
-        Event::ProbeFailed { kind, .. } => {
-            on_failure(&mut s, kind, now, policy, hold_opening, &mut fx)
-        }
+        Event::ReadinessAccepting => {}
         Event::ForceReopen => {
+            s.trial_requested = false;
+            s.trial_seq = None;
             if s.cooldown_until.take().is_some() {
                 fx.push(Effect::CooldownEnded);
             }
@@ -89,6 +97,10 @@ pub fn apply_guarded(
         Event::ProbeRequested => s.probe_requested = true,
         Event::SpecChanged => {
             s.probe_seq = s.probe_seq.wrapping_add(1);
+            s.trial_seq = None;
+            if !policy.early_trial || policy.mode == BreakerMode::ForcedOpen {
+                s.trial_requested = false;
+            }
             if s.current_backoff.is_some() && s.attempts > 0 {
                 s.current_backoff = Some(backoff_delay(policy, s.seed, s.attempts - 1));
             }
@@ -114,6 +126,8 @@ pub enum Due {
     First,
     /// A probe was requested (force reopen, lost connection, new Secret, spec change): now.
     Requested,
+    /// An early trial was granted (the target accepts connections again): now.
+    EarlyTrial,
     /// The health-check interval of a healthy pool.
     Interval,
     /// The backoff delay after a failure.
@@ -132,6 +146,20 @@ pub fn next_due(state: &PoolState, policy: &Policy) -> (Option<Timestamp>, Due) 
     if state.probe_requested {
         return (None, Due::Requested);
     }
+    if state.trial_requested {
+        return (None, Due::EarlyTrial);
+    }
+    scheduled_due(state, policy)
+}
+
+/// The schedule's own deadline, ignoring requested probes and granted early trials; `None` if
+/// never probed.
+pub(crate) fn scheduled_deadline(state: &PoolState, policy: &Policy) -> Option<Timestamp> {
+    scheduled_due(state, policy).0
+}
+
+/// [`scheduled_deadline`] with its reason.
+fn scheduled_due(state: &PoolState, policy: &Policy) -> (Option<Timestamp>, Due) {
     let Some(last_probe) = state.last_probe_at else {
         return (None, Due::First);
     };
@@ -184,13 +212,42 @@ pub fn phase(state: &PoolState) -> Phase {
     }
 }
 
+/// A probe starts: a new sequence number, the requests are served. A scheduled probe (anything
+/// but the granted early trial) ends a cooldown that is due and half-opens a breaker whose
+/// `open_timeout` has passed; an early trial leaves both alone.
+fn on_start(s: &mut PoolState, now: Timestamp, policy: &Policy, fx: &mut Vec<Effect>) {
+    let trial = early::starts_early(s, now, policy);
+    s.probe_seq = s.probe_seq.wrapping_add(1);
+    s.probe_requested = false;
+    s.trial_requested = false;
+    if trial {
+        s.trial_seq = Some(s.probe_seq);
+        return;
+    }
+    s.trial_seq = None;
+    s.trial_since_scheduled = false;
+    end_cooldown_if_due(s, now, fx);
+    if policy.mode == BreakerMode::Auto
+        && s.breaker == BreakerState::Open
+        && s.breaker_since
+            .is_none_or(|since| now >= add(since, policy.open_timeout))
+    {
+        transition(s, BreakerState::HalfOpen, now, fx);
+    }
+}
+
 fn on_success(
     s: &mut PoolState,
     degraded: bool,
+    trial: bool,
     now: Timestamp,
     policy: &Policy,
     fx: &mut Vec<Effect>,
 ) {
+    // An early trial's success while Open counts as a half-open success.
+    if trial && policy.mode == BreakerMode::Auto && s.breaker == BreakerState::Open {
+        transition(s, BreakerState::HalfOpen, now, fx);
+    }
     let had_failures = s.consecutive_failures > 0;
     if s.cooldown_until.take().is_some() {
         fx.push(Effect::CooldownEnded);
@@ -215,17 +272,33 @@ fn on_success(
     }
 }
 
+/// A failed probe's result, as the failure rule needs it.
+struct Failure {
+    /// Outage or configuration.
+    kind: FailureKind,
+    /// The probe was an early trial: the backoff cycle and the cooldown are left alone.
+    trial: bool,
+    /// The fleet guard's word: keep a Closed breaker from opening.
+    hold_opening: bool,
+}
+
 fn on_failure(
     s: &mut PoolState,
-    kind: FailureKind,
+    failure: Failure,
     now: Timestamp,
     policy: &Policy,
-    hold_opening: bool,
     fx: &mut Vec<Effect>,
 ) {
+    let Failure {
+        kind,
+        trial,
+        hold_opening,
+    } = failure;
     // A cooldown that elapsed while the probe ran ends before this failure is counted, so the
-    // failure opens a new cycle.
-    end_cooldown_if_due(s, now, fx);
+    // failure opens a new cycle (an early trial leaves the cooldown to the next scheduled probe).
+    if !trial {
+        end_cooldown_if_due(s, now, fx);
+    }
     s.consecutive_failures = s.consecutive_failures.saturating_add(1);
     if kind == FailureKind::Outage {
         s.outage_streak = s.outage_streak.saturating_add(1);
@@ -234,7 +307,8 @@ fn on_failure(
     s.last_failure_at = Some(now);
     s.last_failure = Some(kind);
     // A failure during a cooldown (a requested probe) leaves the cycle alone: the pause is fixed.
-    if s.cooldown_until.is_none() {
+    // So does an early trial's, whenever it happens.
+    if s.cooldown_until.is_none() && !trial {
         s.attempts = s.attempts.saturating_add(1);
         if s.attempts >= policy.max_attempts {
             let until = add(now, policy.cooldown);

@@ -45,7 +45,7 @@
 //!   breaker Closed: there is nothing to reopen, and half-opening a working pool would let one
 //!   failure open it.
 //!
-//! **Modes.** Before every event except a stale result, the breaker is brought in line with the
+//! **Modes.** Before every event except a stale result and a readiness edge, the breaker is brought in line with the
 //! mode: ForcedOpen holds it Open (probes go on, nothing closes it), Disabled holds it Closed
 //! (failures still counted). In Auto, a Closed breaker whose streak already reaches the
 //! threshold opens, and a HalfOpen one with enough successes closes (both only after a policy
@@ -58,15 +58,42 @@
 //! failure without the hold opens it, a success ends the hold, and any breaker change clears
 //! it. HalfOpen → Open is never held: that breaker was open already.
 //!
+//! **Early trial** ([`Event::ReadinessAccepting`], `early` module). The caller sends the event
+//! when readiness (a ping without credentials) goes from not accepting to accepting. It grants
+//! one early trial (`trial_requested`, effect `EarlyTrialGranted`, the deadline becomes now) when
+//! all of these hold: `policy.early_trial`; the mode is not ForcedOpen; the phase is Recovering,
+//! CoolingDown, or BreakerOpen with the breaker Open; no probe is requested or granted already;
+//! the schedule's own deadline has not come (else that probe goes ahead as it is); no early trial
+//! was granted since the last scheduled probe started (`trial_since_scheduled`); and the last one
+//! was granted at least [`trial_gap`] ago (the current backoff delay, at least `initial_delay`).
+//! The next `ProbeStarted` is the trial if the grant still stands, no other probe was requested
+//! and the schedule's deadline has still not come; it leaves a due cooldown and the breaker's
+//! clock alone (no half-open move), and tags the probe (`trial_seq`). Decisions:
+//! - A trial's failure counts towards `consecutive_failures`, `outage_streak` and the breaker
+//!   (Closed opens at the threshold, with the fleet guard's hold as usual), but leaves
+//!   `attempts`, `current_backoff`, `cooldown_until` and, while Open, `breaker_since` alone. Like
+//!   any failure it sets `last_failure_at`, so the scheduled deadline after it is
+//!   `last_failure_at + current_backoff` (or later while Open): a trial never brings the
+//!   schedule forward.
+//! - A trial's success while Open counts as a half-open success: Open → HalfOpen, then the
+//!   success is counted (closing at `success_threshold`). Otherwise it is an ordinary success.
+//! - With `early_trial` off or no `ReadinessAccepting` events, every rule above is inert: the
+//!   schedule is the pure timers' (the property tests check both).
+//! - Bound: each trial needs a scheduled probe before it and a trial never advances the
+//!   schedule, so credentialed attempts stay at most twice the pure timers' (checked by a
+//!   property test with readiness flapping at any rate). The trial fields are not stored in the
+//!   status: after an operator restart at most one more trial can be granted.
+//!
 //! **Success.** `consecutive_failures = outage_streak = attempts = 0`, `current_backoff`,
 //! `cooldown_until` and `last_failure` cleared, `degraded` set from the probe; effect `Recovered`
 //! if there was at least one failure before it.
 //!
 //! **Deadline** ([`next_deadline`]; `None` = due now): `None` if never probed (`last_probe_at`
-//! unset) or a probe is requested; else `cooldown_until` while cooling down; else, while Open in
-//! Auto mode, the later of `breaker_since + open_timeout` and `last_failure_at +
-//! current_backoff`; else, if the last probe failed, `last_failure_at + current_backoff`; else,
-//! in HalfOpen, `last_probe_at + initial_delay`; else `last_probe_at + interval`. Decisions: a
+//! unset), a probe is requested or an early trial granted; else `cooldown_until` while cooling
+//! down; else, while Open in Auto mode, the later of `breaker_since + open_timeout` and
+//! `last_failure_at + current_backoff`; else, if the last probe failed, `last_failure_at +
+//! current_backoff`; else, in HalfOpen, `last_probe_at + initial_delay`; else `last_probe_at +
+//! interval`. Decisions: a
 //! cooldown while Open in Auto mode also waits for `breaker_since + open_timeout`, so the probe
 //! that ends the cooldown is the half-open trial; and every deadline is raised to at least
 //! `last_probe_at`, so it can never point before the last result. While a probe is in flight the
@@ -86,6 +113,7 @@
 //! name kube, k8s-openapi, tokio or tokio-postgres.
 
 mod backoff;
+mod early;
 mod engine;
 mod fleet;
 mod policy;
@@ -95,6 +123,7 @@ mod target;
 mod types;
 
 pub use backoff::backoff_delay;
+pub use early::trial_gap;
 pub use engine::{Due, add, apply, apply_guarded, next_deadline, next_due, phase};
 pub use fleet::{FLEET_ENTRY_TTL, FleetGuard, FleetGuardConfig, FleetVerdict, MAX_FLEET_ENTRIES};
 pub use policy::{MAX_MULTIPLIER, MIN_DURATION, Policy};
@@ -110,3 +139,5 @@ pub use types::{BreakerMode, BreakerState, Phase};
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_early;

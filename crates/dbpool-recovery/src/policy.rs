@@ -43,6 +43,11 @@ pub struct Policy {
     pub success_threshold: u32,
     /// Auto, ForcedOpen or Disabled.
     pub mode: BreakerMode,
+    /// Whether readiness evidence may grant an early trial ([`Event::ReadinessAccepting`]);
+    /// `false` keeps the pure timers of the backoff and the breaker.
+    ///
+    /// [`Event::ReadinessAccepting`]: crate::Event::ReadinessAccepting
+    pub early_trial: bool,
 }
 
 impl Policy {
@@ -65,12 +70,14 @@ impl Policy {
             open_timeout: floor(self.open_timeout),
             success_threshold: self.success_threshold.max(1),
             mode: self.mode,
+            early_trial: self.early_trial,
         }
     }
 }
 
 /// The API defaults: probe every 30s (5s timeout); back off 1s ×2 up to 60s with 10% jitter, 10
-/// attempts then a 5 minute cooldown; open after 5 outage failures for 60s, close after 1 success.
+/// attempts then a 5 minute cooldown; open after 5 outage failures for 60s, close after 1 success;
+/// early trials on.
 impl Default for Policy {
     fn default() -> Self {
         Self {
@@ -86,6 +93,7 @@ impl Default for Policy {
             open_timeout: Duration::from_secs(60),
             success_threshold: 1,
             mode: BreakerMode::Auto,
+            early_trial: true,
         }
     }
 }

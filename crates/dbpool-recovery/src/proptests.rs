@@ -59,6 +59,7 @@ fn policy_with(mode: impl Strategy<Value = BreakerMode>) -> impl Strategy<Value 
                 open_timeout: ms(open_timeout),
                 success_threshold,
                 mode,
+                early_trial: true,
             },
         )
 }
@@ -330,5 +331,191 @@ proptest! {
         let expect = if held + 1 >= policy.failure_threshold { BreakerState::Open } else { BreakerState::Closed };
         prop_assert_eq!(s.breaker, expect);
         prop_assert_eq!(s.held_since, None);
+    }
+}
+
+/// One step of a history with readiness edges.
+#[derive(Clone, Debug)]
+enum EdgeOp {
+    Op(Op),
+    Edge,
+}
+
+fn edge_op() -> impl Strategy<Value = EdgeOp> {
+    prop_oneof![
+        5 => op().prop_map(EdgeOp::Op),
+        2 => Just(EdgeOp::Edge),
+    ]
+}
+
+/// `policy` with early trials on or off.
+fn with_trials(policy: Policy, on: bool) -> Policy {
+    Policy {
+        early_trial: on,
+        ..policy
+    }
+}
+
+/// The event of `op` in `state` (results carry the current or a stale sequence number).
+fn event_of(op: &Op, state: &PoolState) -> Event {
+    match op {
+        Op::Start => Event::ProbeStarted,
+        Op::Succeed { stale, degraded } => Event::ProbeSucceeded {
+            seq: if *stale {
+                state.probe_seq.wrapping_sub(1)
+            } else {
+                state.probe_seq
+            },
+            degraded: *degraded,
+        },
+        Op::Fail { stale, kind } => Event::ProbeFailed {
+            seq: if *stale {
+                state.probe_seq.wrapping_sub(1)
+            } else {
+                state.probe_seq
+            },
+            kind: *kind,
+        },
+        Op::ForceReopen => Event::ForceReopen,
+        Op::Request => Event::ProbeRequested,
+        Op::SpecChanged(_) => Event::SpecChanged,
+    }
+}
+
+/// A caller that probes at each deadline, every probe failing with an outage, and sends a
+/// readiness edge at each of `edges` (offsets from the start, any order, any density). Returns
+/// the instants at which probes started up to `horizon`, how many of them were early trials, and
+/// how many trials were granted.
+fn outage(
+    policy: &Policy,
+    seed: u64,
+    edges: &[Duration],
+    horizon: Duration,
+) -> Result<(Vec<Timestamp>, usize, usize), TestCaseError> {
+    let end = add(t0(), horizon);
+    let mut edges: Vec<Timestamp> = edges.iter().map(|d| add(t0(), *d)).collect();
+    edges.sort();
+    edges.reverse();
+    let mut state = PoolState::new(seed);
+    let mut now = t0();
+    let (mut starts, mut trials, mut granted) = (Vec::new(), 0, 0);
+    loop {
+        let due = next_deadline(&state, policy).unwrap_or(now).max(now);
+        if let Some(&edge) = edges.last()
+            && edge < due
+        {
+            edges.pop();
+            now = now.max(edge);
+            let before = state.clone();
+            let (after, fx) = apply(&state, Event::ReadinessAccepting, now, policy);
+            let grants = fx
+                .iter()
+                .filter(|e| **e == Effect::EarlyTrialGranted)
+                .count();
+            prop_assert!(grants <= 1);
+            if grants == 1 {
+                // At most one per current backoff delay (at least initialDelay).
+                if let Some(last) = before.last_trial_at {
+                    prop_assert!(now >= add(last, trial_gap(&before, policy)));
+                }
+            }
+            granted += grants;
+            state = after;
+            continue;
+        }
+        now = due;
+        if now > end {
+            break;
+        }
+        let (started, _) = apply(&state, Event::ProbeStarted, now, policy);
+        starts.push(now);
+        if started.trial_seq.is_some() {
+            trials += 1;
+        }
+        let seq = started.probe_seq;
+        let failed = Event::ProbeFailed {
+            seq,
+            kind: FailureKind::Outage,
+        };
+        state = apply(&started, failed, now, policy).0;
+    }
+    Ok((starts, trials, granted))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Without readiness edges the schedule is exactly the pure timers' (the engine with early
+    /// trials off), and with early trials off edges change nothing at all: both engines go
+    /// through the same states, step by step.
+    #[test]
+    fn without_edges_or_with_trials_off_the_schedule_is_the_timers(
+        first in policy_with(mode()),
+        seed in any::<u64>(),
+        steps in prop::collection::vec((edge_op(), advance()), 1..120),
+    ) {
+        let (mut on, mut off) = (with_trials(first, true), with_trials(first, false));
+        let (mut quiet, mut flapping) = (PoolState::new(seed), PoolState::new(seed));
+        let mut now = t0();
+        for (step, dt) in steps {
+            now = add(now, dt);
+            match step {
+                EdgeOp::Edge => {
+                    let (after, fx) = apply(&flapping, Event::ReadinessAccepting, now, &off);
+                    prop_assert!(fx.is_empty(), "{fx:?}");
+                    prop_assert_eq!(&after, &flapping);
+                }
+                EdgeOp::Op(op) => {
+                    if let Op::SpecChanged(p) = &op {
+                        on = with_trials(*p, true);
+                        off = with_trials(*p, false);
+                    }
+                    let (q, qfx) = apply(&quiet, event_of(&op, &quiet), now, &on);
+                    let (f, ffx) = apply(&flapping, event_of(&op, &flapping), now, &off);
+                    prop_assert_eq!(&q, &f);
+                    prop_assert_eq!(&qfx, &ffx);
+                    prop_assert_eq!(next_deadline(&q, &on), next_deadline(&f, &off));
+                    prop_assert_eq!(q.trial_seq, None);
+                    quiet = q;
+                    flapping = f;
+                }
+            }
+        }
+    }
+
+    /// With readiness flapping at any rate during an outage that never ends, credentialed
+    /// attempts stay within twice the pure timers' over every horizon, and each early trial
+    /// answers one edge.
+    #[test]
+    fn flapping_readiness_at_most_doubles_the_attempts(
+        policy in policy_with(mode()),
+        seed in any::<u64>(),
+        edges in prop_oneof![
+            prop::collection::vec((0u64..3_600_000).prop_map(ms), 0..400),
+            prop::collection::vec((0u64..60_000).prop_map(ms), 0..400),
+            (1u64..2_000).prop_map(|every| (0..400).map(|i| ms(i * every)).collect::<Vec<_>>()),
+        ],
+        horizon in (1u64..3_600_000).prop_map(ms),
+    ) {
+        let (timers, trials, _) = outage(&with_trials(policy, false), seed, &[], horizon)?;
+        prop_assert_eq!(trials, 0);
+        let (with_edges, trials, granted) = outage(&policy, seed, &edges, horizon)?;
+        prop_assert!(
+            with_edges.len() <= 2 * timers.len(),
+            "{} attempts with edges, {} on the timers", with_edges.len(), timers.len()
+        );
+        prop_assert!(trials <= granted && granted <= edges.len());
+        if policy.mode == BreakerMode::ForcedOpen {
+            prop_assert_eq!(granted, 0);
+        }
+        // The same holds at every shorter horizon (every prefix of the run).
+        for (n, at) in with_edges.iter().enumerate() {
+            let on_timers = timers.iter().filter(|t| *t <= at).count();
+            let attempts = n + 1;
+            prop_assert!(
+                attempts <= 2 * on_timers,
+                "{attempts} attempts by {at}, {on_timers} on the timers"
+            );
+        }
     }
 }

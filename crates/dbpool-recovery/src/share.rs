@@ -177,6 +177,7 @@ mod tests {
             open_timeout: Duration::from_secs(3),
             success_threshold: 1,
             mode: BreakerMode::Auto,
+            early_trial: true,
         }
         .clamped()
     }

@@ -61,6 +61,17 @@ pub struct PoolState {
     /// the threshold; None when not held. Ended by a success, by any breaker change, and by the
     /// next outage failure without the hold (which opens the breaker).
     pub held_since: Option<Timestamp>,
+    /// An early trial was granted ([`Event::ReadinessAccepting`]) and has not started yet.
+    pub trial_requested: bool,
+    /// The sequence number of the probe in flight that is an early trial; None when the probe in
+    /// flight (if any) is a scheduled one.
+    pub trial_seq: Option<u64>,
+    /// When the last early trial was granted.
+    pub last_trial_at: Option<Timestamp>,
+    /// An early trial was granted since the last scheduled probe started: the next one waits for
+    /// the next scheduled probe. Not stored in the status; after an operator restart at most one
+    /// more early trial can be granted.
+    pub trial_since_scheduled: bool,
 }
 
 impl PoolState {
@@ -85,6 +96,10 @@ impl PoolState {
             probe_seq: 0,
             probe_requested: false,
             held_since: None,
+            trial_requested: false,
+            trial_seq: None,
+            last_trial_at: None,
+            trial_since_scheduled: false,
         }
     }
 }
@@ -115,6 +130,10 @@ pub enum Event {
     ProbeRequested,
     /// The spec changed: the in-flight probe is stale and the new policy applies.
     SpecChanged,
+    /// Readiness went from not accepting to accepting: a readiness ping (no credentials) saw the
+    /// server ask for authentication after refusals, timeouts or 57P03. May grant one early
+    /// trial (see the crate docs, "Early trial").
+    ReadinessAccepting,
 }
 
 /// A visible consequence of an event, for events, logs and metrics.
@@ -142,4 +161,6 @@ pub enum Effect {
     Ignored,
     /// The fleet guard kept a Closed breaker from opening: the start of a hold.
     OpeningHeld,
+    /// Readiness turned to accepting and an early trial is due now (a credentialed attempt).
+    EarlyTrialGranted,
 }

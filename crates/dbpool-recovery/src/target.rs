@@ -110,6 +110,7 @@ mod tests {
             open_timeout: Duration::from_secs(60),
             success_threshold: 1,
             mode: BreakerMode::Auto,
+            early_trial: true,
         }
         .clamped()
     }

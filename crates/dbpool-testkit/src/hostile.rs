@@ -3,7 +3,7 @@
 //! Lives here: [`FakeServer`], which accepts connections on `127.0.0.1`, speaks just enough of the
 //! protocol for one [`Behaviour`] (ask for a cleartext password, for MD5, for SCRAM with a chosen
 //! iteration count; hang after accepting; announce an oversized message; drip bytes slowly; flood
-//! the startup) and records every message the client sends, so that tests can prove what a client
+//! the startup; answer with garbage; trickle the first answer) and records every message the client sends, so that tests can prove what a client
 //! never sent. Must not live here: assertions (the tests make them) or anything that listens
 //! beyond loopback.
 
@@ -47,6 +47,14 @@ pub enum Behaviour {
     /// Declines TLS, accepts the login (AuthenticationOk), then sends small ParameterStatus
     /// messages as fast as the client reads, never finishing the startup.
     EndlessStartup,
+    /// Declines TLS, then answers the startup with an HTTP error page: not PostgreSQL.
+    Garbage,
+    /// Declines TLS, then announces a 200-byte ErrorResponse and sends it one byte at a time,
+    /// `every` apart, forever (the bytes never finish the message).
+    Trickle {
+        /// Time between two bytes.
+        every: Duration,
+    },
 }
 
 /// The salt [`Behaviour::Md5`] sends.
@@ -205,6 +213,19 @@ impl Session {
                 loop {
                     n += 1;
                     self.write(&parameter_status(&format!("p{n}"), "x")).await?;
+                }
+            }
+            Behaviour::Garbage => {
+                self.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    .await?;
+                self.record_until_eof().await
+            }
+            Behaviour::Trickle { every } => {
+                self.write(&[b'E', 0, 0, 0, 204]).await?;
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    self.write(b"S").await?;
                 }
             }
             Behaviour::HangAfterAccept => Ok(()),

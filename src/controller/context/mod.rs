@@ -3,10 +3,11 @@
 //! Lives here: [`Context`] (what every reconcile shares), the pool registry ([`PoolEntry`]:
 //! everything the process remembers about one pool in the registry itself, keyed by its
 //! [`PoolRef`]), [`Parts`] (the parts that keep something per pool on the side: the prober's
-//! connection shares, the targets, the fleet guard, the probe streams), forgetting a pool in
-//! all of them at once ([`Context::forget`]), the recovery memory (`memory`), the scheduling
-//! model (`schedule`: when a pool acts next, one value with one reason) and the per-pool writer
-//! task (`writer`). Must not live here: the reconcile steps (`reconcile`), the
+//! connection shares, the targets, the fleet guard, the probe streams, the readiness ping
+//! streams), forgetting a pool in all of them at once ([`Context::forget`]), the recovery memory
+//! (`memory`), the scheduling model (`schedule`: when a pool acts next, one value with one
+//! reason) and the per-pool writer task (`writer`). Must not live here: the reconcile steps
+//! (`reconcile`), the
 //! subsystems' own rules (each in its module), watches or event wording.
 //!
 //! **Forgetting is by construction.** A part that keeps something per pool is a field of
@@ -48,6 +49,7 @@ use super::{
     fleet::Fleet,
     names::{PerPool, PoolRef, owner_key, pool_labels},
     observer::{Footprint, Observer},
+    pings::Pings,
     probe_permits::ProbePermits,
     sharing::Streams,
     sync::lock,
@@ -99,6 +101,8 @@ pub(crate) struct Parts {
     pub fleet: Fleet,
     /// Per-credential probe streams of healthy targets (see `sharing`).
     pub streams: Streams,
+    /// Readiness ping streams of targets whose pools wait out an outage (see `pings`).
+    pub pings: Pings,
 }
 
 /// Everything this process remembers about one pool in the registry itself.
@@ -117,24 +121,29 @@ pub(crate) struct PoolEntry {
 impl Parts {
     /// Every part, named. The destructuring has no `..`: a new part does not compile until it
     /// is listed here, and then it is forgotten and counted with the others.
-    fn each(&self) -> [(&'static str, &dyn PerPool); 4] {
+    fn each(&self) -> [(&'static str, &dyn PerPool); 5] {
         let Parts {
             prober,
             targets,
             fleet,
             streams,
+            pings,
         } = self;
         [
             ("prober", prober),
             ("targets", targets),
             ("fleet", fleet),
             ("streams", streams),
+            ("pings", pings),
         ]
     }
 }
 
 /// The prober's channel of lost connections.
 pub(crate) type LostReceiver = tokio::sync::mpsc::UnboundedReceiver<ConnectionLost>;
+
+/// The ping streams' channel of pools whose target accepts connections again.
+pub(crate) type EdgeReceiver = tokio::sync::mpsc::UnboundedReceiver<PoolRef>;
 
 impl PerPool for Prober {
     fn forget(&self, pool: &PoolRef) {
@@ -166,8 +175,9 @@ impl Footprint for Context {
 
 impl Context {
     /// The context of one controller run, over the two caches (Secrets' metadata, DbPools),
-    /// with an empty registry; and the prober's channel of lost connections. Tells the
-    /// observer where its footprint is.
+    /// with an empty registry; the prober's channel of lost connections; and the ping streams'
+    /// channel of pools whose target accepts connections again. Tells the observer where its
+    /// footprint is.
     pub fn start(
         client: Client,
         config: OperatorConfig,
@@ -175,7 +185,7 @@ impl Context {
         observer: Arc<dyn Observer>,
         fence: Fence,
         (secret_store, store): (Store<PartialObjectMeta<Secret>>, Store<DbPool>),
-    ) -> (Arc<Self>, LostReceiver) {
+    ) -> (Arc<Self>, LostReceiver, EdgeReceiver) {
         let (prober, lost_rx) = Prober::new(ProberConfig {
             reconnect_every: config.reconnect_every,
         });
@@ -186,11 +196,13 @@ impl Context {
         let permits = Arc::new(ApiPermits::new(config.max_concurrent_api_requests));
         let secrets =
             SecretCache::new(client.clone(), secret_store, store.clone(), permits.clone());
+        let (pings, edge_refs) = Pings::new(config.max_pings_per_second, metrics.clone());
         let parts = Parts {
             prober,
             targets: Targets::default(),
             fleet: Fleet::new(config.fleet_guard, metrics.clone()),
             streams: Streams::default(),
+            pings,
         };
         metrics.controller_context(1);
         let ctx = Arc::new(Self {
@@ -209,7 +221,7 @@ impl Context {
         });
         let footprint: Arc<dyn Footprint> = ctx.clone();
         observer.controller_started(Arc::downgrade(&footprint));
-        (ctx, lost_rx)
+        (ctx, lost_rx, edge_refs)
     }
 
     /// What sending a pool's outbox needs.

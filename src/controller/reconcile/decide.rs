@@ -22,10 +22,11 @@ use crate::{
         error::CredentialError,
         fleet::Seen,
         names::{owner_key, spec_target_key},
+        pings::awaits_readiness,
         sharing::{SharedResult, Ticket},
         targets::{Claim, SharedFailure},
     },
-    probe::{ProbeReport, ProbeTarget},
+    probe::{PingTarget, ProbeReport, ProbeTarget},
     recovery::{self, Event, FailureKind},
 };
 
@@ -64,9 +65,10 @@ impl Run {
         self.memory.next(&self.policy, now).at <= now
     }
 
-    /// Asks the pool's target what to do (see `targets`).
+    /// Asks the pool's target what to do (see `targets`). A requested probe and an early trial
+    /// (the target was seen accepting again) do not wait for the target's shared attempt.
     fn claim_target(&mut self, pool: &DbPool, ctx: &Context) -> Claim {
-        if self.memory.state.probe_requested {
+        if self.memory.state.probe_requested || self.memory.state.trial_requested {
             return Claim::Probe;
         }
         let now = Timestamp::now();
@@ -90,6 +92,10 @@ impl Run {
         credentials: Result<Credentials, CredentialError>,
         source: Source,
     ) -> Result<(), Error> {
+        let ping = credentials
+            .as_ref()
+            .ok()
+            .map(|creds| PingTarget::from(&probe_target(pool, creds)));
         let outcome = match (source, credentials) {
             (Source::Stream(result), _) => self.stream_outcome(ctx, result),
             (Source::DownTarget(failure), Ok(_)) => self.down_target_outcome(failure),
@@ -106,7 +112,26 @@ impl Run {
         };
         self.apply(ctx, &spec_target_key(pool), outcome);
         self.align(ctx);
+        self.await_readiness(pool, ctx, ping);
         Ok(())
+    }
+
+    /// After a result: the pool waits for its target's readiness (see `pings`) while its last
+    /// result is an outage-class failure and its credentials loaded (`ping`); else it does not.
+    fn await_readiness(&self, pool: &DbPool, ctx: &Context, ping: Option<PingTarget>) {
+        let waits = self
+            .memory
+            .last_probe
+            .as_ref()
+            .is_some_and(|last| awaits_readiness(last, &self.memory.state, &self.policy));
+        match ping {
+            Some(ping) if waits => {
+                ctx.parts
+                    .pings
+                    .watch(&spec_target_key(pool), &self.key, ping);
+            }
+            _ => ctx.parts.pings.unwatch(&self.key),
+        }
     }
 
     /// Starts a probe in the engine at `at`; returns its sequence number.

@@ -84,11 +84,12 @@ impl Run {
             .await
     }
 
-    /// Step 2: feed the engine what changed since the last reconcile.
+    /// Step 2: feed the engine what changed since the last reconcile (`readiness_edge`: the
+    /// pool's target accepts connections again, see `pings`).
     pub(super) fn apply_triggers(
         &mut self,
         pool: &DbPool,
-        connection_lost: bool,
+        (connection_lost, readiness_edge): (bool, bool),
         credentials: &Result<Credentials, CredentialError>,
     ) {
         let now = Timestamp::now();
@@ -113,6 +114,7 @@ impl Run {
             failing: self.memory.state.consecutive_failures > 0,
             known_fingerprint: self.memory.credentials_fingerprint.as_deref(),
             fingerprint: &fingerprint,
+            readiness_edge,
         };
         for trigger in triggers(&observed) {
             self.memory
@@ -151,7 +153,8 @@ impl Run {
                 ));
                 self.memory.hold = hold.map(str::to_owned);
             }
-            Trigger::ConnectionLost | Trigger::CredentialsChanged => {}
+            Trigger::ConnectionLost | Trigger::CredentialsChanged | Trigger::ReadinessAccepting => {
+            }
         }
     }
 }
@@ -185,7 +188,8 @@ pub(super) fn plan_after(
             Trigger::SpecChanged
             | Trigger::HoldChanged
             | Trigger::ForceReopen
-            | Trigger::CredentialsChanged,
+            | Trigger::CredentialsChanged
+            | Trigger::ReadinessAccepting,
             _,
         ) => Plan::Engine,
     }

@@ -1,8 +1,9 @@
 //! How to start a test server.
 //!
 //! Lives here: [`PgOptions`], the builder of a server's settings (TLS names, connection limits,
-//! extra postgresql.conf lines) and its `start`. Must not live here: what the settings turn into
-//! (the configuration written and the server started: `server`).
+//! extra postgresql.conf lines, pg_hba.conf lines that decide first) and its `start`. Must not
+//! live here: what the settings turn into (the configuration written and the server started:
+//! `server`).
 
 use super::PgServer;
 
@@ -13,6 +14,7 @@ pub struct PgOptions {
     pub(super) max_connections: Option<u32>,
     pub(super) superuser_reserved_connections: Option<u32>,
     pub(super) extra_conf: Vec<String>,
+    pub(super) hba_first: Vec<String>,
 }
 
 impl PgOptions {
@@ -42,6 +44,13 @@ impl PgOptions {
     /// An extra postgresql.conf line, e.g. `log_connections = on`.
     pub fn conf(mut self, line: &str) -> Self {
         self.extra_conf.push(line.to_owned());
+        self
+    }
+
+    /// A pg_hba.conf line placed before the template's own lines (so it decides first), e.g.
+    /// `host all blocked 127.0.0.1/32 reject`.
+    pub fn hba_first(mut self, line: &str) -> Self {
+        self.hba_first.push(line.to_owned());
         self
     }
 

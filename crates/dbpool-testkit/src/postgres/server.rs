@@ -2,10 +2,10 @@
 //!
 //! Lives here: [`PgServer`] and [`PgNode`] (the server a `PgServer` dereferences to), creating a
 //! server from the template and [`PgOptions`](super::PgOptions) (the configuration it writes),
-//! starting on a free port, where it is (host, port, directories, CA), stopping fast or
-//! immediate, SIGKILL, restarting on the same port, and stopping it when dropped. Must not live
-//! here: the test clients (`client`), standbys (`standby`), TLS material (`tls`), or running
-//! commands as the `postgres` user (`system`).
+//! starting on a free port, where it is (host, port, directories, CA), stopping fast, immediate
+//! or smart (held by an open session), SIGKILL, restarting on the same port, and stopping it when
+//! dropped. Must not live here: the test clients (`client`), standbys (`standby`), TLS material
+//! (`tls`), or running commands as the `postgres` user (`system`).
 
 use std::{
     fmt::Write as _,
@@ -131,6 +131,12 @@ impl PgNode {
             writeln!(conf, "{line}").ok();
         }
         append(&dir.path().join("data/postgresql.conf"), &conf);
+        if !options.hba_first.is_empty() {
+            let hba = dir.path().join("data/pg_hba.conf");
+            let rest = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+            let first = options.hba_first.join("\n");
+            write_owned(&hba, &format!("{first}\n{rest}"), 0o600);
+        }
 
         let mut server = PgNode {
             dir,
@@ -291,6 +297,24 @@ impl PgNode {
                 Err(log) => panic!("PostgreSQL did not restart on port {}:\n{log}", self.port),
             }
         }
+    }
+
+    /// Starts a smart shutdown and returns at once: the server refuses new connections with
+    /// SQLSTATE 57P03 ("the database system is shutting down") until every open session has
+    /// ended, then stops. Keep a session open to hold it there.
+    pub async fn begin_smart_shutdown(&mut self) {
+        let out = self
+            .pg_ctl()
+            .args(["-m", "smart", "-W", "stop"])
+            .output()
+            .await
+            .expect("pg_ctl stop -m smart");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop -m smart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.running = false;
     }
 
     /// Stops (fast) and starts again on the same port.

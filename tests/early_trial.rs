@@ -1,0 +1,188 @@
+//! The early trial end to end: real kube-apiserver, real PostgreSQL, the operator in-process,
+//! every recovery knob at its default (backoff 1 s ×2, open after 5, openTimeout 60 s).
+//!
+//! While a pool waits out an outage the operator pings its target without a password (see
+//! `controller::pings`); the first ping that sees the server accepting connections again grants
+//! one credentialed trial at once, so the DbPool turns Ready within a few hundred milliseconds
+//! of PostgreSQL's "ready to accept connections", not at the next backoff delay.
+
+use dbpool_testkit as support;
+
+use std::time::Duration;
+
+use dbpool_operator::api::{CONDITION_READY, DbPool, DbPoolStatus, Phase};
+use dbpool_operator::controller::RunningOperator;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::jiff::{Timestamp, civil::DateTime, tz::TimeZone};
+use kube::{
+    Api,
+    runtime::{WatchStreamExt, watcher},
+};
+use support::{
+    kube::{TestNamespace, create_consenting_secret, install_crd},
+    pools::{condition, create, pool, status, wait_status},
+    postgres::{APP_PASSWORD, PgServer},
+};
+
+const SECRET: &str = "db-credentials";
+const KEY: &str = "password";
+
+/// The bound: Ready this soon after the server's "ready to accept connections".
+const BOUND: Duration = Duration::from_millis(500);
+
+fn is_ready(s: &DbPoolStatus) -> bool {
+    s.phase == Some(Phase::Healthy) && condition(s, CONDITION_READY).is_some_and(|c| c.0 == "True")
+}
+
+/// The `%m` timestamp (UTC) of the last "ready to accept connections" line of the server log.
+fn ready_at(pg: &PgServer) -> Timestamp {
+    let log = std::fs::read_to_string(pg.log_path()).expect("server log");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("database system is ready to accept connections"))
+        .expect("a ready line");
+    let stamp = line.get(..23).expect("a %m prefix");
+    assert_eq!(line.get(23..27), Some(" UTC"), "{line}");
+    DateTime::strptime("%Y-%m-%d %H:%M:%S%.f", stamp)
+        .expect("a %m timestamp")
+        .to_zoned(TimeZone::UTC)
+        .expect("UTC")
+        .timestamp()
+}
+
+/// The default recovery policy, written out (the testkit's manifests have short timings).
+fn default_timings() -> serde_json::Value {
+    serde_json::json!({
+        "healthCheck": { "interval": "30s", "timeout": "5s" },
+        "backoff": { "initialDelay": "1s", "multiplier": 2.0, "maxDelay": "60s",
+                     "maxAttempts": 10, "cooldown": "5m", "jitter": 0.1 },
+        "breaker": { "failureThreshold": 5, "openTimeout": "60s", "successThreshold": 1 },
+    })
+}
+
+/// Watches pool `name` and returns the instant the watch first sees it Ready after having seen
+/// it not Ready.
+fn ready_again(api: Api<DbPool>, name: &str) -> tokio::task::JoinHandle<Option<Timestamp>> {
+    let fields = format!("metadata.name={name}");
+    tokio::spawn(async move {
+        let mut stream = watcher(api, watcher::Config::default().fields(&fields))
+            .applied_objects()
+            .boxed();
+        let mut down = false;
+        while let Ok(Some(p)) = stream.try_next().await {
+            let ready = p.status.as_ref().is_some_and(is_ready);
+            if !ready {
+                down = true;
+            } else if down {
+                return Some(Timestamp::now());
+            }
+        }
+        None
+    })
+}
+
+/// An outage of `outage` of a pool with every knob at its default (and `earlyTrial` as given):
+/// how long after the server's ready line the watch saw the pool Ready, the operator's metrics
+/// text, and the pool's phase just before the server started again.
+async fn outage_of(outage: Duration, early_trial: bool) -> (Duration, String, Option<Phase>) {
+    let client = support::kube::client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(&client).await;
+    let mut pg = PgServer::start().await;
+    create_consenting_secret(
+        &client,
+        ns.name(),
+        SECRET,
+        KEY,
+        APP_PASSWORD,
+        &["127.0.0.1"],
+    )
+    .await;
+    let op = RunningOperator::start(client.clone(), ns.name());
+    let mut timings = default_timings();
+    timings["breaker"]["earlyTrial"] = serde_json::json!(early_trial);
+    let spec = pool("orders", pg.port(), Some((SECRET, KEY)), timings);
+    create(&client, ns.name(), &spec).await;
+    wait_status(
+        &client,
+        ns.name(),
+        "orders",
+        "Ready",
+        Duration::from_secs(30),
+        is_ready,
+    )
+    .await;
+
+    let watch = ready_again(ns.api(), "orders");
+    let stopped = tokio::time::Instant::now();
+    pg.stop().await;
+    wait_status(
+        &client,
+        ns.name(),
+        "orders",
+        "not Ready",
+        Duration::from_secs(10),
+        |s| !is_ready(s),
+    )
+    .await;
+    // The outage's length is the scenario, not a wait for a condition.
+    tokio::time::sleep_until(stopped + outage).await;
+    let phase = status(&client, ns.name(), "orders")
+        .await
+        .and_then(|s| s.phase);
+    pg.start().await;
+    let start = ready_at(&pg);
+    let end = tokio::time::timeout(Duration::from_secs(90), watch)
+        .await
+        .expect("Ready again within 90s")
+        .expect("watch task")
+        .expect("the watch saw Ready again");
+    let took = Duration::try_from(end.duration_since(start)).unwrap_or(Duration::ZERO);
+    eprintln!("earlyTrial {early_trial}: Ready {took:?} after the server's ready line");
+    let text = op.metrics.encode();
+    ns.cleanup().await;
+    (took, text, phase)
+}
+
+/// The sum of the samples of metric lines starting with `prefix`.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_pool_is_ready_within_500ms_of_the_database_after_a_3s_outage() {
+    let (took, text, _) = outage_of(Duration::from_secs(3), true).await;
+    assert!(took <= BOUND, "Ready {took:?} after the server was ready");
+    // It was an early trial (the next backoff delay was seconds away), and pings were counted.
+    assert!(metric(&text, "dbpool_early_trials_total") >= 1.0, "{text}");
+    let accepting = "dbpool_readiness_pings_total{result=\"Accepting\"}";
+    let unreachable = "dbpool_readiness_pings_total{result=\"Unreachable\"}";
+    assert!(metric(&text, accepting) >= 1.0, "{text}");
+    assert!(metric(&text, unreachable) >= 1.0, "{text}");
+}
+
+/// The control: with `earlyTrial: false` nothing is pinged and no trial is early; the pool waits
+/// for its next backoff delay (how long depends on where the jittered delays fall against the
+/// server's start, so only printed: 0.85-0.93 s in three runs, up to 4 s possible).
+#[tokio::test]
+async fn without_early_trials_the_pool_waits_for_the_timers() {
+    let (_, text, _) = outage_of(Duration::from_secs(3), false).await;
+    assert_eq!(metric(&text, "dbpool_early_trials_total"), 0.0, "{text}");
+    assert_eq!(metric(&text, "dbpool_readiness_pings_total"), 0.0, "{text}");
+}
+
+/// A 30 s outage opens the breaker (5 failures by about 15 s; openTimeout 60 s): the early trial
+/// closes it as soon as the server is back. Not in `make test` (it takes 40 s); run by hand:
+/// `CARGO_TEST_ARGS="--test early_trial -- --ignored" hack/test.sh`.
+#[tokio::test]
+#[ignore = "40 s; run by hand"]
+async fn an_open_breaker_closes_within_500ms_of_the_database_after_a_30s_outage() {
+    let (took, text, phase) = outage_of(Duration::from_secs(30), true).await;
+    assert_eq!(phase, Some(Phase::BreakerOpen));
+    assert!(took <= BOUND, "Ready {took:?} after the server was ready");
+    assert!(metric(&text, "dbpool_early_trials_total") >= 1.0, "{text}");
+}
