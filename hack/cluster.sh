@@ -18,7 +18,7 @@
 # Addresses (inside the namespace only):
 #   10.244.0.1/24   the node (bridge cni0): kube-apiserver :6443, kubelet :10250; pods get .2-.254
 #   10.96.0.0/24    Services (kube-proxy, iptables mode); 10.96.0.1 is the apiserver
-#   10.213.9.10     PostgreSQL on a dummy interface, reached by pods through the node's routing
+#   10.213.9.10     PostgreSQL on a /32 of lo, reached by pods through the node's routing
 # There is no cluster DNS: pods name the database through hostAliases (see docs/cluster.md).
 #
 # Needs root, containerd, runc, containernetworking-plugins, umoci, iptables, PostgreSQL 15
@@ -147,14 +147,13 @@ network() {
   nsx ip link add cni0 type bridge
   nsx ip addr add "$NODE_IP/24" dev cni0
   nsx ip link set cni0 up
-  # The database's address: outside the cluster, routed to by the node.
-  nsx ip link add ext0 type dummy
-  nsx ip addr add "$DB_IP/32" dev ext0
-  nsx ip link set ext0 up
+  # The database's address: outside the cluster, routed to by the node (a /32 on lo, as in
+  # hack/gate-netns.sh: no dummy interfaces where the kernel module cannot be loaded).
+  nsx ip addr add "$DB_IP/32" dev lo
   # Services are local to the node: with no default route, the DNAT of kube-proxy needs a route.
   nsx ip route add local "$SERVICE_CIDR" dev lo
   nsx sysctl -qw net.ipv4.ip_forward=1
-  log "network namespace $ns: node $NODE_IP (cni0), database $DB_IP (ext0), Services $SERVICE_CIDR"
+  log "network namespace $ns: node $NODE_IP (cni0), database $DB_IP (lo), Services $SERVICE_CIDR"
 }
 
 cgroups() {
@@ -202,8 +201,8 @@ EOF
     --authentication-kubeconfig="$S/controller-manager.kubeconfig" \
     --authorization-kubeconfig="$S/controller-manager.kubeconfig" \
     --service-account-private-key-file="$S/pki/sa.key" --root-ca-file="$S/pki/ca.crt" \
-    --use-service-account-credentials=false --leader-elect=false --bind-address=127.0.0.1 \
-    --controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route' \
+    --use-service-account-credentials=true --leader-elect=false --bind-address=127.0.0.1 \
+    --controllers='*,-nodeipam,-cloud-node-lifecycle,-service,-route' \
     --service-cluster-ip-range="$SERVICE_CIDR"
   start scheduler "$node_bin/kube-scheduler" --kubeconfig="$S/scheduler.kubeconfig" \
     --authentication-kubeconfig="$S/scheduler.kubeconfig" \
@@ -270,6 +269,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 [plugins."io.containerd.internal.v1.opt"]
   path = "$S/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
+  # kubelet asks for oom_score_adj -998 for sandboxes; where containerd itself runs at 0 without
+  # CAP_SYS_RESOURCE (a container, CI) runc then fails ("can't get final child's PID from pipe").
+  restrict_oom_score_adj = true
   sandbox_image = "$PAUSE_REF"
   stream_server_address = "127.0.0.1"
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -320,6 +322,7 @@ cgroupRoot: $cgroup_root
 cgroupsPerQOS: true
 enforceNodeAllocatable: [pods]
 failSwapOn: false
+protectKernelDefaults: true
 containerRuntimeEndpoint: unix://$S/containerd/containerd.sock
 address: $NODE_IP
 readOnlyPort: 0
@@ -340,7 +343,22 @@ registerNode: true
 rotateCertificates: false
 podPidsLimit: 4096
 EOF
-  start kubelet "$node_bin/kubelet" --config="$S/kubelet-config.yaml" \
+  # Pods' volumes (kubelet mounts them) must be seen by containerd, in the host's mount namespace.
+  mount --bind "$S/kubelet" "$S/kubelet"
+  mount --make-shared "$S/kubelet"
+  # kubelet sets six host-wide sysctls (vm.overcommit_memory, kernel.panic_on_oops, ...) to its
+  # values, or with protectKernelDefaults fails when they differ. It runs in a mount namespace of
+  # its own where files holding its values cover them: the host's values stay as they are.
+  local kv f fakes=""
+  mkdir -p "$S/sysctl"
+  for kv in vm/overcommit_memory=1 vm/panic_on_oom=0 kernel/panic=10 kernel/panic_on_oops=1 \
+    kernel/keys/root_maxkeys=1000000 kernel/keys/root_maxbytes=25000000; do
+    f="${kv%%=*}"
+    echo "${kv#*=}" >"$S/sysctl/${f//\//.}"
+    fakes+="mount --bind $S/sysctl/${f//\//.} /proc/sys/$f && "
+  done
+  start kubelet unshare --mount --propagation unchanged -- sh -c "${fakes}exec \"\$0\" \"\$@\"" \
+    "$node_bin/kubelet" --config="$S/kubelet-config.yaml" \
     --kubeconfig="$S/kubelet.kubeconfig" --root-dir="$S/kubelet" --cert-dir="$S/kubelet/pki" \
     --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" --v=1
   start kube-proxy "$kube_proxy" --kubeconfig="$S/kube-proxy.kubeconfig" --proxy-mode=iptables \
