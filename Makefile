@@ -88,3 +88,9 @@ cluster: ## A one-node cluster in a network namespace (containerd, kubelet; hack
 
 cluster-down: ## Stop the one-node cluster and delete its state
 	@hack/cluster.sh down
+
+# The chart in a one-node cluster with the daemonless image (needs root; docs/cluster.md).
+test: test-node
+.PHONY: test-node
+test-node: ## The in-cluster test: image, one-node cluster, helm install, RBAC audit, /proc (hack/test-node.sh)
+	@CARGO="$(CARGO)" hack/test-node.sh

@@ -21,15 +21,14 @@ import sys
 # Granted rules a short test run need not exercise, each with why the operator needs it.
 UNUSED_BY_DESIGN = {
     ("events.k8s.io", "events", "patch"):
-        "an event repeated within its series is patched (count, lastObservedTime), not created",
-    ("coordination.k8s.io", "leases", "create"):
-        "the first replica creates the Lease; a run where it already exists uses get and update",
-    ("dbpool.io", "dbpools", "patch"):
-        "the finalizer is added and removed with a patch of the DbPool itself",
+        "kube-runtime's Recorder patches an event that repeats into a series (count, lastObservedTime)",
+    # Found by this test: nothing in src/ calls get on a DbPool or its status (the pools come from
+    # the list+watch cache, writes are server-side apply patches). Candidates for removal from
+    # the chart (and its README's table), left until the controller's restructuring settles.
     ("dbpool.io", "dbpools", "get"):
-        "the DbPool is re-read before a status write that conflicted (a watch usually suffices)",
+        "no caller in src/ today: candidate for removal",
     ("dbpool.io", "dbpools/status", "get"):
-        "a status write that conflicted re-reads the status subresource",
+        "no caller in src/ today: candidate for removal",
 }
 
 
@@ -48,7 +47,8 @@ def requests(lines, user):
         if not line:
             continue
         e = json.loads(line)
-        if e.get("user", {}).get("username") != user or e.get("stage") != "ResponseComplete":
+        # A watch is logged when it starts (ResponseStarted) and again only when it ends.
+        if e.get("user", {}).get("username") != user or e.get("stage") not in ("ResponseStarted", "ResponseComplete"):
             continue
         ref = e.get("objectRef")
         if not ref:

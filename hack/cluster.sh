@@ -6,7 +6,8 @@
 # outside the cluster on an address of the namespace (as a managed database would be).
 #
 #   hack/cluster.sh up       # start; prints `export KUBECONFIG=...` and the other addresses
-#   hack/cluster.sh down     # stop everything, delete the namespace and the state (idempotent)
+#   hack/cluster.sh down     # stop everything, delete the namespace and the state (idempotent;
+#                            # DBPOOL_CLUSTER_KEEP_LOGS=1 keeps logs/)
 #   hack/cluster.sh status   # exit 0 when the node is Ready
 #
 # State lives in DBPOOL_CLUSTER_DIR (default .local/cluster): PKI, etcd, containerd's root and
@@ -281,6 +282,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        Root = "$S/containerd/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$S/cni/net.d"
@@ -418,6 +420,8 @@ up() {
   node_bin="$(hack/build-node.sh)"
   kube_proxy="$(hack/build-kube-proxy.sh)"
   mkdir -p "$S/logs" "$S/run"
+  # PostgreSQL runs as postgres: it must reach its data directory (mktemp -d makes 0700).
+  chmod 0755 "$S"
   echo "$bin" >"$S/bin"
   printf '%s-%s\n' "$$" "$(date +%s)" | sha256sum | cut -c1-8 >"$S/id"
   trap 'rc=$?; if ((rc != 0)); then log "up failed (exit $rc): tearing down; logs kept in $S/logs"; down_keep_logs; fi' EXIT
@@ -454,7 +458,15 @@ down_keep_logs() {
   ns="$(ns_name || true)"
   stop_pid kubelet TERM
   stop_pid kube-proxy TERM
-  # Every container (and its shim) goes with its task.
+  # Every container (and its shim) goes with its task. The pods' network namespaces
+  # (/run/netns/cni-*, made by containerd's CRI) are found through the tasks' processes first.
+  local -A pod_netns=()
+  local pid ino f
+  if alive containerd; then
+    for pid in $(ctr_ -n k8s.io tasks ls 2>/dev/null | awk 'NR > 1 {print $2}'); do
+      ino="$(stat -L -c %i "/proc/$pid/ns/net" 2>/dev/null)" && pod_netns[$ino]=1
+    done
+  fi
   if alive containerd; then
     for task in $(ctr_ -n k8s.io tasks ls -q 2>/dev/null); do
       ctr_ -n k8s.io tasks kill -s KILL "$task" >/dev/null 2>&1 || true
@@ -471,13 +483,17 @@ down_keep_logs() {
   stop_pid postgres INT
   # What is left in the namespace (shims of tasks containerd could not delete): gone too.
   if [[ -n "$ns" && -e "/run/netns/$ns" ]]; then
-    local pid
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
   fi
   # Mounts under the state directory (pods' volumes, container root filesystems, sandbox netns).
   local m
   while read -r m; do umount -l "$m" 2>/dev/null || true; done < <(awk -v s="$S/" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r)
   [[ -n "$ns" ]] && ip netns del "$ns" 2>/dev/null || true
+  for f in /run/netns/cni-*; do
+    [[ -e "$f" ]] || continue
+    ino="$(stat -L -c %i "$f" 2>/dev/null)" || continue
+    [[ -n "${pod_netns[$ino]:-}" ]] && ip netns del "${f##*/}" 2>/dev/null || true
+  done
   # The cluster's cgroups, deepest first (empty once every process is gone).
   if [[ -s "$S/id" ]]; then
     local dir
@@ -490,8 +506,12 @@ down_keep_logs() {
 
 down() {
   down_keep_logs
-  rm -rf "$S"
-  log "down"
+  if [[ -n "${DBPOOL_CLUSTER_KEEP_LOGS:-}" ]]; then
+    log "down; logs kept in $S/logs"
+  else
+    rm -rf "$S"
+    log "down"
+  fi
 }
 
 status() {

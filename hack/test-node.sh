@@ -57,14 +57,18 @@ cleanup() {
   local rc=$?
   if ((rc != 0)) || ((failed > 0)); then
     mkdir -p "$DBPOOL_CLUSTER_DIR/logs"
+    cp "$DBPOOL_CLUSTER_DIR/audit.log" "$DBPOOL_CLUSTER_DIR/logs/" 2>/dev/null || true
     { k get pods -A -o wide; k describe pods -n "$NS"; k logs -n "$NS" -l app.kubernetes.io/instance="$RELEASE" --tail=100 --prefix; } \
       >"$DBPOOL_CLUSTER_DIR/logs/pods.txt" 2>&1 || true
   fi
   if [[ -n "${NODE_KEEP:-}" ]]; then
     log "cluster kept: source $DBPOOL_CLUSTER_DIR/env.sh"
   else
-    hack/cluster.sh down >/dev/null 2>&1 || true
-    ((rc == 0 && failed == 0)) && rm -rf "$DBPOOL_CLUSTER_DIR"
+    if ((rc == 0 && failed == 0)); then
+      hack/cluster.sh down >/dev/null 2>&1 || true
+    else
+      DBPOOL_CLUSTER_KEEP_LOGS=1 hack/cluster.sh down >/dev/null 2>&1 || true
+    fi
     ((rc == 0 && failed == 0)) || log "logs kept in $DBPOOL_CLUSTER_DIR/logs"
   fi
   exit "$rc"
@@ -96,7 +100,7 @@ fi
 pods="$(k -n "$NS" get pods -l app.kubernetes.io/instance="$RELEASE" -o jsonpath='{.items[*].metadata.name}')"
 holder() { k -n "$NS" get lease dbpool-operator -o jsonpath='{.spec.holderIdentity}'; }
 if wait_for "a Lease holder" 60 bash -c "[[ -n \"\$(nsenter --net='$DBPOOL_CLUSTER_NETNS' -- '$BIN/kubectl' -n '$NS' get lease dbpool-operator -o jsonpath='{.spec.holderIdentity}')\" ]]" &&
-  [[ " $pods " == *" $(holder) "* ]]; then
+  [[ " $pods " == *" $(holder | sed 's/_[^_]*$//') "* ]]; then
   ok "the Lease is held by $(holder), one of: $pods"
 else
   fail "the Lease holder '$(holder 2>/dev/null || true)' is not one of: $pods"
@@ -130,6 +134,29 @@ if wait_for "DbPool orders Healthy" "$TIMEOUT" bash -c "[[ \"\$(nsenter --net='$
   ok "DbPool orders (host $DB_NAME, outside the cluster) is Healthy"
 else
   fail "DbPool orders is $(phase 2>/dev/null || echo '?'): $(k -n "$APP_NS" get dbpool orders -o jsonpath='{.status}' 2>/dev/null || true)"
+fi
+
+# A pool whose Secret does not exist: ConfigError, and an event (events.k8s.io create).
+k -n "$APP_NS" apply -f - >&2 <<EOF
+apiVersion: dbpool.io/v1alpha1
+kind: DbPool
+metadata:
+  name: broken
+spec:
+  database:
+    host: $DB_NAME
+    dbname: postgres
+    user: postgres
+    passwordSecretRef: {name: no-such-secret, key: password}
+EOF
+events() {
+  k -n "$APP_NS" get events.events.k8s.io -o jsonpath='{range .items[*]}{.regarding.name}/{.reason}{"\n"}{end}'
+}
+config_error_event() { events | grep -qx broken/ConfigError; }
+if wait_for "a ConfigError event for DbPool broken" 120 config_error_event; then
+  ok "DbPool broken (no Secret) is $(k -n "$APP_NS" get dbpool broken -o jsonpath='{.status.phase}'), with its ConfigError event"
+else
+  fail "no ConfigError event for DbPool broken; events: $(events 2>/dev/null | tr '\n' ' ')"
 fi
 
 # 3. The running containers, from /proc.
