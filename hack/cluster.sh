@@ -400,6 +400,7 @@ postgres() {
 print_env() {
   cat <<EOF
 export KUBECONFIG=$S/admin.kubeconfig
+export PATH=$(cat "$S/bin"):\$PATH
 export DBPOOL_CLUSTER_DIR=$S
 export DBPOOL_CLUSTER_NETNS=/run/netns/$(ns_name)
 export DBPOOL_CLUSTER_DB_IP=$DB_IP
@@ -502,6 +503,8 @@ down_keep_logs() {
     done < <(cgroup_dirs)
   fi
   find "$S" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} + 2>/dev/null || true
+  # containerd 1.6 puts its shims' sockets in /run/containerd/s whatever its config: left empty.
+  rmdir /run/containerd/s /run/containerd 2>/dev/null || true
 }
 
 down() {
