@@ -336,6 +336,7 @@ authentication:
   x509: {clientCAFile: $S/pki/ca.crt}
 authorization: {mode: Webhook}
 resolvConf: $S/resolv.conf
+podLogsDir: $S/pod-logs
 clusterDomain: cluster.local
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
@@ -374,6 +375,7 @@ EOF
 }
 
 kubectl_() { nsx "$(cat "$S/bin")/kubectl" --kubeconfig="$S/admin.kubeconfig" "$@"; }
+no_tasks() { [[ -z "$(ctr_ -n k8s.io tasks ls -q 2>/dev/null)" ]]; }
 node_ready() {
   [[ "$(kubectl_ get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]
 }
@@ -457,6 +459,15 @@ down_keep_logs() {
   [[ -d "$S" ]] || return 0
   local ns task
   ns="$(ns_name || true)"
+  # The gentle way first: with no controller to recreate them, the pods are deleted and kubelet
+  # stops their sandboxes (the CNI plugins release their addresses and caches).
+  local ids
+  ids="$(alive containerd && ctr_ -n k8s.io containers ls -q 2>/dev/null || true)"
+  stop_pid controller-manager TERM
+  if alive kubelet && alive apiserver; then
+    kubectl_ delete pods --all -A --grace-period=0 --force --wait=false >/dev/null 2>&1 || true
+    wait_for "kubelet to stop every pod" 60 no_tasks || true
+  fi
   stop_pid kubelet TERM
   stop_pid kube-proxy TERM
   # Every container (and its shim) goes with its task. The pods' network namespaces
@@ -478,7 +489,6 @@ down_keep_logs() {
   fi
   stop_pid containerd TERM
   stop_pid scheduler TERM
-  stop_pid controller-manager TERM
   stop_pid apiserver TERM
   stop_pid etcd TERM
   stop_pid postgres INT
@@ -495,6 +505,12 @@ down_keep_logs() {
     ino="$(stat -L -c %i "$f" 2>/dev/null)" || continue
     [[ -n "${pod_netns[$ino]:-}" ]] && ip netns del "${f##*/}" 2>/dev/null || true
   done
+  # What kubelet and the CNI library keep outside the state directory, for these containers only.
+  local id
+  for id in $ids; do
+    rm -f /var/lib/cni/results/*-"$id"-* 2>/dev/null || true
+  done
+  find /var/log/containers -maxdepth 1 -lname "$S/*" -delete 2>/dev/null || true
   # The cluster's cgroups, deepest first (empty once every process is gone).
   if [[ -s "$S/id" ]]; then
     local dir
