@@ -14,7 +14,9 @@
 #   3. From /proc of each operator container's process (not the manifest): uid and gid 65532, no
 #      capabilities (effective, permitted, ambient, bounding), no_new_privs, the root read-only.
 #   4. A DbPool whose host is a name (an /etc/hosts entry through the chart's hostAliases: this
-#      node has no cluster DNS) of the PostgreSQL outside the cluster goes Healthy.
+#      node has no cluster DNS) of the PostgreSQL outside the cluster goes Healthy; the
+#      dbpool-client example service (its own image) follows it and is Ready; a DbPool without its
+#      Secret is ConfigError with an event.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -134,6 +136,39 @@ if wait_for "DbPool orders Healthy" "$TIMEOUT" bash -c "[[ \"\$(nsenter --net='$
   ok "DbPool orders (host $DB_NAME, outside the cluster) is Healthy"
 else
   fail "DbPool orders is $(phase 2>/dev/null || echo '?'): $(k -n "$APP_NS" get dbpool orders -o jsonpath='{.status}' 2>/dev/null || true)"
+fi
+
+# The dbpool-client example service, from its daemonless image, following DbPool orders with the
+# Role of examples/client-service/rbac.yaml: Ready once its pool's /healthz says healthy.
+CLIENT_REF="$(cat target/image/dbpool-client-service.ref)"
+k -n "$APP_NS" apply -f examples/client-service/rbac.yaml >&2
+k -n "$APP_NS" apply -f - >&2 <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: orders-app
+spec:
+  serviceAccountName: orders-app
+  hostAliases: [{ip: "$DBPOOL_CLUSTER_DB_IP", hostnames: ["$DB_NAME"]}]
+  securityContext: {runAsNonRoot: true, seccompProfile: {type: RuntimeDefault}}
+  containers:
+    - name: app
+      image: $CLIENT_REF
+      imagePullPolicy: IfNotPresent
+      env:
+        - {name: DBPOOL_NAMESPACE, value: $APP_NS}
+        - {name: DBPOOL_NAME, value: orders}
+      ports: [{name: http, containerPort: 8080}]
+      readinessProbe: {httpGet: {path: /healthz, port: http}, periodSeconds: 2}
+      securityContext:
+        readOnlyRootFilesystem: true
+        allowPrivilegeEscalation: false
+        capabilities: {drop: [ALL]}
+EOF
+if k -n "$APP_NS" wait pod/orders-app --for=condition=Ready --timeout="${TIMEOUT}s" >&2; then
+  ok "the client service ($CLIENT_REF) follows DbPool orders and is Ready through /healthz"
+else
+  fail "the client service is not Ready: $(k -n "$APP_NS" logs orders-app --tail=20 2>&1 | tr '\n' ' ')"
 fi
 
 # A pool whose Secret does not exist: ConfigError, and an event (events.k8s.io create).
