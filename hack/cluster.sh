@@ -23,7 +23,8 @@
 # There is no cluster DNS: pods name the database through hostAliases (see docs/cluster.md).
 #
 # Needs root, containerd, runc, containernetworking-plugins, umoci, iptables, PostgreSQL 15
-# (hack/install-deps.sh). Works on cgroup v1 (kubelet: failCgroupV1: false, cgroupfs driver) and v2.
+# (hack/install-deps.sh). Tested on cgroup v1 (kubelet: failCgroupV1: false, cgroupfs driver); the
+# cgroup v2 paths are written but have not run yet (no v2 machine here).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
