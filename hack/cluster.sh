@@ -429,6 +429,8 @@ up() {
   echo "$bin" >"$S/bin"
   printf '%s-%s\n' "$$" "$(date +%s)" | sha256sum | cut -c1-8 >"$S/id"
   trap 'rc=$?; if ((rc != 0)); then log "up failed (exit $rc): tearing down; logs kept in $S/logs"; down_keep_logs; fi' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
   pki
   network
   cgroups
@@ -437,7 +439,7 @@ up() {
   pause_image
   runtime
   node "$node_bin" "$kube_proxy"
-  trap - EXIT
+  trap - EXIT INT TERM
   print_env | tee "$S/env.sh"
   log "ready: source $S/env.sh; to enter the namespace: nsenter --net=/run/netns/$(ns_name) bash"
   log "images: make image, then ctr --address $S/containerd/containerd.sock -n k8s.io images import target/image/dbpool-operator.tar"

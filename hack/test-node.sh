@@ -76,6 +76,9 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
+# A signal ends the script through exit, so the EXIT trap tears the cluster down.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # shellcheck disable=SC1091
 eval "$(hack/cluster.sh up)"
