@@ -443,6 +443,8 @@ up() {
   print_env | tee "$S/env.sh"
   log "ready: source $S/env.sh; to enter the namespace: nsenter --net=/run/netns/$(ns_name) bash"
   log "images: make image, then ctr --address $S/containerd/containerd.sock -n k8s.io images import target/image/dbpool-operator.tar"
+  log "install: nsenter --net=/run/netns/$(ns_name) helm --kubeconfig $S/admin.kubeconfig install dbpool charts/dbpool-operator -n dbpool-system --create-namespace --set 'hostAliases[0].ip=$DB_IP' --set 'hostAliases[0].hostnames[0]=orders-db.dbpool.test'"
+  log "the database: $DB_IP:5432, user postgres, password in $S/postgres.pw; README 'Try it on a one-node cluster'"
 }
 
 # ---------------------------------------------------------------------------------------------
