@@ -76,3 +76,21 @@ test: dashboard
 argocd-health: ## The Argo CD health check (docs/argocd-health.lua) in gopher-lua, every phase
 	@cd hack/luahealth && GOFLAGS="-mod=mod -buildvcs=false" GOSUMDB="$${GOSUMDB:-off}" go test -count=1 ./...
 test: argocd-health
+
+.PHONY: image
+image: ## The operator's and the client service's OCI images, without Docker (umoci; target/image/)
+	@CARGO="$(CARGO)" hack/build-image.sh >/dev/null
+	python3 hack/check-image.py --self-test
+
+.PHONY: cluster cluster-down
+cluster: ## A one-node cluster in a network namespace (containerd, kubelet; hack/cluster.sh): prints KUBECONFIG
+	@hack/cluster.sh up
+
+cluster-down: ## Stop the one-node cluster and delete its state
+	@hack/cluster.sh down
+
+# The chart in a one-node cluster with the daemonless image (needs root; docs/cluster.md).
+test: test-node
+.PHONY: test-node
+test-node: ## The in-cluster test: image, one-node cluster, helm install, RBAC audit, /proc (hack/test-node.sh)
+	@CARGO="$(CARGO)" hack/test-node.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs and a fresh machine may lack: PostgreSQL 15 server binaries,
-# openssl, curl, procps, promtool (package prometheus), iptables, PyYAML, and the rustfmt/clippy components.
+# openssl, curl, procps, promtool (package prometheus), iptables, PyYAML, umoci, containerd, runc,
+# the CNI plugins, and the rustfmt/clippy components.
 # Idempotent and quick when all is present.
 set -euo pipefail
 need_apt=()
@@ -16,7 +17,21 @@ command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v iptables >/dev/null || need_apt+=(iptables)
 # hack/gate-netns.sh: network namespaces and addresses.
 command -v ip >/dev/null || need_apt+=(iproute2)
-python3 -c 'import yaml' 2>/dev/null || /usr/bin/python3 -c 'import yaml' 2>/dev/null || need_apt+=(python3-yaml)
+# hack/build-image.sh: umoci writes the OCI images without a container engine.
+command -v umoci >/dev/null || need_apt+=(umoci)
+# hack/cluster.sh: the node's container runtime and network plugins.
+command -v containerd >/dev/null || need_apt+=(containerd)
+command -v runc >/dev/null || need_apt+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || need_apt+=(containernetworking-plugins)
+command -v nsenter >/dev/null || need_apt+=(util-linux)
+python3 -c 'import yaml' 2>/dev/null || /usr/bin/# hack/build-image.sh: umoci writes the OCI images without a container engine.
+command -v umoci >/dev/null || need_apt+=(umoci)
+# hack/cluster.sh: the node's container runtime and network plugins.
+command -v containerd >/dev/null || need_apt+=(containerd)
+command -v runc >/dev/null || need_apt+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || need_apt+=(containernetworking-plugins)
+command -v nsenter >/dev/null || need_apt+=(util-linux)
+python3 -c 'import yaml' 2>/dev/null || need_apt+=(python3-yaml)
 if ((${#need_apt[@]})); then
   echo "[deps] apt-get install ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

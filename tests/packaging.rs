@@ -36,6 +36,8 @@ const ALL_FEATURES: &[&str] = &[
     r#"prometheusRule.additionalRuleLabels={"team":"databases"}"#,
     "--set",
     "gates.enabled=true",
+    "--set-json",
+    r#"hostAliases=[{"ip":"10.213.9.10","hostnames":["orders-db.example.internal"]}]"#,
 ];
 
 /// The kinds the chart renders with its defaults.
@@ -435,6 +437,12 @@ async fn every_optional_feature_renders_and_passes_server_dry_run() {
         dns_to[1],
         json!({"ipBlock": {"cidr": "169.254.20.10/32"}}),
         "{dns_to}"
+    );
+
+    // hostAliases: the pods' /etc/hosts entries, as given (hack/cluster.sh names its database so).
+    assert_eq!(
+        one(&docs, "Deployment").pointer("/spec/template/spec/hostAliases"),
+        Some(&json!([{"ip": "10.213.9.10", "hostnames": ["orders-db.example.internal"]}]))
     );
 
     // PodDisruptionBudget: one replica at a time, selecting the Deployment's pods.
