@@ -24,14 +24,7 @@ command -v containerd >/dev/null || need_apt+=(containerd)
 command -v runc >/dev/null || need_apt+=(runc)
 [[ -x /usr/lib/cni/bridge ]] || need_apt+=(containernetworking-plugins)
 command -v nsenter >/dev/null || need_apt+=(util-linux)
-python3 -c 'import yaml' 2>/dev/null || /usr/bin/# hack/build-image.sh: umoci writes the OCI images without a container engine.
-command -v umoci >/dev/null || need_apt+=(umoci)
-# hack/cluster.sh: the node's container runtime and network plugins.
-command -v containerd >/dev/null || need_apt+=(containerd)
-command -v runc >/dev/null || need_apt+=(runc)
-[[ -x /usr/lib/cni/bridge ]] || need_apt+=(containernetworking-plugins)
-command -v nsenter >/dev/null || need_apt+=(util-linux)
-python3 -c 'import yaml' 2>/dev/null || need_apt+=(python3-yaml)
+python3 -c 'import yaml' 2>/dev/null || /usr/bin/python3 -c 'import yaml' 2>/dev/null || need_apt+=(python3-yaml)
 if ((${#need_apt[@]})); then
   echo "[deps] apt-get install ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
