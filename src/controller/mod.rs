@@ -16,7 +16,8 @@
 //!   healthy), `fleet` (the fleet guard), `probe_permits` (the probe permits, fair across namespaces and
 //!   targets), `credentials` (reading Secrets), `status` (the status a user sees), `gate` (the
 //!   gated Service of `spec.gate`), `write` (outboxes, the writer's decisions, the write budget),
-//!   `triggers` (which events a reconcile feeds the engine);
+//!   `triggers` (which events a reconcile feeds the engine), `timeouts` (the learned adaptive
+//!   probe timeouts, one learner per target);
 //! - **door** — `fence` ([`Fence`] and the one door for writes and per-pool metrics);
 //! - **vocabulary**, which any layer may use — `config` ([`OperatorConfig`]), `error`
 //!   ([`Error`]), `observer`,
@@ -57,6 +58,7 @@ mod sync;
 mod targets;
 #[cfg(test)]
 mod testing;
+mod timeouts;
 mod triggers;
 mod watches;
 mod write;

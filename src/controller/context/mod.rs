@@ -3,7 +3,8 @@
 //! Lives here: [`Context`] (what every reconcile shares), the pool registry ([`PoolEntry`]:
 //! everything the process remembers about one pool in the registry itself, keyed by its
 //! [`PoolRef`]), [`Parts`] (the parts that keep something per pool on the side: the prober's
-//! connection shares, the targets, the fleet guard, the probe streams), forgetting a pool in
+//! connection shares, the targets, the fleet guard, the probe streams, the learned timeouts),
+//! forgetting a pool in
 //! all of them at once ([`Context::forget`]), the recovery memory (`memory`), the scheduling
 //! model (`schedule`: when a pool acts next, one value with one reason) and the per-pool writer
 //! task (`writer`). Must not live here: the reconcile steps (`reconcile`), the
@@ -52,6 +53,7 @@ use super::{
     sharing::Streams,
     sync::lock,
     targets::Targets,
+    timeouts::Timeouts,
     write::{WriteBudget, WriteIo, WriterState},
 };
 use crate::{
@@ -99,6 +101,8 @@ pub(crate) struct Parts {
     pub fleet: Fleet,
     /// Per-credential probe streams of healthy targets (see `sharing`).
     pub streams: Streams,
+    /// The learned adaptive probe timeouts, per target (see `timeouts`).
+    pub timeouts: Timeouts,
 }
 
 /// Everything this process remembers about one pool in the registry itself.
@@ -117,18 +121,20 @@ pub(crate) struct PoolEntry {
 impl Parts {
     /// Every part, named. The destructuring has no `..`: a new part does not compile until it
     /// is listed here, and then it is forgotten and counted with the others.
-    fn each(&self) -> [(&'static str, &dyn PerPool); 4] {
+    fn each(&self) -> [(&'static str, &dyn PerPool); 5] {
         let Parts {
             prober,
             targets,
             fleet,
             streams,
+            timeouts,
         } = self;
         [
             ("prober", prober),
             ("targets", targets),
             ("fleet", fleet),
             ("streams", streams),
+            ("timeouts", timeouts),
         ]
     }
 }
@@ -191,6 +197,7 @@ impl Context {
             targets: Targets::default(),
             fleet: Fleet::new(config.fleet_guard, metrics.clone()),
             streams: Streams::default(),
+            timeouts: Timeouts::default(),
         };
         metrics.controller_context(1);
         let ctx = Arc::new(Self {

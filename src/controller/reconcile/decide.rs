@@ -21,7 +21,7 @@ use crate::{
         credentials::Credentials,
         error::CredentialError,
         fleet::Seen,
-        names::{owner_key, spec_target_key},
+        names::{PoolRef, owner_key, pool_labels, spec_target_key},
         sharing::{SharedResult, Ticket},
         targets::{Claim, SharedFailure},
     },
@@ -198,7 +198,7 @@ impl Run {
                 return Err(Error::Deleted);
             }
             let started = Timestamp::now();
-            let report = ctx.parts.prober.probe(&owner_key(&self.key), &target).await;
+            let report = probe_adaptive(ctx, &self.key, pool, &target, &target_key).await;
             (started, report)
         };
         let finished = Timestamp::now();
@@ -232,6 +232,33 @@ impl Run {
             observed: Some((report.latency, report.fresh_connection, false)),
         })
     }
+}
+
+/// The pool's own probe, each stage limited by the target's learned timeout when the spec
+/// wants adaptive timeouts; the target's learner takes the report, the pool's gauges the
+/// timeout its stages get.
+async fn probe_adaptive(
+    ctx: &Context,
+    key: &PoolRef,
+    pool: &DbPool,
+    target: &ProbeTarget,
+    target_key: &str,
+) -> ProbeReport {
+    let ceiling = target.timeout;
+    let enabled = pool.spec.health_check.adaptive_timeout;
+    let timeouts = &ctx.parts.timeouts;
+    let limits = timeouts.limits(key, target_key, enabled, ceiling);
+    let report = ctx
+        .parts
+        .prober
+        .probe_within(&owner_key(key), target, limits)
+        .await;
+    let learned = timeouts.learn(key, target_key, &report, ceiling);
+    if let (Some(metrics), Some(learned)) = (ctx.door.metrics(), learned) {
+        let timeout = if enabled { learned.timeout } else { ceiling };
+        metrics.probe_timeout(&pool_labels(key), timeout, learned.srtt);
+    }
+    report
 }
 
 /// What a probe of the pool's own stands for besides the pool while it runs.
