@@ -12,8 +12,10 @@
 //! authentication, each query), so it is one round trip or a few, stable for a given server:
 //! the estimator's "round trip". With TLS, the handshake and the login run in one wait, whose
 //! timeout is the sum of the two stages' timeouts. A stage that completed is a sample; a stage
-//! that timed out backs its estimator off; any other failure (a refusal, an error) says nothing
-//! about latency and is ignored.
+//! that timed out backs off every stage's estimator (RFC 6298 keeps one timer per connection:
+//! a step in latency then costs a few timeouts in all, not a few per stage, which matters
+//! because a probe meets the stages one after the other); any other failure (a refusal, an
+//! error) says nothing about latency and is ignored.
 
 use std::time::Duration;
 
@@ -124,14 +126,17 @@ impl AdaptiveTimeouts {
         let mut backed_off = false;
         for (i, (stage, took)) in stages.iter().enumerate() {
             let last = i + 1 == stages.len();
-            let estimator = &mut self.stages[index(*stage)];
             if last && failed == Some(*stage) {
-                if timed_out {
-                    estimator.timed_out();
-                    backed_off = true;
-                }
+                backed_off = timed_out;
             } else {
-                estimator.sample(*took);
+                self.stages[index(*stage)].sample(*took);
+            }
+        }
+        if backed_off {
+            // A timeout says the path or the server got slower: every stage backs off, so a
+            // step in latency costs a few timeouts in all, not a few per stage.
+            for estimator in &mut self.stages {
+                estimator.timed_out();
             }
         }
         backed_off
@@ -207,6 +212,10 @@ mod tests {
             learned.timeouts(ms(5000)).get(ProbeStage::Query),
             Some(ms(500))
         );
+        // Every stage backed off with it.
+        let t = learned.timeouts(ms(5000));
+        assert_eq!(t.get(ProbeStage::Auth), Some(ms(500)));
+        assert_eq!(t.get(ProbeStage::Connect), Some(ms(500)));
         // A refusal says nothing about latency.
         let refused = report(
             ProbeOutcome::TransientFailure,
