@@ -373,3 +373,63 @@ async fn a_slow_but_steady_server_does_not_open() {
     }
     ns.cleanup().await;
 }
+
+/// Merges `patch` into pool `name`.
+async fn patch(client: &Client, ns: &str, name: &str, patch: serde_json::Value) {
+    let api: kube::Api<dbpool_operator::api::DbPool> = kube::Api::namespaced(client.clone(), ns);
+    api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(patch),
+    )
+    .await
+    .expect("patch DbPool");
+}
+
+/// 3. Run-time configuration of the healthCheck group: turning `adaptiveTimeout` off and on
+/// again, and lowering `timeout` (the ceiling) below the floor, apply at the next probe, with
+/// no restart: the stage timeout the probes get (the metric) follows.
+#[tokio::test]
+async fn the_switch_and_the_ceiling_apply_at_the_next_probe() {
+    let (client, ns, pg, op, _probes) = setup().await;
+    let live = pool(
+        "live",
+        pg.addr().port(),
+        Some((SECRET, KEY)),
+        serde_json::json!({ "healthCheck": { "interval": "1s", "timeout": "800ms" } }),
+    );
+    create(&client, ns.name(), &live).await;
+    let stage_timeout = |want: f64| {
+        let op = &op;
+        let ns = ns.name().to_owned();
+        async move {
+            wait_for(
+                &format!("stage timeout {want}s"),
+                Duration::from_secs(30),
+                || async { timeout_metric(op, &ns, "live").filter(|t| (*t - want).abs() < 1e-9) },
+            )
+            .await
+        }
+    };
+    stage_timeout(0.25).await;
+    patch(
+        &client,
+        ns.name(),
+        "live",
+        serde_json::json!({ "spec": { "healthCheck": { "adaptiveTimeout": false } } }),
+    )
+    .await;
+    stage_timeout(0.8).await;
+    patch(
+        &client,
+        ns.name(),
+        "live",
+        serde_json::json!({ "spec": { "healthCheck": { "adaptiveTimeout": true, "timeout": "200ms" } } }),
+    )
+    .await;
+    // The floor never exceeds the ceiling.
+    stage_timeout(0.2).await;
+    let s = status(&client, ns.name(), "live").await.unwrap_or_default();
+    assert_eq!(s.phase, Some(Phase::Healthy), "{s:?}");
+    ns.cleanup().await;
+}
