@@ -25,7 +25,7 @@ use crate::{
         sharing::{SharedResult, Ticket},
         targets::{Claim, SharedFailure},
     },
-    probe::{ProbeReport, ProbeTarget},
+    probe::{ProbeReport, ProbeTarget, STAGES},
     recovery::{self, Event, FailureKind},
 };
 
@@ -183,7 +183,7 @@ impl Run {
         let seq = self.start_probe(Timestamp::now());
         let target = probe_target(pool, creds);
         let target_key = spec_target_key(pool);
-        let (started, report) = {
+        let (started, (report, budget)) = {
             let namespace = self.key.namespace.as_deref().unwrap_or_default();
             let _permit = ctx.probe_permits.acquire(namespace, &target_key).await;
             // Holding a permit, its probe is worth waiting for in every namespace.
@@ -198,8 +198,8 @@ impl Run {
                 return Err(Error::Deleted);
             }
             let started = Timestamp::now();
-            let report = probe_adaptive(ctx, &self.key, pool, &target, &target_key).await;
-            (started, report)
+            let probed = probe_adaptive(ctx, &self.key, pool, &target, &target_key).await;
+            (started, probed)
         };
         let finished = Timestamp::now();
         if let Some(metrics) = ctx.door.metrics() {
@@ -212,7 +212,7 @@ impl Run {
             .targets
             .record(&target_key, started, &summary, report.path_evidence);
         if let Held::Stream(ticket) = held {
-            ticket.finish(shared_result(&report, &summary, target.timeout));
+            ticket.finish(shared_result(&report, &summary, budget));
         }
         Ok(Outcome {
             seq,
@@ -236,18 +236,25 @@ impl Run {
 
 /// The pool's own probe, each stage limited by the target's learned timeout when the spec
 /// wants adaptive timeouts; the target's learner takes the report, the pool's gauges the
-/// timeout its stages get.
+/// timeout its stages get. Also the budget its failure stands for on the probe stream: the
+/// longest stage limit when limits applied (a failure cut short by them says nothing to a pool
+/// that would wait its whole timeout), else the spec's timeout.
 async fn probe_adaptive(
     ctx: &Context,
     key: &PoolRef,
     pool: &DbPool,
     target: &ProbeTarget,
     target_key: &str,
-) -> ProbeReport {
+) -> (ProbeReport, Duration) {
     let ceiling = target.timeout;
     let enabled = pool.spec.health_check.adaptive_timeout;
     let timeouts = &ctx.parts.timeouts;
     let limits = timeouts.limits(key, target_key, enabled, ceiling);
+    let budget = STAGES
+        .iter()
+        .filter_map(|stage| limits.get(*stage))
+        .max()
+        .unwrap_or(ceiling);
     let report = ctx
         .parts
         .prober
@@ -258,7 +265,7 @@ async fn probe_adaptive(
         let timeout = if enabled { learned.timeout } else { ceiling };
         metrics.probe_timeout(&pool_labels(key), timeout, learned.srtt);
     }
-    report
+    (report, budget)
 }
 
 /// What a probe of the pool's own stands for besides the pool while it runs.
