@@ -396,7 +396,7 @@ async fn the_switch_and_the_ceiling_apply_at_the_next_probe() {
         "live",
         pg.addr().port(),
         Some((SECRET, KEY)),
-        serde_json::json!({ "healthCheck": { "interval": "1s", "timeout": "800ms" } }),
+        serde_json::json!({ "healthCheck": { "interval": "1s", "timeout": "800ms", "adaptiveTimeout": true } }),
     );
     create(&client, ns.name(), &live).await;
     let stage_timeout = |want: f64| {
