@@ -44,7 +44,7 @@ LAYERS = [
     # The rooms: each takes what it needs as arguments or small traits.
     ("subsystems", {
         "targets", "sharing", "fleet", "probe_permits", "credentials", "status", "gate", "write",
-        "triggers", "pings",
+        "triggers", "pings", "timeouts",
     }),
     # The one door for writes and per-pool metrics.
     ("door", {"fence"}),

@@ -11,7 +11,7 @@
 use std::{
     sync::{
         Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -81,6 +81,8 @@ pub struct Metrics {
     probe_duration: Family<StageLabels, Histogram>,
     status_writes: Family<PoolLabels, Counter>,
     reconcile_errors: Family<PoolLabels, Counter>,
+    probe_timeout: Family<PoolLabels, Gauge<f64, AtomicU64>>,
+    probe_srtt: Family<PoolLabels, Gauge<f64, AtomicU64>>,
     leader: Gauge,
     controller_contexts: Gauge,
     fleet_suspect: Gauge,
@@ -157,6 +159,18 @@ impl Metrics {
             "Reconciles that ended in an error (apiserver or Secret access)",
             reconcile_errors.clone(),
         );
+        let probe_timeout = Family::<PoolLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "probe_stage_timeout_seconds",
+            "The longest timeout one probe stage gets (learned when healthCheck.adaptiveTimeout, else healthCheck.timeout)",
+            probe_timeout.clone(),
+        );
+        let probe_srtt = Family::<PoolLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "probe_stage_srtt_seconds",
+            "Smoothed latency of the stage whose learned timeout is the longest (the latency it came from)",
+            probe_srtt.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -208,6 +222,8 @@ impl Metrics {
             probe_duration,
             status_writes,
             reconcile_errors,
+            probe_timeout,
+            probe_srtt,
             leader,
             controller_contexts,
             ready: AtomicBool::new(false),
@@ -288,6 +304,14 @@ impl Metrics {
         }
     }
 
+    /// Sets the stage timeout `pool`'s probes get, and the smoothed latency it was learned from.
+    pub fn probe_timeout(&self, pool: &PoolLabels, timeout: Duration, srtt: Duration) {
+        self.probe_timeout
+            .get_or_create(pool)
+            .set(timeout.as_secs_f64());
+        self.probe_srtt.get_or_create(pool).set(srtt.as_secs_f64());
+    }
+
     /// Counts a result of another pool's equivalent probe that `pool` took instead of probing.
     pub fn result_shared(&self, pool: &PoolLabels) {
         self.results_shared.get_or_create(pool).inc();
@@ -335,6 +359,8 @@ impl Metrics {
         self.results_shared.clear();
         self.status_writes.clear();
         self.reconcile_errors.clear();
+        self.probe_timeout.clear();
+        self.probe_srtt.clear();
     }
 
     /// Removes every series of a deleted pool.
@@ -345,6 +371,8 @@ impl Metrics {
         self.results_shared.remove(pool);
         self.status_writes.remove(pool);
         self.reconcile_errors.remove(pool);
+        self.probe_timeout.remove(pool);
+        self.probe_srtt.remove(pool);
         for state in [StateLabel::closed, StateLabel::open, StateLabel::half_open] {
             self.breaker_state.remove(&BreakerLabels {
                 namespace: pool.namespace.clone(),

@@ -17,7 +17,8 @@
 //!   namespaces and targets), `pings` (readiness ping streams while a target's pools wait out an
 //!   outage), `credentials` (reading Secrets), `status` (the status a user sees), `gate` (the
 //!   gated Service of `spec.gate`), `write` (outboxes, the writer's decisions, the write budget),
-//!   `triggers` (which events a reconcile feeds the engine);
+//!   `triggers` (which events a reconcile feeds the engine), `timeouts` (the learned adaptive
+//!   probe timeouts, one learner per target);
 //! - **door** — `fence` ([`Fence`] and the one door for writes and per-pool metrics);
 //! - **vocabulary**, which any layer may use — `config` ([`OperatorConfig`]), `error`
 //!   ([`Error`]), `observer`,
@@ -59,6 +60,7 @@ mod sync;
 mod targets;
 #[cfg(test)]
 mod testing;
+mod timeouts;
 mod triggers;
 mod watches;
 mod write;

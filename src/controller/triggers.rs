@@ -27,7 +27,8 @@ pub(super) struct Observed<'a> {
     pub connection_lost: bool,
     /// The pool is already failing (consecutive failures > 0): it is probed on its backoff anyway.
     pub failing: bool,
-    /// Fingerprint of the credentials the memory last saw (None: not loaded yet in this process).
+    /// Fingerprint of the credentials and `spec.database` the memory last saw (None: not loaded
+    /// yet in this process).
     pub known_fingerprint: Option<&'a str>,
     /// Fingerprint of the credentials now (or of the error reading them).
     pub fingerprint: &'a str,
@@ -49,7 +50,8 @@ pub(super) enum Trigger {
     /// A healthy pool's probe connection died: probe soon (not sooner than one initial delay
     /// after the last probe, so a connection that dies after every probe is no probe loop).
     ConnectionLost,
-    /// A Secret was created, fixed or rotated: probe the new credentials now.
+    /// A Secret was created, fixed or rotated, or `spec.database` changed (the fingerprint
+    /// covers both): probe the new credentials or target now.
     CredentialsChanged,
     /// A readiness ping saw the target accepting connections again: the engine may grant an
     /// early trial.

@@ -297,8 +297,15 @@ pub struct HealthCheckSpec {
     #[serde(default = "default_interval")]
     pub interval: GoDuration,
     /// Budget for one whole probe (connect, TLS, auth, queries); each stage gets what is left.
+    /// With adaptiveTimeout it is the ceiling of each stage's learned timeout.
     #[serde(default = "default_timeout")]
     pub timeout: GoDuration,
+    /// Learn each probe stage's timeout from the target's observed latency (RFC 6298: smoothed
+    /// latency + 4 × its mean deviation, at least 250ms, at most `timeout`, doubled after each
+    /// timeout), so an unanswering server is noticed in a fraction of `timeout`. Default true;
+    /// false waits the whole `timeout` in every stage. Applies at the next probe.
+    #[serde(default = "default_adaptive_timeout")]
+    pub adaptive_timeout: bool,
 }
 
 impl Default for HealthCheckSpec {
@@ -306,6 +313,7 @@ impl Default for HealthCheckSpec {
         Self {
             interval: default_interval(),
             timeout: default_timeout(),
+            adaptive_timeout: default_adaptive_timeout(),
         }
     }
 }
@@ -428,6 +436,9 @@ fn default_interval() -> GoDuration {
 }
 fn default_timeout() -> GoDuration {
     GoDuration::from_secs(5)
+}
+fn default_adaptive_timeout() -> bool {
+    true
 }
 fn default_initial_delay() -> GoDuration {
     GoDuration::from_secs(1)

@@ -28,11 +28,15 @@ pub struct PoolOptions {
     /// Step of the ramp after a recovery: capacity is 1, 2, 4 ... connections, one doubling per
     /// step (each process lengthens it by up to half, at random, so replicas spread out).
     pub ramp_step: Duration,
+    /// Each connect stage's timeout is learned from this pool's own connects (RFC 6298, at least
+    /// 250 ms, at most the policy's timeout; see `dbpool_probe::AdaptiveTimeouts`). From the
+    /// DbPool's `healthCheck.adaptiveTimeout` when following one; default true.
+    pub adaptive_timeout: bool,
 }
 
 impl Default for PoolOptions {
     /// max 10, min idle 1, lifetime 30 min, idle timeout 10 min, idle check after 30 s,
-    /// acquire timeout 5 s, ramp step 20 ms.
+    /// acquire timeout 5 s, ramp step 20 ms, adaptive connect timeouts.
     fn default() -> Self {
         Self {
             max_size: 10,
@@ -42,6 +46,7 @@ impl Default for PoolOptions {
             idle_check_after: Duration::from_secs(30),
             acquire_timeout: Duration::from_secs(5),
             ramp_step: Duration::from_millis(20),
+            adaptive_timeout: true,
         }
     }
 }

@@ -85,6 +85,7 @@ pub async fn from_dbpool_with(
         options: PoolOptions {
             max_size,
             min_idle,
+            adaptive_timeout: object.spec.health_check.adaptive_timeout,
             ..options
         },
     };
@@ -171,7 +172,7 @@ async fn follow(
                             match target_for(&secrets, pool.name(), &object.spec).await {
                                 Ok(target) => {
                                     let (max, min) = sizes(&object.spec);
-                                    pool.reconfigure(target, object.spec.policy(), max, min);
+                                    pool.reconfigure(target, object.spec.policy(), (max, min), object.spec.health_check.adaptive_timeout);
                                     spec = object.spec.clone();
                                 }
                                 Err(e) => warn!(error = %e, "DbPool spec changed but cannot be applied"),
@@ -191,7 +192,7 @@ async fn follow(
                     Ok(target) if target.password != pool.target().password
                         || target.ca_pem != pool.target().ca_pem => {
                         let (max, min) = sizes(&spec);
-                        pool.reconfigure(target, spec.policy(), max, min);
+                        pool.reconfigure(target, spec.policy(), (max, min), spec.health_check.adaptive_timeout);
                     }
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "re-reading the Secret failed"),

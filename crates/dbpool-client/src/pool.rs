@@ -40,7 +40,7 @@ use std::{
     time::Duration,
 };
 
-use dbpool_probe::ProbeTarget;
+use dbpool_probe::{AdaptiveTimeouts, ProbeTarget};
 use dbpool_recovery::{BreakerMode, BreakerState, Event, Policy, PoolState};
 use jiff::Timestamp;
 use tokio::{sync::Notify, time::Instant};
@@ -80,6 +80,8 @@ pub(crate) struct Inner {
     ramp_factor: f64,
     /// Connects started, by callers and the supervisor alike (for status and tests).
     connects: AtomicU64,
+    /// Each connect stage's learned timeout (see `PoolOptions::adaptive_timeout`).
+    timeouts: Mutex<AdaptiveTimeouts>,
 }
 
 struct Shared {
@@ -139,6 +141,7 @@ impl Pool {
             next_id: AtomicU64::new(0),
             ramp_factor,
             connects: AtomicU64::new(0),
+            timeouts: Mutex::new(AdaptiveTimeouts::new()),
         });
         if let Some(m) = &inner.metrics {
             m.set_state(&inner.name, BreakerState::Closed, 0);

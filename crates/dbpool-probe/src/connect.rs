@@ -184,15 +184,16 @@ async fn open_at(
             format!("host \"{}\" is not a valid name for TLS", target.host),
         ));
     }
-    let answer =
-        match tokio::time::timeout(clock.remaining(), tls::ssl_request(&mut stream, &peer)).await {
-            Ok(answer) => answer,
-            Err(_) => Err(Failure::timeout(
-                ProbeStage::Tls,
-                &format!("TLS negotiation with {peer}"),
-                clock.budget(),
-            )),
-        };
+    let tls_limit = clock.limits().get(ProbeStage::Tls);
+    let ssl_request = tls::ssl_request(&mut stream, &peer);
+    let answer = match tokio::time::timeout(clock.remaining_within(tls_limit), ssl_request).await {
+        Ok(answer) => answer,
+        Err(_) => Err(clock.timed_out(
+            ProbeStage::Tls,
+            &format!("TLS negotiation with {peer}"),
+            tls_limit,
+        )),
+    };
     let answer = answer.inspect_err(|_| clock.record(ProbeStage::Tls, tls_started.elapsed()))?;
     match answer {
         SslAnswer::NotSupported => {
@@ -262,7 +263,8 @@ where
     let peer = peer_addr.to_string();
     let peer = peer.as_str();
     let auth_started = Instant::now();
-    let result = tokio::time::timeout(clock.remaining(), async {
+    let login_limit = clock.limits().login(tls.is_some());
+    let result = tokio::time::timeout(clock.remaining_within(login_limit), async {
         let (client, connection) = pg.connect_raw(stream, connector).await?;
         let server_version = connection.parameter("server_version").map(str::to_owned);
         let connection: ConnectionTask = Box::pin(connection);
@@ -306,7 +308,7 @@ where
             ProbeStage::Auth,
             format!("{peer}: {message}"),
         )),
-        (result, _) => classify_login(result, handshake_done, peer_addr, clock),
+        (result, _) => classify_login(result, handshake_done, peer_addr, (clock, login_limit)),
     }
 }
 
@@ -318,7 +320,7 @@ fn classify_login(
     result: Result<Result<Session, tokio_postgres::Error>, tokio::time::error::Elapsed>,
     handshake_done: bool,
     peer_addr: SocketAddr,
-    clock: &Clock,
+    (clock, limit): (&Clock, Option<Duration>),
 ) -> Result<Opened, Failure> {
     let peer = peer_addr.to_string();
     let peer = peer.as_str();
@@ -335,16 +337,12 @@ fn classify_login(
             None => from_pg_error(&err, ProbeStage::Tls, peer),
         }),
         Ok(Err(err)) => Err(from_pg_error(&err, ProbeStage::Auth, peer)),
-        Err(_) if !handshake_done => Err(Failure::timeout(
+        Err(_) if !handshake_done => Err(clock.timed_out(
             ProbeStage::Tls,
             &format!("TLS handshake with {peer}"),
-            clock.budget(),
+            limit,
         )),
-        Err(_) => Err(Failure::timeout(
-            ProbeStage::Auth,
-            &format!("login to {peer}"),
-            clock.budget(),
-        )),
+        Err(_) => Err(clock.timed_out(ProbeStage::Auth, &format!("login to {peer}"), limit)),
     }
 }
 

@@ -5,8 +5,10 @@
 //! happens; the probe stages (resolve, TCP, TLS, startup/auth, `SELECT 1`, role, saturation) with
 //! their timeouts; the classification of every failure into a [`ProbeOutcome`]; and
 //! [`open_session`], the same connect path handing a usable session to application pools
-//! (`dbpool-client`), so there is one copy of connect, TLS and classification; and [`ping`], the
-//! readiness ping that learns whether a server accepts connections without any password. The vocabulary
+//! (`dbpool-client`), so there is one copy of connect, TLS and classification; [`ping`], the
+//! readiness ping that learns whether a server accepts connections without any password; and
+//! adaptive timeouts (`adaptive`: [`StageTimeouts`] as each stage's limit, [`AdaptiveTimeouts`]
+//! learning them). The vocabulary
 //! (the enums, [`ProbeReport`], the outcome → failure kind mapping) lives in `dbpool-vocab`, which
 //! the API shares, and is re-exported here under its old paths.
 //!
@@ -15,6 +17,7 @@
 //! controller decides. Passwords travel only inside [`Password`], whose `Debug` is redacted; they
 //! never enter a message, a log line, a connection key or an event.
 
+mod adaptive;
 mod checks;
 mod classify;
 mod connect;
@@ -27,12 +30,15 @@ mod tls;
 
 use std::{fmt, time::Duration};
 
+pub use adaptive::{AdaptiveTimeouts, STAGES, StageTimeouts};
 pub use guard::{
     MAX_SCRAM_ITERATIONS, MAX_SERVER_MESSAGE, MAX_STARTUP_BYTES, MIN_SCRAM_ITERATIONS,
 };
 pub use ping::{MAX_PING_MESSAGE, MAX_PING_TIME, PingReport, PingTarget, ping};
 pub use prober::{ConnectionKey, Prober};
-pub use session::{Session, SessionConnection, SessionError, classify_error, open_session};
+pub use session::{
+    Session, SessionConnection, SessionError, classify_error, open_session, open_session_within,
+};
 // The vocabulary lives in dbpool-vocab (so the API needs no probe); its old paths stay valid.
 pub use dbpool_vocab::{
     ProbeOutcome, ProbeReport, ProbeStage, Readiness, SslMode, TargetSessionAttrs,

@@ -22,7 +22,7 @@ use rustls::crypto::CryptoProvider;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_postgres::Client;
 
-use crate::{ProbeOutcome, ProbeStage, SslMode};
+use crate::{ProbeOutcome, ProbeStage, SslMode, StageTimeouts};
 
 use super::{
     ConnectionLost, Password, ProbeReport, ProbeTarget, ProberConfig,
@@ -162,7 +162,20 @@ impl Prober {
     /// Probes `target` for the pool `owner` ("namespace/name"). Never takes much longer than
     /// `target.timeout`; never fails: the report says what went wrong.
     pub async fn probe(&self, owner: &str, target: &ProbeTarget) -> ProbeReport {
-        let mut clock = Clock::start(target.timeout);
+        self.probe_within(owner, target, StageTimeouts::none())
+            .await
+    }
+
+    /// [`Prober::probe`] with each stage's wait limited by `limits` (adaptive timeouts; see
+    /// [`AdaptiveTimeouts`](crate::AdaptiveTimeouts)); the whole probe stays within
+    /// `target.timeout`.
+    pub async fn probe_within(
+        &self,
+        owner: &str,
+        target: &ProbeTarget,
+        limits: StageTimeouts,
+    ) -> ProbeReport {
+        let mut clock = Clock::limited(target.timeout, limits);
         let mut findings = Findings::default();
         let mut fresh = false;
         let result = self

@@ -15,7 +15,7 @@ use std::{
 use rustls::crypto::CryptoProvider;
 
 use crate::{
-    Password, ProbeOutcome, ProbeStage, ProbeTarget, TargetSessionAttrs,
+    Password, ProbeOutcome, ProbeStage, ProbeTarget, StageTimeouts, TargetSessionAttrs,
     classify::{from_pg_error, redact},
     connect,
     stage::{Clock, Failure},
@@ -90,8 +90,25 @@ pub(crate) fn provider() -> &'static Arc<CryptoProvider> {
 /// Opens one session to `target` within `target.timeout`, through the probe's connect stages.
 /// With `target_session_attrs: read-write` a standby is refused as `WrongRole`.
 pub async fn open_session(target: &ProbeTarget) -> Result<Session, SessionError> {
-    let mut clock = Clock::start(target.timeout);
-    let opened = connect::open(target, provider(), &mut clock)
+    open_session_within(target, StageTimeouts::none()).await.0
+}
+
+/// [`open_session`] with each stage's wait limited by `limits` (adaptive timeouts), and the
+/// latency of each stage that ran, for
+/// [`AdaptiveTimeouts::learn_stages`](crate::AdaptiveTimeouts::learn_stages).
+pub async fn open_session_within(
+    target: &ProbeTarget,
+    limits: StageTimeouts,
+) -> (Result<Session, SessionError>, Vec<(ProbeStage, Duration)>) {
+    let mut clock = Clock::limited(target.timeout, limits);
+    let result = open_on(target, &mut clock).await;
+    (result, clock.stages)
+}
+
+/// The stages of [`open_session`] on `clock`.
+async fn open_on(target: &ProbeTarget, clock: &mut Clock) -> Result<Session, SessionError> {
+    let clock = &mut *clock;
+    let opened = connect::open(target, provider(), clock)
         .await
         .map_err(|f| SessionError::from_failure(f, target.password.as_ref()))?;
     let connect::Opened {
@@ -105,8 +122,9 @@ pub async fn open_session(target: &ProbeTarget) -> Result<Session, SessionError>
         // The connection must run for the query to progress; it is handed back unspawned, so
         // drive both here until the answer arrives.
         let mut connection = connection;
+        let role_limit = clock.limits().get(ProbeStage::Role);
         let query = tokio::time::timeout(
-            clock.remaining(),
+            clock.remaining_within(role_limit),
             client.simple_query("SELECT pg_is_in_recovery()"),
         );
         let result = tokio::select! {
@@ -122,7 +140,7 @@ pub async fn open_session(target: &ProbeTarget) -> Result<Session, SessionError>
         let in_recovery = match result {
             Err(_) => {
                 return Err(SessionError::from_failure(
-                    Failure::timeout(ProbeStage::Role, "role check", clock.budget()),
+                    clock.timed_out(ProbeStage::Role, "role check", role_limit),
                     target.password.as_ref(),
                 ));
             }

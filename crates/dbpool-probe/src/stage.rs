@@ -1,6 +1,7 @@
 //! The clock of one probe and the shape of a stage failure.
 //!
-//! Lives here: [`Clock`], which gives each stage what is left of the probe's budget and records
+//! Lives here: [`Clock`], which gives each stage what is left of the probe's budget (or its
+//! learned limit, when shorter: `adaptive`) and records
 //! how long each stage took, and [`Failure`], a classified stage failure. Must not live here: the
 //! stages themselves or the rules that classify errors (`classify`).
 
@@ -8,7 +9,7 @@ use std::{future::Future, time::Duration};
 
 use tokio::time::Instant;
 
-use crate::{ProbeOutcome, ProbeStage};
+use crate::{ProbeOutcome, ProbeStage, StageTimeouts};
 
 /// A stage that failed, already classified.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,20 +82,55 @@ pub(crate) struct Clock {
     /// A nearer deadline for the current part of the probe (one address of several).
     cap: Option<Instant>,
     budget: Duration,
+    /// Each stage's own limit, learned (adaptive timeouts; none when off).
+    limits: StageTimeouts,
     /// Wall time of each stage that ran, in order.
     pub stages: Vec<(ProbeStage, Duration)>,
 }
 
 impl Clock {
     /// Starts the clock of a probe allowed to take `budget`.
+    #[cfg(test)]
     pub fn start(budget: Duration) -> Self {
+        Self::limited(budget, StageTimeouts::none())
+    }
+
+    /// Starts the clock of a probe allowed to take `budget`, each stage at most its limit.
+    pub fn limited(budget: Duration, limits: StageTimeouts) -> Self {
         let start = Instant::now();
         Self {
             start,
             deadline: start + budget,
             cap: None,
             budget,
+            limits,
             stages: Vec::new(),
+        }
+    }
+
+    /// The stage limits this probe runs with.
+    pub fn limits(&self) -> &StageTimeouts {
+        &self.limits
+    }
+
+    /// What a wait limited to `limit` may take from now: the remaining budget, or less.
+    pub fn remaining_within(&self, limit: Option<Duration>) -> Duration {
+        let remaining = self.remaining();
+        limit.map_or(remaining, |limit| limit.min(remaining))
+    }
+
+    /// The timeout failure of a wait limited to `limit` (the message names the learned limit
+    /// when it was shorter than the budget).
+    pub fn timed_out(&self, stage: ProbeStage, what: &str, limit: Option<Duration>) -> Failure {
+        match limit.filter(|limit| *limit < self.budget) {
+            Some(limit) => Failure::path(
+                stage,
+                format!(
+                    "{what} timed out (adaptive timeout {limit:?}, probe timeout {:?})",
+                    self.budget
+                ),
+            ),
+            None => Failure::timeout(stage, what, self.budget),
         }
     }
 
@@ -136,11 +172,12 @@ impl Clock {
         F: Future<Output = Result<T, Failure>>,
     {
         let began = Instant::now();
-        let result = tokio::time::timeout(self.remaining(), fut).await;
+        let limit = self.limits.get(stage);
+        let result = tokio::time::timeout(self.remaining_within(limit), fut).await;
         self.record(stage, began.elapsed());
         match result {
             Ok(inner) => inner,
-            Err(_) => Err(Failure::timeout(stage, what, self.budget)),
+            Err(_) => Err(self.timed_out(stage, what, limit)),
         }
     }
 }

@@ -5,7 +5,8 @@
 //! same with its reason), [`phase`],
 //! [`backoff_delay`], the shared connect schedule of a target that is down
 //! ([`shared_policy`], [`TargetSchedule`]), the sharing of results among equivalent probes
-//! of a healthy target ([`share_decision`]) and the fleet guard's verdict ([`FleetGuard`]). Must not live here: I/O, async, the Kubernetes client, logging, or reading
+//! of a healthy target ([`share_decision`]), the fleet guard's verdict ([`FleetGuard`]) and the
+//! adaptive timeout of one kind of wait ([`RtoEstimator`], RFC 6298). Must not live here: I/O, async, the Kubernetes client, logging, or reading
 //! the clock. Time is a [`Timestamp`](jiff::Timestamp) passed in by the caller, so
 //! every rule is testable by replaying events at chosen instants.
 //!
@@ -117,6 +118,7 @@ mod early;
 mod engine;
 mod fleet;
 mod policy;
+mod rto;
 mod share;
 mod state;
 mod target;
@@ -127,6 +129,7 @@ pub use early::trial_gap;
 pub use engine::{Due, add, apply, apply_guarded, next_deadline, next_due, phase};
 pub use fleet::{FLEET_ENTRY_TTL, FleetGuard, FleetGuardConfig, FleetVerdict, MAX_FLEET_ENTRIES};
 pub use policy::{MAX_MULTIPLIER, MIN_DURATION, Policy};
+pub use rto::{MAX_BACKOFF_DOUBLINGS, RTO_FLOOR, RTO_GRANULARITY, RtoEstimator};
 pub use share::{
     MAX_FRESHNESS, ShareDecision, StreamView, aligned_deadline, freshness, grid_offset, is_steady,
     share_decision,

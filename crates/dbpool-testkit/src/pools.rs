@@ -9,8 +9,8 @@ use std::time::Duration;
 use dbpool_api::{DbPool, DbPoolStatus};
 use kube::{Api, Client, api::PostParams};
 
-/// A DbPool manifest for `host:port` with short test timings, patched by `overrides` (a JSON
-/// merge of the spec).
+/// A DbPool manifest for `host:port` with short test timings and fixed timeouts
+/// (`healthCheck.adaptiveTimeout: false`), patched by `overrides` (a JSON merge of the spec).
 pub fn pool(
     name: &str,
     port: u16,
@@ -25,7 +25,10 @@ pub fn pool(
             "user": crate::postgres::APP_USER,
             "sslMode": "disable",
         },
-        "healthCheck": { "interval": "2s", "timeout": "1s" },
+        // Fixed timeouts: these timings (and the tests built on them) predate adaptive
+        // timeouts, whose 250ms floor a debug build on shared cores can overrun at a fresh
+        // login; tests/adaptive_timeouts.rs turns them on (the API's default).
+        "healthCheck": { "interval": "2s", "timeout": "1s", "adaptiveTimeout": false },
         "backoff": { "initialDelay": "300ms", "multiplier": 2.0, "maxDelay": "2s", "maxAttempts": 10, "cooldown": "30s", "jitter": 0.0 },
         "breaker": { "failureThreshold": 3, "openTimeout": "1s", "successThreshold": 1 },
     });

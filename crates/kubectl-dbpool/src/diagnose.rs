@@ -348,6 +348,20 @@ fn last_probe(probe: &ProbeSummary, now: Timestamp) -> Vec<Finding> {
         ),
         Some(stage_recommendation(stage)),
     )];
+    if message.contains("(adaptive timeout ") {
+        findings.push(finding(
+            Severity::Info,
+            "the stage timed out at its adaptive timeout, learned from this server's latency \
+             (healthCheck.adaptiveTimeout; each timeout in a row doubles it, up to \
+             healthCheck.timeout)"
+                .to_owned(),
+            Some(
+                "A black hole or a stalled server is noticed this way in a fraction of \
+                 healthCheck.timeout. If the server is only slow and the breaker opens falsely, \
+                 raise breaker.failureThreshold or set healthCheck.adaptiveTimeout: false.",
+            ),
+        ));
+    }
     if let Some(code) = probe.sql_state.as_deref() {
         findings.push(Finding {
             severity: Severity::Failure,
@@ -472,6 +486,31 @@ mod tests {
         let report = diagnose(&pool(None), &[], now());
         assert!(!report.healthy);
         assert!(render(&report).contains("Is the operator running"));
+    }
+
+    #[test]
+    fn an_adaptive_timeout_is_explained() {
+        let mut status = failing(ProbeOutcome::TransientFailure, ProbeStage::Query, None);
+        if let Some(probe) = status.last_probe.as_mut() {
+            probe.message =
+                Some("SELECT 1 timed out (adaptive timeout 250ms, probe timeout 5s)".into());
+        }
+        let text = render(&diagnose(&pool(Some(status)), &[], now()));
+        assert!(text.contains("adaptive timeout 250ms"), "{text}");
+        assert!(
+            text.contains("healthCheck.adaptiveTimeout: false"),
+            "{text}"
+        );
+        let plain = render(&diagnose(
+            &pool(Some(failing(
+                ProbeOutcome::TransientFailure,
+                ProbeStage::Query,
+                None,
+            ))),
+            &[],
+            now(),
+        ));
+        assert!(!plain.contains("adaptiveTimeout"), "{plain}");
     }
 
     #[test]

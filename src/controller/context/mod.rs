@@ -4,10 +4,10 @@
 //! everything the process remembers about one pool in the registry itself, keyed by its
 //! [`PoolRef`]), [`Parts`] (the parts that keep something per pool on the side: the prober's
 //! connection shares, the targets, the fleet guard, the probe streams, the readiness ping
-//! streams), forgetting a pool in all of them at once ([`Context::forget`]), the recovery memory
-//! (`memory`), the scheduling model (`schedule`: when a pool acts next, one value with one
-//! reason) and the per-pool writer task (`writer`). Must not live here: the reconcile steps
-//! (`reconcile`), the
+//! streams, the learned timeouts), forgetting a pool in all of them at once ([`Context::forget`]),
+//! the recovery memory (`memory`), the scheduling model (`schedule`: when a pool acts next, one
+//! value with one reason) and the per-pool writer task (`writer`). Must not live here: the
+//! reconcile steps (`reconcile`), the
 //! subsystems' own rules (each in its module), watches or event wording.
 //!
 //! **Forgetting is by construction.** A part that keeps something per pool is a field of
@@ -54,6 +54,7 @@ use super::{
     sharing::Streams,
     sync::lock,
     targets::Targets,
+    timeouts::Timeouts,
     write::{WriteBudget, WriteIo, WriterState},
 };
 use crate::{
@@ -103,6 +104,8 @@ pub(crate) struct Parts {
     pub streams: Streams,
     /// Readiness ping streams of targets whose pools wait out an outage (see `pings`).
     pub pings: Pings,
+    /// The learned adaptive probe timeouts, per target (see `timeouts`).
+    pub timeouts: Timeouts,
 }
 
 /// Everything this process remembers about one pool in the registry itself.
@@ -121,13 +124,14 @@ pub(crate) struct PoolEntry {
 impl Parts {
     /// Every part, named. The destructuring has no `..`: a new part does not compile until it
     /// is listed here, and then it is forgotten and counted with the others.
-    fn each(&self) -> [(&'static str, &dyn PerPool); 5] {
+    fn each(&self) -> [(&'static str, &dyn PerPool); 6] {
         let Parts {
             prober,
             targets,
             fleet,
             streams,
             pings,
+            timeouts,
         } = self;
         [
             ("prober", prober),
@@ -135,6 +139,7 @@ impl Parts {
             ("fleet", fleet),
             ("streams", streams),
             ("pings", pings),
+            ("timeouts", timeouts),
         ]
     }
 }
@@ -203,6 +208,7 @@ impl Context {
             fleet: Fleet::new(config.fleet_guard, metrics.clone()),
             streams: Streams::default(),
             pings,
+            timeouts: Timeouts::default(),
         };
         metrics.controller_context(1);
         let ctx = Arc::new(Self {

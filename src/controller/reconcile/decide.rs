@@ -21,12 +21,12 @@ use crate::{
         credentials::Credentials,
         error::CredentialError,
         fleet::Seen,
-        names::{owner_key, spec_target_key},
+        names::{PoolRef, owner_key, pool_labels, spec_target_key},
         pings::awaits_readiness,
         sharing::{SharedResult, Ticket},
         targets::{Claim, SharedFailure},
     },
-    probe::{PingTarget, ProbeReport, ProbeTarget},
+    probe::{PingTarget, ProbeReport, ProbeTarget, STAGES},
     recovery::{self, Event, FailureKind},
 };
 
@@ -208,7 +208,7 @@ impl Run {
         let seq = self.start_probe(Timestamp::now());
         let target = probe_target(pool, creds);
         let target_key = spec_target_key(pool);
-        let (started, report) = {
+        let (started, (report, budget)) = {
             let namespace = self.key.namespace.as_deref().unwrap_or_default();
             let _permit = ctx.probe_permits.acquire(namespace, &target_key).await;
             // Holding a permit, its probe is worth waiting for in every namespace.
@@ -223,8 +223,8 @@ impl Run {
                 return Err(Error::Deleted);
             }
             let started = Timestamp::now();
-            let report = ctx.parts.prober.probe(&owner_key(&self.key), &target).await;
-            (started, report)
+            let probed = probe_adaptive(ctx, &self.key, pool, &target, &target_key).await;
+            (started, probed)
         };
         let finished = Timestamp::now();
         if let Some(metrics) = ctx.door.metrics() {
@@ -237,7 +237,7 @@ impl Run {
             .targets
             .record(&target_key, started, &summary, report.path_evidence);
         if let Held::Stream(ticket) = held {
-            ticket.finish(shared_result(&report, &summary, target.timeout));
+            ticket.finish(shared_result(&report, &summary, budget));
         }
         Ok(Outcome {
             seq,
@@ -257,6 +257,40 @@ impl Run {
             observed: Some((report.latency, report.fresh_connection, false)),
         })
     }
+}
+
+/// The pool's own probe, each stage limited by the target's learned timeout when the spec
+/// wants adaptive timeouts; the target's learner takes the report, the pool's gauges the
+/// timeout its stages get. Also the budget its failure stands for on the probe stream: the
+/// longest stage limit when limits applied (a failure cut short by them says nothing to a pool
+/// that would wait its whole timeout), else the spec's timeout.
+async fn probe_adaptive(
+    ctx: &Context,
+    key: &PoolRef,
+    pool: &DbPool,
+    target: &ProbeTarget,
+    target_key: &str,
+) -> (ProbeReport, Duration) {
+    let ceiling = target.timeout;
+    let enabled = pool.spec.health_check.adaptive_timeout;
+    let timeouts = &ctx.parts.timeouts;
+    let limits = timeouts.limits(key, target_key, enabled, ceiling);
+    let budget = STAGES
+        .iter()
+        .filter_map(|stage| limits.get(*stage))
+        .max()
+        .unwrap_or(ceiling);
+    let report = ctx
+        .parts
+        .prober
+        .probe_within(&owner_key(key), target, limits)
+        .await;
+    let learned = timeouts.learn(key, target_key, &report, ceiling);
+    if let (Some(metrics), Some(learned)) = (ctx.door.metrics(), learned) {
+        let timeout = if enabled { learned.timeout } else { ceiling };
+        metrics.probe_timeout(&pool_labels(key), timeout, learned.srtt);
+    }
+    (report, budget)
 }
 
 /// What a probe of the pool's own stands for besides the pool while it runs.

@@ -93,9 +93,13 @@ impl Run {
         credentials: &Result<Credentials, CredentialError>,
     ) {
         let now = Timestamp::now();
+        // What the probe logs in with and where: the Secrets' versions and spec.database, so
+        // a changed host, port, database, user or TLS setting is probed at once too (not at the
+        // next interval or, for a failing pool, after its backoff or cooldown).
+        let database = serde_json::to_string(&pool.spec.database).unwrap_or_default();
         let fingerprint = match credentials {
-            Ok(c) => c.fingerprint.clone(),
-            Err(e) => format!("error: {e}"),
+            Ok(c) => format!("{} {database}", c.fingerprint),
+            Err(e) => format!("error: {e} {database}"),
         };
         let token = pool.annotations().get(FORCE_REOPEN_ANNOTATION).cloned();
         let hold = self.hold.as_ref().map(Hold::describe);

@@ -15,7 +15,10 @@ use std::{
     },
 };
 
-use dbpool_probe::{ProbeOutcome, ProbeStage, ProbeTarget, SessionError, open_session};
+use dbpool_probe::{
+    AdaptiveTimeouts, ProbeOutcome, ProbeStage, ProbeTarget, SessionError, StageTimeouts,
+    open_session_within,
+};
 use dbpool_recovery::Event;
 use jiff::Timestamp;
 use tokio::time::Instant;
@@ -201,18 +204,57 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Opens a session to `target`, each stage within its learned timeout when the pool's
+    /// options want adaptive timeouts, and learns from what the stages took.
+    pub(super) async fn connect(
+        &self,
+        target: ProbeTarget,
+    ) -> Result<dbpool_probe::Session, SessionError> {
+        let adaptive = self.lock().options.adaptive_timeout;
+        let limits = if adaptive {
+            self.learned().timeouts(target.timeout)
+        } else {
+            StageTimeouts::none()
+        };
+        let (result, stages) = connect(target, limits).await;
+        let failed = result.as_ref().err();
+        let timed_out = failed.is_some_and(|e| e.message.contains("timed out"));
+        self.learned()
+            .learn_stages(&stages, failed.map(|e| e.stage), timed_out);
+        result
+    }
+
+    /// The learned connect timeouts.
+    pub(super) fn learned(&self) -> std::sync::MutexGuard<'_, AdaptiveTimeouts> {
+        self.timeouts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A session and the latency of each stage that ran.
+type Attempt = (
+    Result<dbpool_probe::Session, SessionError>,
+    Vec<(ProbeStage, std::time::Duration)>,
+);
+
 /// Opens a session on the blocking pool, driving it there with the runtime's handle: the
 /// SCRAM exchange (PBKDF2, thousands of HMAC rounds, synchronous inside tokio-postgres) then
 /// never stalls the application's worker threads, which would delay every waiter's deadline.
-pub(super) async fn connect(target: ProbeTarget) -> Result<dbpool_probe::Session, SessionError> {
+async fn connect(target: ProbeTarget, limits: StageTimeouts) -> Attempt {
     let handle = tokio::runtime::Handle::current();
-    match tokio::task::spawn_blocking(move || handle.block_on(open_session(&target))).await {
-        Ok(result) => result,
-        Err(e) => Err(SessionError {
-            outcome: ProbeOutcome::TransientFailure,
-            stage: ProbeStage::Connect,
-            message: format!("connect task failed: {e}"),
-            sql_state: None,
-        }),
+    let open = move || handle.block_on(open_session_within(&target, limits));
+    match tokio::task::spawn_blocking(open).await {
+        Ok(attempt) => attempt,
+        Err(e) => (
+            Err(SessionError {
+                outcome: ProbeOutcome::TransientFailure,
+                stage: ProbeStage::Connect,
+                message: format!("connect task failed: {e}"),
+                sql_state: None,
+            }),
+            Vec::new(),
+        ),
     }
 }

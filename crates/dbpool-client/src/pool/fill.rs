@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span};
 
-use super::{Inner, Shared, conn::connect};
+use super::{Inner, Shared};
 use crate::error::Cause;
 
 impl Inner {
@@ -75,7 +75,7 @@ impl Inner {
             let me = Arc::clone(self);
             tokio::spawn(
                 async move {
-                    let result = connect(target).await;
+                    let result = me.connect(target).await;
                     me.fill_done(result, generation);
                 }
                 .instrument(info_span!("dbpool_client.connect", pool = %self.name)),

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Weak};
 
-use dbpool_probe::ProbeTarget;
+use dbpool_probe::{AdaptiveTimeouts, ProbeTarget};
 use dbpool_recovery::{BreakerState, Event, Policy};
 use tracing::info;
 
@@ -35,13 +35,14 @@ impl Pool {
     }
 
     /// Applies a new configuration while running (from a changed DbPool spec): a changed target
-    /// purges every connection; the engine sees `SpecChanged`.
+    /// purges every connection and forgets the learned timeouts; the engine sees `SpecChanged`;
+    /// the sizes and the adaptive-timeout switch apply to the next connect.
     pub(crate) fn reconfigure(
         &self,
         target: ProbeTarget,
         policy: Policy,
-        max_size: usize,
-        min_idle: usize,
+        (max_size, min_idle): (usize, usize),
+        adaptive_timeout: bool,
     ) {
         let mut s = self.inner.lock();
         let target_changed = !same_target(&s.target, &target);
@@ -50,8 +51,11 @@ impl Pool {
         s.policy = policy;
         s.options.max_size = max_size.max(1);
         s.options.min_idle = min_idle.min(s.options.max_size);
+        s.options.adaptive_timeout = adaptive_timeout;
         self.inner.event(&mut s, Event::SpecChanged);
         if target_changed {
+            // What was learned about the old server says nothing about the new one.
+            *self.inner.learned() = AdaptiveTimeouts::new();
             self.inner.purge(&mut s, "DbPool target changed");
             Inner::request_probe(&mut s);
         }

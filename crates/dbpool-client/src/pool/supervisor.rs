@@ -18,11 +18,7 @@ use jiff::Timestamp;
 use tokio::{sync::Notify, time::Instant};
 use tracing::{Instrument, debug, info_span};
 
-use super::{
-    Inner, Shared,
-    conn::{Conn, connect},
-    until,
-};
+use super::{Inner, Shared, conn::Conn, until};
 use crate::error::Cause;
 
 /// The supervisor: probes when the engine says so, maintains idle connections, drives the ramp.
@@ -145,7 +141,7 @@ impl Inner {
             s.connecting += 1;
             self.connects.fetch_add(1, Ordering::Relaxed);
         }
-        ProbeResult::Opened(connect(target).await)
+        ProbeResult::Opened(self.connect(target).await)
     }
 
     /// An idle connection passed the probe's check: it goes back to the idle set.

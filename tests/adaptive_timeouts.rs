@@ -1,0 +1,435 @@
+//! Adaptive probe timeouts (issue 28) against the real apiserver and PostgreSQL behind the fault
+//! proxy: a black-holed server whose probes normally take a few milliseconds is noticed in a
+//! fraction of the 5s default timeout, and its breaker opens sooner, than with
+//! `healthCheck.adaptiveTimeout: false`; a slow but steady server (every chunk delayed) never
+//! opens its breaker, whether it was slow from the start or became slow suddenly.
+//!
+//! Every pool has the default timing except `healthCheck.interval: 6s` (the default 30s would
+//! only add waiting before the first failing probe; the interval must exceed the 5s timeout). Each pool has its own proxy, so its own
+//! target (`127.0.0.1:<port>`) and its own learned timeouts. The figures are printed (run with
+//! `--nocapture` to see them).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use dbpool_operator::{
+    api::{BreakerState, DbPoolStatus, Phase, ProbeOutcome},
+    controller::{Observer, OperatorConfig, ProbeObservation, RunningOperator},
+};
+use dbpool_testkit as support;
+use kube::Client;
+use support::{
+    kube::{TestNamespace, namespace_with_secret},
+    pools::{create, pool, status, wait_status},
+    postgres::{APP_PASSWORD, PgServer},
+    process::sample,
+    proxy::{FaultProxy, Mode},
+    wait::wait_for,
+};
+
+const SECRET: &str = "db";
+const KEY: &str = "password";
+
+/// Every probe the operator ran: (pool name, when it finished, its latency, its outcome).
+#[derive(Default)]
+struct Probes(Mutex<Vec<(String, Instant, Duration, ProbeOutcome)>>);
+
+impl Observer for Probes {
+    fn probe_finished(&self, probe: &ProbeObservation<'_>) {
+        if !probe.shared {
+            let entry = (
+                probe.pool.name.clone(),
+                Instant::now(),
+                probe.latency,
+                probe.outcome,
+            );
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+        }
+    }
+}
+
+impl Probes {
+    /// How many probes of `name` finished after `since`.
+    fn count(&self, name: &str, since: Instant) -> usize {
+        let probes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        probes
+            .iter()
+            .filter(|(n, at, ..)| n == name && *at > since)
+            .count()
+    }
+
+    /// The longest run of failed probes of `name` after `since`.
+    fn most_failures_in_a_row(&self, name: &str, since: Instant) -> usize {
+        let probes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut run, mut most) = (0, 0);
+        for (_, _, _, outcome) in probes.iter().filter(|(n, at, ..)| n == name && *at > since) {
+            run = if *outcome == ProbeOutcome::Success {
+                0
+            } else {
+                run + 1
+            };
+            most = most.max(run);
+        }
+        most
+    }
+
+    /// The failed probes of `name` that finished after `since`: their latencies, in order.
+    fn failures(&self, name: &str, since: Instant) -> Vec<Duration> {
+        let probes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        probes
+            .iter()
+            .filter(|(n, at, _, outcome)| {
+                n == name && *at > since && *outcome != ProbeOutcome::Success
+            })
+            .map(|(_, _, latency, _)| *latency)
+            .collect()
+    }
+}
+
+/// A pool with the default timing, probed every 6s, adaptive timeouts on or off.
+fn spec(name: &str, port: u16, adaptive: bool) -> dbpool_operator::api::DbPool {
+    pool(
+        name,
+        port,
+        Some((SECRET, KEY)),
+        serde_json::json!({
+            "healthCheck": { "interval": "6s", "timeout": "5s", "adaptiveTimeout": adaptive },
+            "backoff": { "initialDelay": "1s", "multiplier": 2.0, "maxDelay": "60s",
+                         "maxAttempts": 10, "cooldown": "5m", "jitter": 0.2 },
+            "breaker": { "failureThreshold": 5, "openTimeout": "60s", "successThreshold": 1 },
+        }),
+    )
+}
+
+fn open(s: &DbPoolStatus) -> bool {
+    s.breaker.as_ref().map(|b| b.state) == Some(BreakerState::Open)
+}
+
+fn healthy(s: &DbPoolStatus) -> bool {
+    s.phase == Some(Phase::Healthy)
+}
+
+fn open_count(s: &DbPoolStatus) -> i64 {
+    s.breaker.as_ref().map_or(0, |b| b.open_count)
+}
+
+async fn setup() -> (
+    Client,
+    TestNamespace,
+    PgServer,
+    RunningOperator,
+    Arc<Probes>,
+) {
+    let (client, ns) = namespace_with_secret(SECRET, KEY, APP_PASSWORD).await;
+    let pg = PgServer::start().await;
+    let probes = Arc::new(Probes::default());
+    let op = RunningOperator::start_observed(
+        client.clone(),
+        OperatorConfig {
+            namespace: Some(ns.name().to_owned()),
+            ..OperatorConfig::default()
+        },
+        probes.clone(),
+    );
+    (client, ns, pg, op, probes)
+}
+
+/// The stage timeout `name`'s probes get, as the metric shows it.
+fn timeout_metric(op: &RunningOperator, ns: &str, name: &str) -> Option<f64> {
+    sample(
+        &op.metrics.encode(),
+        "dbpool_probe_stage_timeout_seconds",
+        &[("namespace", ns), ("name", name)],
+    )
+}
+
+/// What one black-holed pool showed: the failures' latencies up to the breaker opening and
+/// the time from the black hole to Open.
+struct BlackHoled {
+    failures: Vec<Duration>,
+    to_open: Duration,
+}
+
+async fn black_hole(
+    client: &Client,
+    ns: &str,
+    probes: &Probes,
+    (name, proxy): (&str, &FaultProxy),
+) -> BlackHoled {
+    let cut = Instant::now();
+    proxy.set_mode(Mode::BlackHole).await;
+    wait_status(
+        client,
+        ns,
+        name,
+        "breaker Open",
+        Duration::from_secs(90),
+        open,
+    )
+    .await;
+    let to_open = cut.elapsed();
+    BlackHoled {
+        failures: probes.failures(name, cut),
+        to_open,
+    }
+}
+
+fn ms(d: &Duration) -> u128 {
+    d.as_millis()
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// 1. A black hole with default settings: with adaptive timeouts the first failure comes
+/// within about two floors (the query on the persistent connection, then the login of a fresh
+/// one), far below the 5s of the fixed timeout, and the breaker opens sooner.
+#[tokio::test]
+async fn a_black_hole_is_noticed_in_a_fraction_of_the_timeout() {
+    let (client, ns, pg, op, probes) = setup().await;
+    let adaptive_proxy = FaultProxy::start(pg.addr()).await;
+    let fixed_proxy = FaultProxy::start(pg.addr()).await;
+    create(
+        &client,
+        ns.name(),
+        &spec("adaptive", adaptive_proxy.port(), true),
+    )
+    .await;
+    create(
+        &client,
+        ns.name(),
+        &spec("fixed", fixed_proxy.port(), false),
+    )
+    .await;
+    for name in ["adaptive", "fixed"] {
+        wait_status(
+            &client,
+            ns.name(),
+            name,
+            "Healthy",
+            Duration::from_secs(30),
+            healthy,
+        )
+        .await;
+    }
+    // A few probes of a few milliseconds each: the learned stage timeouts reach the floor.
+    wait_for(
+        "learned timeout at the floor",
+        Duration::from_secs(30),
+        || async { timeout_metric(&op, ns.name(), "adaptive").filter(|t| *t <= 0.25) },
+    )
+    .await;
+    assert_eq!(timeout_metric(&op, ns.name(), "fixed"), Some(5.0));
+
+    let (adaptive, fixed) = tokio::join!(
+        black_hole(&client, ns.name(), &probes, ("adaptive", &adaptive_proxy)),
+        black_hole(&client, ns.name(), &probes, ("fixed", &fixed_proxy)),
+    );
+    let show = |v: &[Duration]| v.iter().map(|d| format!("{}ms", ms(d))).collect::<Vec<_>>();
+    println!(
+        "black hole (load {}): adaptive: first failure after {}ms, failures {:?}, Open after {:.1}s; \
+         fixed 5s: first failure after {}ms, failures {:?}, Open after {:.1}s",
+        load(),
+        adaptive.failures.first().map_or(0, ms),
+        show(&adaptive.failures),
+        adaptive.to_open.as_secs_f64(),
+        fixed.failures.first().map_or(0, ms),
+        show(&fixed.failures),
+        fixed.to_open.as_secs_f64(),
+    );
+    let first = adaptive.failures.first().copied().unwrap_or_default();
+    assert!(
+        first <= Duration::from_secs(1),
+        "first adaptive failure took {first:?}"
+    );
+    assert!(
+        fixed
+            .failures
+            .first()
+            .is_some_and(|d| *d >= Duration::from_secs(5)),
+        "the fixed timeout waits 5s: {:?}",
+        fixed.failures
+    );
+    assert!(
+        adaptive.to_open + Duration::from_secs(5) < fixed.to_open,
+        "adaptive opened after {:?}, fixed after {:?}",
+        adaptive.to_open,
+        fixed.to_open
+    );
+    ns.cleanup().await;
+}
+
+/// 2. A slow but steady server never opens the breaker: one pool slow from its first probe,
+/// one that was fast and suddenly becomes slow (a few timeouts while the learner backs off,
+/// fewer than failureThreshold in a row), both with adaptive timeouts (the default).
+#[tokio::test]
+async fn a_slow_but_steady_server_does_not_open() {
+    const DELAY: Duration = Duration::from_millis(150);
+    let (client, ns, pg, op, probes) = setup().await;
+    let slow_proxy = FaultProxy::start(pg.addr()).await;
+    slow_proxy.set_mode(Mode::Delay(DELAY)).await;
+    let step_proxy = FaultProxy::start(pg.addr()).await;
+    let mut slow = spec("slow", slow_proxy.port(), true);
+    let mut step = spec("step", step_proxy.port(), true);
+    // The field's default: left out of the manifest.
+    for p in [&mut slow, &mut step] {
+        let json = serde_json::to_value(&p.spec).expect("spec serializes");
+        let mut json = json;
+        json["healthCheck"]
+            .as_object_mut()
+            .map(|h| h.remove("adaptiveTimeout"));
+        p.spec = serde_json::from_value(json).expect("spec deserializes");
+        assert!(p.spec.health_check.adaptive_timeout, "on by default");
+    }
+    let created = Instant::now();
+    create(&client, ns.name(), &slow).await;
+    create(&client, ns.name(), &step).await;
+    for name in ["slow", "step"] {
+        wait_status(
+            &client,
+            ns.name(),
+            name,
+            "Healthy",
+            Duration::from_secs(60),
+            healthy,
+        )
+        .await;
+    }
+    wait_for(
+        "step's learned timeout at the floor",
+        Duration::from_secs(30),
+        || async { timeout_metric(&op, ns.name(), "step").filter(|t| *t <= 0.25) },
+    )
+    .await;
+    let stepped = Instant::now();
+    step_proxy.set_mode(Mode::Delay(DELAY)).await;
+
+    // A minute of it: 10 probes of the stepped pool (one every 6s while healthy).
+    let messages = Mutex::new(Vec::<String>::new());
+    wait_for(
+        "10 probes after the step",
+        Duration::from_secs(150),
+        || async {
+            let last = status(&client, ns.name(), "step")
+                .await
+                .and_then(|s| s.last_probe);
+            let failed = last.filter(|p| p.outcome != ProbeOutcome::Success);
+            if let Some(m) = failed.and_then(|p| p.message) {
+                let mut seen = messages.lock().unwrap_or_else(|e| e.into_inner());
+                if seen.last() != Some(&m) {
+                    seen.push(m);
+                }
+            }
+            (probes.count("step", stepped) >= 10).then_some(())
+        },
+    )
+    .await;
+    let messages = messages.into_inner().unwrap_or_else(|e| e.into_inner());
+    println!("failures of step seen in status: {messages:#?}");
+    let mut opens = 0;
+    for name in ["slow", "step"] {
+        let s = status(&client, ns.name(), name).await.unwrap_or_default();
+        opens += open_count(&s);
+    }
+    let slow_failures = probes.failures("slow", created);
+    let step_failures = probes.failures("step", stepped);
+    let in_a_row = probes.most_failures_in_a_row("step", stepped);
+    let learned = |name| timeout_metric(&op, ns.name(), name).unwrap_or_default();
+    println!(
+        "slow but steady (every chunk {}ms late; load {}): slow from the start: {} failures, \
+         learned stage timeout {:.3}s; fast then slow: {} failures {:?} ({in_a_row} in a row), \
+         learned {:.3}s; breaker opens: {opens}",
+        DELAY.as_millis(),
+        load(),
+        slow_failures.len(),
+        learned("slow"),
+        step_failures.len(),
+        step_failures.iter().map(ms).collect::<Vec<_>>(),
+        learned("step"),
+    );
+    assert_eq!(opens, 0);
+    assert!(in_a_row < 5, "{step_failures:?}");
+    // The learned timeout followed the latency up (a delayed query is two late chunks).
+    assert!(
+        learned("step") > (2 * DELAY).as_secs_f64(),
+        "{}",
+        learned("step")
+    );
+    for name in ["slow", "step"] {
+        wait_status(
+            &client,
+            ns.name(),
+            name,
+            "Healthy",
+            Duration::from_secs(30),
+            healthy,
+        )
+        .await;
+    }
+    ns.cleanup().await;
+}
+
+/// Merges `patch` into pool `name`.
+async fn patch(client: &Client, ns: &str, name: &str, patch: serde_json::Value) {
+    let api: kube::Api<dbpool_operator::api::DbPool> = kube::Api::namespaced(client.clone(), ns);
+    api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(patch),
+    )
+    .await
+    .expect("patch DbPool");
+}
+
+/// 3. Run-time configuration of the healthCheck group: turning `adaptiveTimeout` off and on
+/// again, and lowering `timeout` (the ceiling) below the floor, apply at the next probe, with
+/// no restart: the stage timeout the probes get (the metric) follows.
+#[tokio::test]
+async fn the_switch_and_the_ceiling_apply_at_the_next_probe() {
+    let (client, ns, pg, op, _probes) = setup().await;
+    let live = pool(
+        "live",
+        pg.addr().port(),
+        Some((SECRET, KEY)),
+        serde_json::json!({ "healthCheck": { "interval": "1s", "timeout": "800ms", "adaptiveTimeout": true } }),
+    );
+    create(&client, ns.name(), &live).await;
+    let stage_timeout = |want: f64| {
+        let op = &op;
+        let ns = ns.name().to_owned();
+        async move {
+            wait_for(
+                &format!("stage timeout {want}s"),
+                Duration::from_secs(30),
+                || async { timeout_metric(op, &ns, "live").filter(|t| (*t - want).abs() < 1e-9) },
+            )
+            .await
+        }
+    };
+    stage_timeout(0.25).await;
+    patch(
+        &client,
+        ns.name(),
+        "live",
+        serde_json::json!({ "spec": { "healthCheck": { "adaptiveTimeout": false } } }),
+    )
+    .await;
+    stage_timeout(0.8).await;
+    patch(
+        &client,
+        ns.name(),
+        "live",
+        serde_json::json!({ "spec": { "healthCheck": { "adaptiveTimeout": true, "timeout": "200ms" } } }),
+    )
+    .await;
+    // The floor never exceeds the ceiling.
+    stage_timeout(0.2).await;
+    let s = status(&client, ns.name(), "live").await.unwrap_or_default();
+    assert_eq!(s.phase, Some(Phase::Healthy), "{s:?}");
+    ns.cleanup().await;
+}
