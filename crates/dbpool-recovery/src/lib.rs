@@ -141,6 +141,8 @@ pub use types::{BreakerMode, BreakerState, Phase};
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_early;

@@ -3,63 +3,12 @@
 
 use std::time::Duration;
 
-use jiff::Timestamp;
-
 use super::engine::add;
+use super::sim::{SEED, Sim, exact, secs};
 use super::*;
 use crate::{BreakerMode, BreakerState, Phase};
 
-const SEED: u64 = 0x5EED;
-
-fn t0() -> Timestamp {
-    Timestamp::from_second(1_800_000_000).expect("valid timestamp")
-}
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
-/// The default policy without jitter, so the schedule is exact.
-fn exact() -> Policy {
-    Policy {
-        jitter: 0.0,
-        ..Policy::default()
-    }
-}
-
-/// A pool driven by hand: events at `now`, which tests advance.
-struct Sim {
-    state: PoolState,
-    policy: Policy,
-    now: Timestamp,
-}
-
 impl Sim {
-    fn new(policy: Policy) -> Self {
-        Self {
-            state: PoolState::new(SEED),
-            policy,
-            now: t0(),
-        }
-    }
-
-    fn apply(&mut self, event: Event) -> Vec<Effect> {
-        let (state, fx) = apply(&self.state, event, self.now, &self.policy);
-        self.state = state;
-        fx
-    }
-
-    fn advance(&mut self, d: Duration) {
-        self.now = add(self.now, d);
-    }
-
-    /// Moves `now` to the deadline (if it is later).
-    fn wait(&mut self) {
-        if let Some(d) = next_deadline(&self.state, &self.policy) {
-            self.now = self.now.max(d);
-        }
-    }
-
     fn start(&mut self) -> Vec<Effect> {
         self.apply(Event::ProbeStarted)
     }
@@ -89,11 +38,6 @@ impl Sim {
         let mut fx = self.start();
         fx.extend(self.succeed());
         fx
-    }
-
-    fn deadline_in(&self) -> Option<Duration> {
-        next_deadline(&self.state, &self.policy)
-            .map(|d| Duration::try_from(d.duration_since(self.now)).expect("deadline not past"))
     }
 
     fn phase(&self) -> Phase {

@@ -2,64 +2,15 @@
 
 use std::time::Duration;
 
-use jiff::Timestamp;
-
-use super::engine::add;
+use super::sim::{Sim, exact, secs};
 use super::*;
 use crate::{BreakerMode, BreakerState, Phase};
-
-fn t0() -> Timestamp {
-    Timestamp::from_second(1_800_000_000).expect("valid timestamp")
-}
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
 
-/// The default policy without jitter: backoff 1, 2, 4 … 60 s, open after 5, trial after 60 s.
-fn exact() -> Policy {
-    Policy {
-        jitter: 0.0,
-        ..Policy::default()
-    }
-}
-
-struct Sim {
-    state: PoolState,
-    policy: Policy,
-    now: Timestamp,
-}
-
 impl Sim {
-    fn new(policy: Policy) -> Self {
-        Self {
-            state: PoolState::new(7),
-            policy,
-            now: t0(),
-        }
-    }
-
-    fn apply(&mut self, event: Event) -> Vec<Effect> {
-        let (state, fx) = apply(&self.state, event, self.now, &self.policy);
-        self.state = state;
-        fx
-    }
-
-    fn advance(&mut self, d: Duration) {
-        self.now = add(self.now, d);
-    }
-
-    /// Moves `now` to the deadline (if it is later).
-    fn wait(&mut self) {
-        if let Some(d) = next_deadline(&self.state, &self.policy) {
-            self.now = self.now.max(d);
-        }
-    }
-
     fn probe(&mut self, outcome: Option<FailureKind>) -> Vec<Effect> {
         let mut fx = self.apply(Event::ProbeStarted);
         let seq = self.state.probe_seq;
@@ -84,11 +35,6 @@ impl Sim {
     fn edge(&mut self) -> bool {
         let fx = self.apply(Event::ReadinessAccepting);
         fx.contains(&Effect::EarlyTrialGranted)
-    }
-
-    fn deadline_in(&self) -> Option<Duration> {
-        next_deadline(&self.state, &self.policy)
-            .map(|d| Duration::try_from(d.duration_since(self.now)).expect("deadline not past"))
     }
 }
 
