@@ -24,16 +24,7 @@ use dbpool_recovery::RtoEstimator;
 use crate::{ProbeReport, ProbeStage};
 
 /// Every stage, in the order a fresh probe runs them.
-pub const STAGES: [ProbeStage; 8] = [
-    ProbeStage::Credentials,
-    ProbeStage::Resolve,
-    ProbeStage::Connect,
-    ProbeStage::Tls,
-    ProbeStage::Auth,
-    ProbeStage::Query,
-    ProbeStage::Role,
-    ProbeStage::Saturation,
-];
+pub const STAGES: [ProbeStage; 8] = ProbeStage::ALL;
 
 fn index(stage: ProbeStage) -> usize {
     match stage {

@@ -515,16 +515,7 @@ mod tests {
 
     #[test]
     fn every_failing_stage_gets_its_recommendation() {
-        for stage in [
-            ProbeStage::Credentials,
-            ProbeStage::Resolve,
-            ProbeStage::Connect,
-            ProbeStage::Tls,
-            ProbeStage::Auth,
-            ProbeStage::Query,
-            ProbeStage::Role,
-            ProbeStage::Saturation,
-        ] {
+        for stage in ProbeStage::ALL {
             let report = diagnose(
                 &pool(Some(failing(ProbeOutcome::TransientFailure, stage, None))),
                 &[],
