@@ -28,7 +28,7 @@ def catalog(source=None):
     for name, body in re.findall(r"struct (\w+) \{(.*?)\n\}", text, re.S):
         structs[name] = {f for f in re.findall(r"^\s*(?:pub )?(\w+): \w+,", body, re.M)}
     kinds = {}  # variable -> (type, labels)
-    for var, labels, kind in re.findall(r"let (\w+) = Family::<(\w+), (\w+)>", text):
+    for var, labels, kind in re.findall(r"let (\w+) = Family::<(\w+), (\w+)(?:<[^>]*>)?>", text):
         kinds[var] = (kind, structs[labels])
     for var, kind in re.findall(r"let (\w+) = (Counter|Gauge|Histogram)::default\(\)", text):
         kinds[var] = (kind, set())
