@@ -346,7 +346,9 @@ async fn force_reopen_probes_at_once_and_only_once_per_token() {
         Some((SECRET, KEY)),
         serde_json::json!({
             "backoff": {"initialDelay": "200ms", "maxDelay": "400ms"},
-            "breaker": {"failureThreshold": 2, "openTimeout": "10m"},
+            // Without early trials: only the annotation may close this breaker (with them, the
+            // restarted database would be tried at once, before the annotation).
+            "breaker": {"failureThreshold": 2, "openTimeout": "10m", "earlyTrial": false},
         }),
     );
     t.create_healthy(&spec).await;
