@@ -136,6 +136,31 @@ async fn setup() -> (
     (client, ns, pg, op, probes)
 }
 
+/// Waits until every named pool is Healthy (`secs` each).
+async fn all_healthy(client: &Client, ns: &str, names: &[&str], secs: u64) {
+    for name in names {
+        wait_status(
+            client,
+            ns,
+            name,
+            "Healthy",
+            Duration::from_secs(secs),
+            healthy,
+        )
+        .await;
+    }
+}
+
+/// Waits until `name`'s learned stage timeout reaches the 250 ms floor (a few fast probes).
+async fn learned_at_the_floor(op: &RunningOperator, ns: &str, name: &str) {
+    wait_for(
+        &format!("{name}'s learned timeout at the floor"),
+        Duration::from_secs(30),
+        || async { timeout_metric(op, ns, name).filter(|t| *t <= 0.25) },
+    )
+    .await;
+}
+
 /// The stage timeout `name`'s probes get, as the metric shows it.
 fn timeout_metric(op: &RunningOperator, ns: &str, name: &str) -> Option<f64> {
     sample(
@@ -206,24 +231,9 @@ async fn a_black_hole_is_noticed_in_a_fraction_of_the_timeout() {
         &spec("fixed", fixed_proxy.port(), false),
     )
     .await;
-    for name in ["adaptive", "fixed"] {
-        wait_status(
-            &client,
-            ns.name(),
-            name,
-            "Healthy",
-            Duration::from_secs(30),
-            healthy,
-        )
-        .await;
-    }
+    all_healthy(&client, ns.name(), &["adaptive", "fixed"], 30).await;
     // A few probes of a few milliseconds each: the learned stage timeouts reach the floor.
-    wait_for(
-        "learned timeout at the floor",
-        Duration::from_secs(30),
-        || async { timeout_metric(&op, ns.name(), "adaptive").filter(|t| *t <= 0.25) },
-    )
-    .await;
+    learned_at_the_floor(&op, ns.name(), "adaptive").await;
     assert_eq!(timeout_metric(&op, ns.name(), "fixed"), Some(5.0));
 
     let (adaptive, fixed) = tokio::join!(
@@ -289,23 +299,8 @@ async fn a_slow_but_steady_server_does_not_open() {
     let created = Instant::now();
     create(&client, ns.name(), &slow).await;
     create(&client, ns.name(), &step).await;
-    for name in ["slow", "step"] {
-        wait_status(
-            &client,
-            ns.name(),
-            name,
-            "Healthy",
-            Duration::from_secs(60),
-            healthy,
-        )
-        .await;
-    }
-    wait_for(
-        "step's learned timeout at the floor",
-        Duration::from_secs(30),
-        || async { timeout_metric(&op, ns.name(), "step").filter(|t| *t <= 0.25) },
-    )
-    .await;
+    all_healthy(&client, ns.name(), &["slow", "step"], 60).await;
+    learned_at_the_floor(&op, ns.name(), "step").await;
     let stepped = Instant::now();
     step_proxy.set_mode(Mode::Delay(DELAY)).await;
 
@@ -360,17 +355,7 @@ async fn a_slow_but_steady_server_does_not_open() {
         "{}",
         learned("step")
     );
-    for name in ["slow", "step"] {
-        wait_status(
-            &client,
-            ns.name(),
-            name,
-            "Healthy",
-            Duration::from_secs(30),
-            healthy,
-        )
-        .await;
-    }
+    all_healthy(&client, ns.name(), &["slow", "step"], 30).await;
     ns.cleanup().await;
 }
 
