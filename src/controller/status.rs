@@ -91,6 +91,8 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
         last_probe: inputs.last_probe.cloned(),
         last_success_time: state.last_success_at.map(MicroTime),
         last_failure_time: state.last_failure_at.map(MicroTime),
+        // Filled by the readiness work (issue #24): the target's readiness through the write budget.
+        readiness: None,
         last_force_reopen: inputs.last_force_reopen.cloned(),
         conditions,
     }

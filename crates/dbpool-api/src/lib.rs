@@ -50,7 +50,7 @@ pub mod reason;
 mod status;
 
 pub use dbpool_recovery::{BreakerMode, BreakerState, Phase};
-pub use dbpool_vocab::{ProbeOutcome, ProbeStage, SslMode, TargetSessionAttrs};
+pub use dbpool_vocab::{ProbeOutcome, ProbeStage, Readiness, SslMode, TargetSessionAttrs};
 pub use duration::{DURATION_MESSAGE, DURATION_RULE, DurationError, GoDuration};
 pub use hold::{HELD_BY_ANNOTATION, HOLD_ANNOTATION, Hold, RELEASED_BY_ANNOTATION};
 pub use status::*;

@@ -12,7 +12,7 @@ use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{BreakerState, Phase, ProbeOutcome, ProbeStage};
+use crate::{BreakerState, Phase, ProbeOutcome, ProbeStage, Readiness};
 
 /// Condition type: the database is reachable and usable with this spec.
 pub const CONDITION_READY: &str = "Ready";
@@ -76,6 +76,13 @@ pub struct DbPoolStatus {
     /// When a probe last failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_time: Option<MicroTime>,
+    /// Whether the server accepts connections, as the operator's credential-free readiness pings
+    /// last saw it, and since when. Present while the pool's target is being pinged (after an
+    /// outage-class failure) and kept after the edge to accepting; written through the write
+    /// budget, so a flip costs at most one write per pool and never a write per ping. Clients
+    /// following the DbPool take the readiness edge from here instead of pinging themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<ReadinessStatus>,
     /// The last force-reopen request acted upon (the annotation's value), so each is done once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_force_reopen: Option<ForceReopenRecord>,
@@ -147,4 +154,15 @@ pub struct ForceReopenRecord {
     pub token: String,
     /// When the operator acted on it.
     pub time: MicroTime,
+}
+
+/// The target's readiness as the operator's pings saw it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadinessStatus {
+    /// The last shareable answer (Accepting, StartingUp or Unreachable), or this pool's own
+    /// ConfigAnswer; never another pool's server text.
+    pub state: Readiness,
+    /// When the target's readiness last changed to `state` (the edge, not the last ping).
+    pub since: MicroTime,
 }

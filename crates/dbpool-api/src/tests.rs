@@ -108,6 +108,10 @@ fn status_round_trips_with_every_field() {
         }),
         last_success_time: None,
         last_failure_time: Some(now.clone()),
+        readiness: Some(ReadinessStatus {
+            state: Readiness::Accepting,
+            since: now.clone(),
+        }),
         last_force_reopen: Some(ForceReopenRecord {
             token: "t1".into(),
             time: now.clone(),
