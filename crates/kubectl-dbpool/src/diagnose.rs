@@ -2,8 +2,9 @@
 //!
 //! Lives here: judging one pool from its status and events ([`diagnose`], pure and unit-tested):
 //! a finding per problem with a recommendation for each failing probe stage and SQLSTATE, and
-//! whether the pool is healthy (the exit code). Must not live here: API calls or the table
-//! formatting of the other verbs.
+//! whether the pool is healthy (the exit code); the readiness finding (network, server state or
+//! login) is in `diagnose/readiness.rs`. Must not live here: API calls or the table formatting
+//! of the other verbs.
 
 use dbpool_api::{
     BreakerState, CONDITION_BREAKER_OPEN, CONDITION_READY, DbPool, DbPoolStatus, Phase,
@@ -15,6 +16,8 @@ use k8s_openapi::{
 use kube::ResourceExt;
 
 use crate::render::{event_count, event_time, relative};
+
+mod readiness;
 
 /// How bad a finding is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +158,8 @@ pub fn diagnose(pool: &DbPool, events: &[Event], now: Timestamp) -> Report {
     findings.extend(held_open(held, forced.is_some()));
     let on_purpose = held.is_some() || forced.is_some();
     findings.extend(phase_finding(phase, status, on_purpose, now));
+    // Network, the server's state or the login (before the last probe's own findings).
+    findings.extend(readiness::readiness_finding(status, now));
     if let Some(probe) = &status.last_probe {
         findings.extend(last_probe(probe, now));
     }
