@@ -5,7 +5,8 @@
 //! on it; the pools it must tell; the edges not yet taken), [`awaits_readiness`] (which pools
 //! wait: the last result an outage-class failure, credentials loaded, early trials possible) and
 //! the global ping budget ([`FairRate`]: at most `--max-pings-per-second`, handed out in turn
-//! across namespaces). Must not live here: the ping itself (`dbpool-probe`), what an edge means
+//! across namespaces), and what was seen of each target for the pools' status (`pings/seen.rs`:
+//! [`Pings::saw`], [`Pings::shown`]). Must not live here: the ping itself (`dbpool-probe`), what an edge means
 //! to a pool (`dbpool-recovery`'s early trial), or reading Secrets and the cluster (the reconcile
 //! hands in everything as arguments).
 //!
@@ -17,13 +18,20 @@
 //! key stop waiting, the others go on. Pings never run for a healthy pool, a pool in
 //! ConfigError, a pool whose credentials did not load (no consent, missing Secret), or a policy
 //! without early trials (earlyTrial false, or ForcedOpen).
+//!
+//! An edge carries its instant (when the ping saw the target accepting): a pool that takes it
+//! takes any result of its probe stream from that instant on as its early trial's, so one
+//! credentialed trial per credential key answers for every pool of the key (`reconcile/stream.rs`).
+
+mod seen;
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
+use k8s_openapi::jiff::Timestamp;
 use tokio::{
     sync::{Notify, mpsc, oneshot},
     task::JoinHandle,
@@ -40,6 +48,9 @@ use crate::{
     probe::{PingTarget, Readiness, ping},
     recovery::{Phase, Policy, PoolState, phase},
 };
+
+use seen::Seen;
+pub(crate) use seen::Shown;
 
 /// The least time between two pings of one target.
 pub(crate) const PING_PERIOD: Duration = Duration::from_millis(250);
@@ -78,8 +89,10 @@ struct Shared {
     streams: HashMap<String, Stream>,
     /// Which target each waiting pool waits on.
     target_of: HashMap<PoolRef, String>,
-    /// Pools told of an edge whose reconcile has not taken it yet.
-    edges: HashSet<PoolRef>,
+    /// Pools told of an edge whose reconcile has not taken it yet, with the edge's instant.
+    edges: HashMap<PoolRef, Timestamp>,
+    /// What was seen of each target, for the pools' status.
+    seen: Seen,
 }
 
 /// The ping streams of one controller. Dropping it stops them.
@@ -144,9 +157,21 @@ impl Pings {
         }
     }
 
-    /// Whether `pool` was told of an edge since its last reconcile; clears it.
-    pub fn take_edge(&self, pool: &PoolRef) -> bool {
+    /// The instant of the edge `pool` was told of since its last reconcile, if any; clears it.
+    pub fn take_edge(&self, pool: &PoolRef) -> Option<Timestamp> {
         lock(&self.shared).edges.remove(pool)
+    }
+
+    /// A pool's own result on `target` (credential key `ping`) at `at` says `readiness`: its
+    /// outage failures are evidence too (the target's readiness shown turns from Accepting to
+    /// Unreachable or StartingUp with the failure, not only with the next ping).
+    pub fn saw(&self, target: &str, ping: &PingTarget, readiness: Readiness, at: Timestamp) {
+        lock(&self.shared).seen.record(target, ping, readiness, at);
+    }
+
+    /// The readiness the pools of credential key `ping` on `target` are shown (see `seen`).
+    pub fn shown(&self, target: &str, ping: &PingTarget) -> Option<Shown> {
+        lock(&self.shared).seen.shown(target, ping)
     }
 }
 
@@ -220,15 +245,20 @@ async fn run_stream(
             return;
         }
         let report = ping(&waiter.ping).await;
+        let at = Timestamp::now();
         metrics.readiness_ping(report.readiness);
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        let mut shared = lock(&shared);
+        shared
+            .seen
+            .record(&target, &waiter.ping, report.readiness, at);
         if !on_answer(
-            &mut lock(&shared),
+            &mut shared,
             &target,
             &waiter,
-            report.readiness,
+            (report.readiness, at),
             &edges,
         ) {
             return;
@@ -236,14 +266,14 @@ async fn run_stream(
     }
 }
 
-/// What an answer does to `target`'s stream; false when the stream ends. Accepting tells every
-/// waiter (the edge) and ends it; a configuration answer drops the waiters with the pinging
-/// credential key; anything else changes nothing.
+/// What an answer (given at `at`) does to `target`'s stream; false when the stream ends.
+/// Accepting tells every waiter (the edge, at `at`) and ends it; a configuration answer drops
+/// the waiters with the pinging credential key; anything else changes nothing.
 fn on_answer(
     shared: &mut Shared,
     target: &str,
     waiter: &Waiter,
-    readiness: Readiness,
+    (readiness, at): (Readiness, Timestamp),
     edges: &mpsc::UnboundedSender<PoolRef>,
 ) -> bool {
     match readiness {
@@ -254,7 +284,7 @@ fn on_answer(
             debug!(%target, pools = stream.waiters.len(), "target accepts connections again");
             for pool in stream.waiters.into_keys() {
                 shared.target_of.remove(&pool);
-                shared.edges.insert(pool.clone());
+                shared.edges.insert(pool.clone(), at);
                 let _ = edges.send(pool);
             }
             false

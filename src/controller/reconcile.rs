@@ -10,7 +10,9 @@
 //!    stream while it is healthy: `reconcile/stream.rs`);
 //! 3. **probe** (`reconcile/decide.rs`): run it, or take the shared result;
 //! 4. **apply** (`reconcile/apply.rs`): the one function that applies a result, whoever
-//!    probed: fleet guard, engine, the pool's markers, the observer;
+//!    probed: fleet guard, engine, the pool's markers, the observer; then whether the pool
+//!    waits for its target's readiness, and the readiness its status shows
+//!    (`reconcile/readiness.rs`);
 //! 5. **write** (`reconcile/outbox.rs`): hand what a user would see changed to the pool's
 //!    writer, without waiting for it;
 //! 6. **publish** ([`Run::publish_state`]): the pool's metric series, through the door (only a
@@ -23,6 +25,7 @@ mod apply;
 mod decide;
 mod observe;
 mod outbox;
+mod readiness;
 mod stream;
 
 use std::sync::Arc;

@@ -91,10 +91,13 @@ impl SharedResult {
 
     /// Whether the result holds for a pool with `timeout`: it came within that timeout, and a
     /// failure came with at least as much budget (a probe cut short by a smaller timeout says
-    /// nothing about a larger one).
+    /// nothing about a larger one) or is the server's own answer (a SQLSTATE: no timeout cut it
+    /// short, so an early trial's 28P01 answers every pool of its credential key).
     pub fn fits(&self, timeout: Duration) -> bool {
         self.latency <= timeout
-            && (self.summary.outcome == ProbeOutcome::Success || self.budget >= timeout)
+            && (self.summary.outcome == ProbeOutcome::Success
+                || self.summary.sql_state.is_some()
+                || self.budget >= timeout)
     }
 }
 

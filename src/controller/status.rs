@@ -17,7 +17,7 @@ use crate::{
     api::{
         BreakerMode, BreakerState, BreakerStatus, CONDITION_BREAKER_OPEN, CONDITION_DEGRADED,
         CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALLED, DbPoolStatus, ForceReopenRecord,
-        GoDuration, Hold, Phase, ProbeSummary, reason,
+        GoDuration, Hold, Phase, ProbeSummary, ReadinessStatus, reason,
     },
     recovery::{self, FailureKind, Policy, PoolState},
 };
@@ -40,6 +40,8 @@ pub struct StatusInputs<'a> {
     pub hold: Option<&'a Hold>,
     /// Conditions currently stored, so transition times survive when nothing changed.
     pub previous_conditions: &'a [Condition],
+    /// The target's readiness as shown to this pool (see `pings`), if it waited out an outage.
+    pub readiness: Option<&'a ReadinessStatus>,
     /// The `Gate` condition, when spec.gate is set (see `gate`).
     pub gate: Option<&'a Condition>,
 }
@@ -91,8 +93,7 @@ pub fn desired_status(inputs: &StatusInputs<'_>, now: Timestamp) -> DbPoolStatus
         last_probe: inputs.last_probe.cloned(),
         last_success_time: state.last_success_at.map(MicroTime),
         last_failure_time: state.last_failure_at.map(MicroTime),
-        // Filled by the readiness work (issue #24): the target's readiness through the write budget.
-        readiness: None,
+        readiness: inputs.readiness.cloned(),
         last_force_reopen: inputs.last_force_reopen.cloned(),
         conditions,
     }
@@ -291,9 +292,11 @@ fn visible(status: &DbPoolStatus) -> DbPoolStatus {
 
 /// Whether `desired` must be written, given what was last written and when.
 ///
-/// Rule: write when anything visible changed (phase, breaker, counters, messages, conditions…);
-/// otherwise refresh the per-probe fields (lastProbe time and latency, lastSuccessTime) at most
-/// once per `refresh`.
+/// Rule: write when anything visible changed (phase, breaker, counters, messages, conditions,
+/// the target's readiness…); otherwise refresh the per-probe fields (lastProbe time and latency,
+/// lastSuccessTime) at most once per `refresh`. A readiness change is visible but never urgent
+/// on its own (`reconcile/outbox.rs`, `is_transition`): it goes with the pool's next write, or as
+/// a counter-only write at most once per `--min-status-period`.
 pub fn needs_write(
     desired: &DbPoolStatus,
     last_written: Option<&DbPoolStatus>,

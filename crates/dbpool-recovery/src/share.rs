@@ -7,10 +7,12 @@
 //! target and credentials), or what a result means for one pool (its own [`apply`](crate::apply)).
 //!
 //! **The rule.** A pool due at its deadline `d` (asking at `now`):
-//! 1. when a probe was requested (force reopen, lost connection, new Secret), takes only what
-//!    the stream saw since the request (`d` is then the request's instant): a result that
-//!    finished since, or a probe in flight that started since; otherwise probes itself (so
-//!    every owner of a connection that died shares one new attempt, not one each);
+//! 1. when a probe was requested (force reopen, lost connection, new Secret), or an early trial
+//!    granted (the target was seen accepting connections again), takes only what the stream saw
+//!    since the request or the readiness edge (`d` is then that instant): a result that finished
+//!    since, or a probe in flight that started since; otherwise probes itself (so every owner of
+//!    a connection that died shares one new attempt, not one each, and the pools of one
+//!    credential key share one credentialed trial per edge);
 //! 2. takes the stream's latest result if it finished at `r` with `d − tolerance ≤ r ≤ now`,
 //!    where the tolerance is [`freshness`] for a steady pool (Closed, no failures, no cooldown)
 //!    and zero otherwise: a half-open trial or a retry never takes a result older than its own
@@ -119,8 +121,8 @@ pub fn share_decision(
     now: Timestamp,
     in_flight_bound: Duration,
 ) -> ShareDecision {
-    if state.probe_requested {
-        // Only what the stream sees from the request on (`due` is the request's instant): a
+    if state.probe_requested || state.trial_requested {
+        // Only what the stream sees from the request or the edge on (`due` is that instant): a
         // probe in flight that started since, or a result that finished since; never older.
         if view
             .latest
@@ -187,6 +189,69 @@ mod tests {
     }
 
     const BOUND: Duration = Duration::from_secs(2);
+
+    /// A pool of `policy()` failing on schedule until `at`, then granted an early trial there.
+    fn granted_a_trial(at: i64) -> PoolState {
+        let p = policy();
+        let mut s = PoolState::new(1);
+        for when in [0, 200] {
+            s = apply(&s, Event::ProbeStarted, t(when), &p).0;
+            let seq = s.probe_seq;
+            let kind = FailureKind::Outage;
+            s = apply(&s, Event::ProbeFailed { seq, kind }, t(when), &p).0;
+        }
+        let (s, fx) = apply(&s, Event::ReadinessAccepting, t(at), &p);
+        assert!(fx.contains(&crate::Effect::EarlyTrialGranted), "{fx:?}");
+        s
+    }
+
+    #[test]
+    fn an_early_trial_takes_nothing_from_before_the_edge() {
+        let (state, p) = (granted_a_trial(500), policy());
+        let decide = |seen| share_decision(&state, &p, t(500), &seen, t(600), BOUND);
+        // A probe in flight since before the edge, or a result from before it, is the server
+        // before it accepted: the trial probes.
+        assert_eq!(decide(view(None, Some(450))), ShareDecision::Probe);
+        assert_eq!(decide(view(Some(450), None)), ShareDecision::Probe);
+        assert_eq!(decide(view(None, Some(520))), ShareDecision::Join);
+        assert_eq!(decide(view(Some(580), None)), ShareDecision::Take);
+    }
+
+    proptest::proptest! {
+        /// The pools of one credential key (one stream) granted an early trial by one edge, each
+        /// asking at its own instant after the edge, the trial lasting up to the timeout: one
+        /// probes, the others join its trial or take its result.
+        #[test]
+        fn one_credentialed_trial_per_credential_key_per_edge(
+            asks in proptest::collection::vec(0i64..3_000, 1..40),
+            length in 1i64..=1_000,
+        ) {
+            let edge = 500;
+            let state = granted_a_trial(edge);
+            let mut asks = asks;
+            asks.sort_unstable();
+            let (mut in_flight, mut latest, mut probes) = (None::<i64>, None::<i64>, 0);
+            for ask in asks {
+                let now = edge + ask;
+                // The trial in flight ends `length` after it started.
+                if let Some(start) = in_flight.filter(|s| s + length <= now) {
+                    latest = Some(start + length);
+                    in_flight = None;
+                }
+                let seen = view(latest, in_flight);
+                match share_decision(&state, &policy(), t(edge), &seen, t(now), BOUND) {
+                    ShareDecision::Probe => {
+                        probes += 1;
+                        in_flight = Some(now);
+                    }
+                    ShareDecision::Join | ShareDecision::Take => {
+                        proptest::prop_assert!(in_flight.is_some() || latest.is_some());
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(probes, 1);
+        }
+    }
 
     /// A healthy pool last probed at `at`.
     fn healthy(at: i64) -> PoolState {

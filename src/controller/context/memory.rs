@@ -14,7 +14,7 @@ use super::schedule::{Next, Plan, Reason, Wants};
 use crate::{
     api::{
         BREAKER_LABEL, BreakerState, CONDITION_BREAKER_OPEN, DbPool, DbPoolStatus,
-        ForceReopenRecord, ProbeSummary, reason,
+        ForceReopenRecord, ProbeSummary, ReadinessStatus, reason,
     },
     controller::{names::stable_seed, status::restore_state},
     recovery::{self, Effect, Event, Policy, PoolState, add},
@@ -46,6 +46,9 @@ pub(crate) struct PoolMemory {
     pub gate_applied: Option<String>,
     /// How fresh someone else's result must be to answer for this pool (see `schedule`).
     pub wants: Wants,
+    /// The target's readiness shown in the status: set once the pool waits out an outage (see
+    /// `pings`), kept after it.
+    pub readiness: Option<ReadinessStatus>,
 }
 
 /// How far after a restart a restored pool's first probe waits: spread over one interval (or
@@ -88,6 +91,7 @@ impl PoolMemory {
             gate_peer: None,
             gate_applied: None,
             wants: Wants::default(),
+            readiness: None,
         };
         let Some(status) = pool.status.as_ref().filter(|s| s.phase.is_some()) else {
             return fresh;
@@ -110,6 +114,7 @@ impl PoolMemory {
             // make every pool refresh its status at once.
             last_written_at: status.last_probe.as_ref().map(|p| p.time.0),
             label_written: pool.labels().get(BREAKER_LABEL).cloned(),
+            readiness: status.readiness.clone(),
             plan: Plan::NotBefore(add(now, spread), Reason::RestartSpread),
             ..fresh
         }

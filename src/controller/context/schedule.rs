@@ -91,12 +91,19 @@ pub(crate) struct Wants {
     due_since: Option<Timestamp>,
     /// When its lost connection asked for a probe that has not run yet.
     requested_at: Option<Timestamp>,
+    /// When the readiness edge that granted its early trial was seen (see `pings`).
+    edge_at: Option<Timestamp>,
 }
 
 impl Wants {
     /// Notes a probe its lost connection asked for at `at` (the first request counts).
     pub fn requested(&mut self, at: Timestamp) {
         self.requested_at.get_or_insert(at);
+    }
+
+    /// Notes the instant of the readiness edge that granted the pool an early trial.
+    pub fn edge(&mut self, at: Timestamp) {
+        self.edge_at = Some(at);
     }
 
     /// The deadline a target's shared attempt must satisfy: the engine's, or for a pool due
@@ -107,11 +114,18 @@ impl Wants {
     }
 
     /// The deadline a probe stream's result must satisfy: the instant the pool first found
-    /// itself due (`deadline` the first time), or, for a requested probe, the request.
-    pub fn stream_due(&mut self, deadline: Timestamp, probe_requested: bool) -> Timestamp {
+    /// itself due (`deadline` the first time); for a requested probe, the request; for an
+    /// early trial, the readiness edge (any result of the credential key from the edge on
+    /// answers the trial: one credentialed trial per key per edge).
+    pub fn stream_due(
+        &mut self,
+        deadline: Timestamp,
+        (probe_requested, trial_requested): (bool, bool),
+    ) -> Timestamp {
         let due = *self.due_since.get_or_insert(deadline);
-        match self.requested_at {
-            Some(at) if probe_requested => at,
+        match (self.requested_at, self.edge_at) {
+            (Some(at), _) if probe_requested => at,
+            (_, Some(at)) if trial_requested && !probe_requested => at,
             _ => due,
         }
     }
@@ -201,11 +215,19 @@ mod tests {
         assert_eq!(wants.target_due(None, t(2)), t(1));
         assert_eq!(wants.target_due(Some(t(30)), t(2)), t(30));
         let mut wants = Wants::default();
-        assert_eq!(wants.stream_due(t(30), false), t(30));
-        assert_eq!(wants.stream_due(t(60), false), t(30));
+        assert_eq!(wants.stream_due(t(30), (false, false)), t(30));
+        assert_eq!(wants.stream_due(t(60), (false, false)), t(30));
         wants.requested(t(20));
         wants.requested(t(25));
-        assert_eq!(wants.stream_due(t(60), true), t(20));
-        assert_eq!(wants.stream_due(t(60), false), t(30));
+        assert_eq!(wants.stream_due(t(60), (true, false)), t(20));
+        assert_eq!(wants.stream_due(t(60), (false, false)), t(30));
+        // An early trial: from the edge on.
+        wants.edge(t(40));
+        assert_eq!(wants.stream_due(t(60), (false, true)), t(40));
+        assert_eq!(
+            wants.stream_due(t(60), (true, true)),
+            t(20),
+            "a request wins"
+        );
     }
 }

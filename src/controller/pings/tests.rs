@@ -198,8 +198,18 @@ async fn accepting_tells_every_waiting_pool_once_and_ends_the_stream() {
     }
     told.sort_by(|x, y| x.name.cmp(&y.name));
     assert_eq!(told, [a.clone(), b.clone()]);
-    assert!(pings.take_edge(&a) && pings.take_edge(&b));
-    assert!(!pings.take_edge(&a), "taken once");
+    let (edge_a, edge_b) = (pings.take_edge(&a), pings.take_edge(&b));
+    assert!(
+        edge_a.is_some() && edge_a == edge_b,
+        "one edge, one instant"
+    );
+    assert_eq!(pings.take_edge(&a), None, "taken once");
+    // Both pools are shown the target accepting, since the edge.
+    let shown = pings.shown(&target, &ping_to(server.port()));
+    assert_eq!(
+        shown.map(|s| (s.state, Some(s.since))),
+        Some((Readiness::Accepting, edge_a))
+    );
     assert!(lock(&pings.shared).streams.is_empty());
     assert_eq!(pings_with(&metrics, "Accepting"), 1.0);
     let received = server.received_after(1).await;

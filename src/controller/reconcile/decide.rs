@@ -22,7 +22,6 @@ use crate::{
         error::CredentialError,
         fleet::Seen,
         names::{PoolRef, owner_key, pool_labels, spec_target_key},
-        pings::awaits_readiness,
         sharing::{SharedResult, Ticket},
         targets::{Claim, SharedFailure},
     },
@@ -114,24 +113,6 @@ impl Run {
         self.align(ctx);
         self.await_readiness(pool, ctx, ping);
         Ok(())
-    }
-
-    /// After a result: the pool waits for its target's readiness (see `pings`) while its last
-    /// result is an outage-class failure and its credentials loaded (`ping`); else it does not.
-    fn await_readiness(&self, pool: &DbPool, ctx: &Context, ping: Option<PingTarget>) {
-        let waits = self
-            .memory
-            .last_probe
-            .as_ref()
-            .is_some_and(|last| awaits_readiness(last, &self.memory.state, &self.policy));
-        match ping {
-            Some(ping) if waits => {
-                ctx.parts
-                    .pings
-                    .watch(&spec_target_key(pool), &self.key, ping);
-            }
-            _ => ctx.parts.pings.unwatch(&self.key),
-        }
     }
 
     /// Starts a probe in the engine at `at`; returns its sequence number.

@@ -85,11 +85,11 @@ impl Run {
     }
 
     /// Step 2: feed the engine what changed since the last reconcile (`readiness_edge`: the
-    /// pool's target accepts connections again, see `pings`).
+    /// instant the pool's target was seen accepting connections again, see `pings`).
     pub(super) fn apply_triggers(
         &mut self,
         pool: &DbPool,
-        (connection_lost, readiness_edge): (bool, bool),
+        (connection_lost, edge): (bool, Option<Timestamp>),
         credentials: &Result<Credentials, CredentialError>,
     ) {
         let now = Timestamp::now();
@@ -118,7 +118,7 @@ impl Run {
             failing: self.memory.state.consecutive_failures > 0,
             known_fingerprint: self.memory.credentials_fingerprint.as_deref(),
             fingerprint: &fingerprint,
-            readiness_edge,
+            readiness_edge: edge.is_some(),
         };
         for trigger in triggers(&observed) {
             self.memory
@@ -127,6 +127,9 @@ impl Run {
             self.record_trigger(trigger, pool, token.as_deref(), hold.as_deref(), now);
         }
         self.memory.credentials_fingerprint = Some(fingerprint);
+        if let Some(at) = edge.filter(|_| self.memory.state.trial_requested) {
+            self.memory.wants.edge(at);
+        }
     }
 
     /// What a fired trigger changes in the memory besides the engine: the generation seen, the

@@ -49,6 +49,7 @@ impl Run {
                 last_force_reopen: self.memory.last_force_reopen.as_ref(),
                 hold: self.hold.as_ref(),
                 previous_conditions: &previous_conditions,
+                readiness: self.memory.readiness.as_ref(),
                 gate: gate_condition.as_ref(),
             },
             now,
@@ -128,9 +129,13 @@ impl Run {
 /// Whether writing `desired` over `last` goes at once, past the pool's `--min-status-period`:
 /// a first status, a new breaker state, a new `Ready` verdict (the first failure of a healthy
 /// pool, a recovery), a fleet-guard hold starting or ending, a force-reopen acknowledgement, or a new observed generation (a person's
-/// spec change, acknowledged). Everything else — counters, times, messages, and phase changes
-/// among the failing phases — is coalesced: the latest value is written at most once per
-/// period. A spec alone cannot make these fast: the breaker's state and the Ready verdict change
+/// spec change, acknowledged). Everything else — counters, times, messages, phase changes
+/// among the failing phases, and the target's `readiness` — is coalesced: the latest value is
+/// written at most once per period. Readiness is deliberately not a transition: one flip of a
+/// target with 2,500 pools would otherwise be 2,500 urgent writes at once. What a flip to
+/// accepting means for a pool (its early trial's result: a recovery, a new breaker state) is
+/// urgent on its own; the readiness rides along with that write, or with the next counter-only
+/// one. It is read at reconciles only, so a ping never causes a write. A spec alone cannot make these fast: the breaker's state and the Ready verdict change
 /// only when the database's answers change (a trial that fails goes Open → HalfOpen → Open
 /// within one reconcile, and a refusing server keeps Ready False).
 pub(super) fn is_transition(last: Option<&DbPoolStatus>, desired: &DbPoolStatus) -> bool {

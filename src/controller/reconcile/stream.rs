@@ -41,10 +41,12 @@ impl Run {
         let give_up = tokio::time::Instant::now() + bound;
         let now = Timestamp::now();
         // A requested probe (the connection was lost) takes only what its stream saw since the
-        // request.
+        // request; an early trial what it saw since the readiness edge (one credentialed trial
+        // per credential key per edge: the first pool probes, the others join or take it).
         let deadline = self.memory.next(&self.policy, now).at;
-        let requested = self.memory.state.probe_requested;
-        let due = self.memory.wants.stream_due(deadline, requested);
+        let state = &self.memory.state;
+        let asked = (state.probe_requested, state.trial_requested);
+        let due = self.memory.wants.stream_due(deadline, asked);
         loop {
             // Past the bound nobody is waited for: the decision is a probe or a result.
             let waiting = if tokio::time::Instant::now() < give_up {

@@ -170,6 +170,13 @@ fn a_result_that_does_not_fit_is_not_taken() {
     failed.budget = Duration::from_secs(1);
     assert!(failed.fits(Duration::from_secs(1)));
     assert!(!failed.fits(Duration::from_secs(5)));
+    // The server's own answer (a SQLSTATE) was cut short by no timeout: it holds.
+    failed.summary.sql_state = Some("28P01".into());
+    assert!(failed.fits(Duration::from_secs(5)));
+    assert!(
+        !failed.fits(Duration::from_millis(500)),
+        "came too late for this pool"
+    );
 }
 
 #[test]
