@@ -10,7 +10,9 @@ use dbpool_testkit as support;
 
 use std::time::Duration;
 
-use dbpool_operator::api::{CONDITION_READY, DbPool, DbPoolStatus, Phase};
+use dbpool_operator::api::{
+    CONDITION_READY, DbPool, DbPoolStatus, Phase, Readiness, ReadinessStatus,
+};
 use dbpool_operator::controller::RunningOperator;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::jiff::{Timestamp, civil::DateTime, tz::TimeZone};
@@ -62,30 +64,51 @@ fn default_timings() -> serde_json::Value {
 }
 
 /// Watches pool `name` and returns the instant the watch first sees it Ready after having seen
-/// it not Ready.
-fn ready_again(api: Api<DbPool>, name: &str) -> tokio::task::JoinHandle<Option<Timestamp>> {
+/// it not Ready, and every `status.readiness` it saw on the way (each change once, in order).
+fn ready_again(
+    api: Api<DbPool>,
+    name: &str,
+) -> tokio::task::JoinHandle<Option<(Timestamp, Vec<ReadinessStatus>)>> {
     let fields = format!("metadata.name={name}");
     tokio::spawn(async move {
         let mut stream = watcher(api, watcher::Config::default().fields(&fields))
             .applied_objects()
             .boxed();
         let mut down = false;
+        let mut readiness: Vec<ReadinessStatus> = Vec::new();
         while let Ok(Some(p)) = stream.try_next().await {
+            let seen = p.status.as_ref().and_then(|s| s.readiness.clone());
+            if let Some(seen) = seen.filter(|r| readiness.last() != Some(r)) {
+                readiness.push(seen);
+            }
             let ready = p.status.as_ref().is_some_and(is_ready);
             if !ready {
                 down = true;
             } else if down {
-                return Some(Timestamp::now());
+                return Some((Timestamp::now(), readiness));
             }
         }
         None
     })
 }
 
-/// An outage of `outage` of a pool with every knob at its default (and `earlyTrial` as given):
-/// how long after the server's ready line the watch saw the pool Ready, the operator's metrics
-/// text, and the pool's phase just before the server started again.
-async fn outage_of(outage: Duration, early_trial: bool) -> (Duration, String, Option<Phase>) {
+/// What one outage showed.
+struct Outage {
+    /// How long after the server's ready line the watch saw the pool Ready.
+    took: Duration,
+    /// The operator's metrics text.
+    metrics: String,
+    /// The pool's phase just before the server started again.
+    phase: Option<Phase>,
+    /// The server's ready line, and when the watch saw the pool Ready.
+    ready_at: Timestamp,
+    seen_ready: Timestamp,
+    /// Every `status.readiness` the watch saw, in order.
+    readiness: Vec<ReadinessStatus>,
+}
+
+/// An outage of `outage` of a pool with every knob at its default (and `earlyTrial` as given).
+async fn outage_of(outage: Duration, early_trial: bool) -> Outage {
     let client = support::kube::client().await;
     install_crd(&client).await;
     let ns = TestNamespace::new(&client).await;
@@ -133,7 +156,7 @@ async fn outage_of(outage: Duration, early_trial: bool) -> (Duration, String, Op
         .and_then(|s| s.phase);
     pg.start().await;
     let start = ready_at(&pg);
-    let end = tokio::time::timeout(Duration::from_secs(90), watch)
+    let (end, readiness) = tokio::time::timeout(Duration::from_secs(90), watch)
         .await
         .expect("Ready again within 90s")
         .expect("watch task")
@@ -142,7 +165,40 @@ async fn outage_of(outage: Duration, early_trial: bool) -> (Duration, String, Op
     eprintln!("earlyTrial {early_trial}: Ready {took:?} after the server's ready line");
     let text = op.metrics.encode();
     ns.cleanup().await;
-    (took, text, phase)
+    Outage {
+        took,
+        metrics: text,
+        phase,
+        ready_at: start,
+        seen_ready: end,
+        readiness,
+    }
+}
+
+/// `status.readiness` (written through the write budget) showed the target not accepting during
+/// the outage, then Accepting since the edge: after the server's ready line (the ping saw it
+/// then; 5 ms for the log's millisecond precision) and before the watch saw the pool Ready.
+fn the_status_showed_the_outage_and_the_edge(seen: &Outage) {
+    let states: Vec<Readiness> = seen.readiness.iter().map(|r| r.state).collect();
+    eprintln!("status.readiness seen: {:?}", seen.readiness);
+    let last = seen.readiness.last().expect("a readiness in the status");
+    assert_eq!(last.state, Readiness::Accepting, "{states:?}");
+    assert!(
+        states[..states.len() - 1]
+            .iter()
+            .any(|s| matches!(s, Readiness::Unreachable | Readiness::StartingUp)),
+        "not accepting during the outage, then accepting: {states:?}"
+    );
+    let since = last.since.0;
+    let slack = k8s_openapi::jiff::SignedDuration::from_millis(5);
+    assert!(
+        since >= seen.ready_at - slack && since <= seen.seen_ready,
+        "accepting since {since}: between the ready line {} and Ready {}",
+        seen.ready_at,
+        seen.seen_ready
+    );
+    let down = &seen.readiness[seen.readiness.len() - 2];
+    assert!(down.since.0 < seen.ready_at, "{down:?}");
 }
 
 /// The sum of the samples of metric lines starting with `prefix`.
@@ -155,8 +211,10 @@ fn metric(text: &str, prefix: &str) -> f64 {
 
 #[tokio::test]
 async fn a_pool_is_ready_within_500ms_of_the_database_after_a_3s_outage() {
-    let (took, text, _) = outage_of(Duration::from_secs(3), true).await;
+    let seen = outage_of(Duration::from_secs(3), true).await;
+    let (took, text) = (seen.took, &seen.metrics);
     assert!(took <= BOUND, "Ready {took:?} after the server was ready");
+    the_status_showed_the_outage_and_the_edge(&seen);
     // It was an early trial (the next backoff delay was seconds away), and pings were counted.
     assert!(metric(&text, "dbpool_early_trials_total") >= 1.0, "{text}");
     let accepting = "dbpool_readiness_pings_total{result=\"Accepting\"}";
@@ -170,9 +228,12 @@ async fn a_pool_is_ready_within_500ms_of_the_database_after_a_3s_outage() {
 /// server's start, so only printed: 0.85-0.93 s in three runs, up to 4 s possible).
 #[tokio::test]
 async fn without_early_trials_the_pool_waits_for_the_timers() {
-    let (_, text, _) = outage_of(Duration::from_secs(3), false).await;
-    assert_eq!(metric(&text, "dbpool_early_trials_total"), 0.0, "{text}");
-    assert_eq!(metric(&text, "dbpool_readiness_pings_total"), 0.0, "{text}");
+    let seen = outage_of(Duration::from_secs(3), false).await;
+    let text = &seen.metrics;
+    assert_eq!(metric(text, "dbpool_early_trials_total"), 0.0, "{text}");
+    assert_eq!(metric(text, "dbpool_readiness_pings_total"), 0.0, "{text}");
+    // Nothing pinged, nothing to show.
+    assert!(seen.readiness.is_empty(), "{:?}", seen.readiness);
 }
 
 /// A 30 s outage opens the breaker (5 failures by about 15 s; openTimeout 60 s): the early trial
@@ -181,8 +242,17 @@ async fn without_early_trials_the_pool_waits_for_the_timers() {
 #[tokio::test]
 #[ignore = "40 s; run by hand"]
 async fn an_open_breaker_closes_within_500ms_of_the_database_after_a_30s_outage() {
-    let (took, text, phase) = outage_of(Duration::from_secs(30), true).await;
-    assert_eq!(phase, Some(Phase::BreakerOpen));
-    assert!(took <= BOUND, "Ready {took:?} after the server was ready");
-    assert!(metric(&text, "dbpool_early_trials_total") >= 1.0, "{text}");
+    let seen = outage_of(Duration::from_secs(30), true).await;
+    assert_eq!(seen.phase, Some(Phase::BreakerOpen));
+    assert!(
+        seen.took <= BOUND,
+        "Ready {:?} after the server was ready",
+        seen.took
+    );
+    assert!(
+        metric(&seen.metrics, "dbpool_early_trials_total") >= 1.0,
+        "{}",
+        seen.metrics
+    );
+    the_status_showed_the_outage_and_the_edge(&seen);
 }

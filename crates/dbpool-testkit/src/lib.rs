@@ -2,12 +2,14 @@
 //! benchmark need to run against the real thing.
 //!
 //! Lives here: a real control plane client and test namespaces (`kube`), real PostgreSQL servers
-//! (`postgres`), fake hostile servers (`hostile`), the TCP fault proxy (`proxy`), DbPool
+//! (`postgres`), fake hostile servers (`hostile`), a counting fake server that tells credentialed
+//! attempts from readiness pings (`counting`), the TCP fault proxy (`proxy`), DbPool
 //! manifests and status waits (`pools`), helm (`helm`), free loopback ports (`ports`), the
 //! operator as a process (`process`) and condition waits with deadlines (`wait`).
 //! Must not live here: the operator itself (this kit is a dev-dependency of the operator, so it
 //! cannot depend on it), and assertions about behaviour (those belong to the tests).
 
+pub mod counting;
 pub mod helm;
 pub mod hostile;
 pub mod kube;
