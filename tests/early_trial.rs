@@ -216,11 +216,11 @@ async fn a_pool_is_ready_within_500ms_of_the_database_after_a_3s_outage() {
     assert!(took <= BOUND, "Ready {took:?} after the server was ready");
     the_status_showed_the_outage_and_the_edge(&seen);
     // It was an early trial (the next backoff delay was seconds away), and pings were counted.
-    assert!(metric(&text, "dbpool_early_trials_total") >= 1.0, "{text}");
+    assert!(metric(text, "dbpool_early_trials_total") >= 1.0, "{text}");
     let accepting = "dbpool_readiness_pings_total{result=\"Accepting\"}";
     let unreachable = "dbpool_readiness_pings_total{result=\"Unreachable\"}";
-    assert!(metric(&text, accepting) >= 1.0, "{text}");
-    assert!(metric(&text, unreachable) >= 1.0, "{text}");
+    assert!(metric(text, accepting) >= 1.0, "{text}");
+    assert!(metric(text, unreachable) >= 1.0, "{text}");
 }
 
 /// The control: with `earlyTrial: false` nothing is pinged and no trial is early; the pool waits
