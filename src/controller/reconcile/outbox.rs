@@ -208,4 +208,31 @@ mod tests {
         });
         assert!(is_transition(Some(&open), &acknowledged));
     }
+
+    #[test]
+    fn a_readiness_change_alone_is_written_but_never_urgent() {
+        use crate::{
+            api::{Readiness, ReadinessStatus},
+            controller::status::needs_write,
+        };
+        let down = |state| {
+            let mut s = status(Phase::BreakerOpen, BreakerState::Open, 5);
+            s.readiness = Some(ReadinessStatus {
+                state,
+                since: MicroTime(Timestamp::UNIX_EPOCH),
+            });
+            s
+        };
+        let (before, after) = (down(Readiness::Unreachable), down(Readiness::StartingUp));
+        // Visible: written (as a counter-only write, at most once per --min-status-period)...
+        let now = Timestamp::UNIX_EPOCH;
+        let refresh = std::time::Duration::from_secs(300);
+        assert!(needs_write(&after, Some(&before), Some(now), refresh, now));
+        // ...but not a transition: a flip of a target's 2,500 pools is no urgent write.
+        assert!(!is_transition(Some(&before), &after));
+        assert!(!is_transition(
+            Some(&status(Phase::BreakerOpen, BreakerState::Open, 5)),
+            &after
+        ));
+    }
 }
