@@ -551,6 +551,23 @@ mod tests {
     }
 
     #[test]
+    fn the_report_tells_the_login_from_the_network() {
+        let mut status = failing(ProbeOutcome::ConfigFailure, ProbeStage::Auth, Some("28P01"));
+        status.readiness = Some(dbpool_api::ReadinessStatus {
+            state: dbpool_api::Readiness::Accepting,
+            since: MicroTime(now() - k8s_openapi::jiff::SignedDuration::from_secs(10)),
+        });
+        let text = render(&diagnose(&pool(Some(status)), &[], now()));
+        let at = (now() - k8s_openapi::jiff::SignedDuration::from_secs(10)).strftime("%H:%M:%S");
+        assert!(
+            text.contains(&format!(
+                "accepting since {at} UTC, 10s ago; login fails with 28P01"
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_healthy_pool_is_healthy_and_a_held_one_is_not() {
         let mut status = DbPoolStatus {
             observed_generation: Some(1),
