@@ -2,7 +2,8 @@
 //! retransmission-timeout estimator, clamped.
 //!
 //! Lives here: [`RtoEstimator`] (SRTT, RTTVAR, the backoff count) and its constants
-//! ([`RTO_FLOOR`], [`RTO_GRANULARITY`], [`MAX_BACKOFF_DOUBLINGS`]). Must not live here: which
+//! ([`RTO_FLOOR`], [`RTO_GRANULARITY`], [`MAX_BACKOFF_DOUBLINGS`], [`BACKOFF_CAP_MIN`],
+//! [`BACKOFF_CAP_FACTOR`]). Must not live here: which
 //! waits are measured or where the timeout is applied (the probe and its callers), I/O, or
 //! reading the clock: the caller measures each round trip and passes the [`Duration`] in, so
 //! every rule is testable by replaying samples.
@@ -16,14 +17,46 @@
 //!   `SRTT = 7/8 · SRTT + 1/8 · R` (RFC 6298 2.3). A sample ends the backoff (RFC 6298 5.7).
 //! - **Base timeout** `SRTT + max(G, 4 · RTTVAR)` with `G` = [`RTO_GRANULARITY`] (RFC 6298's
 //!   clock granularity, here a minimum headroom over the smoothed latency).
-//! - **Timeout**: the base raised to the floor, doubled once per timeout since the last sample
-//!   (RFC 6298 5.5, at most [`MAX_BACKOFF_DOUBLINGS`] times), then clamped to `[floor, ceiling]`
-//!   where `floor = min(RTO_FLOOR, ceiling)`: never below the floor, never above the spec's
-//!   timeout. So a fast server's waits after timeouts in a row get 250 ms, 500 ms, 1 s, 2 s, …
+//! - **Timeout**: the base raised to the floor (the *un-backed-off* timeout), doubled once per
+//!   timeout since the last sample (RFC 6298 5.5), but **at most
+//!   `max(`[`BACKOFF_CAP_MIN`]` (750 ms), `[`BACKOFF_CAP_FACTOR`]` (4) × base)`**, then clamped
+//!   to `[floor, ceiling]` where `floor = min(RTO_FLOOR, ceiling)`: never below the floor, never
+//!   above the spec's timeout. So a fast server's waits after timeouts in a row get 250 ms,
+//!   500 ms, 750 ms, 750 ms, …; a server whose base is 1 s gets 1 s, 2 s, 4 s, 4 s, …
 //!
 //! The floor, 250 ms, is RFC 6298's 1 s minimum scaled to a probe: it is above any healthy
 //! round trip inside a cluster or region by a wide margin (Linux's own minimum RTO is 200 ms),
 //! and a black hole costs at most 250 ms on the first attempt instead of the spec's 5 s.
+//!
+//! # Why the backoff is capped (issue 28)
+//!
+//! Two promises pull apart. (a) Every attempt against a black hole at a server whose waits
+//! normally take a few milliseconds ends within 1 s; RFC 6298's unbounded doubling gave the
+//! fourth and fifth attempts 2 s and 4 s. (b) A sudden step in latency costs at most
+//! `failureThreshold − 1` timeouts in a row. The estimator learns only from waits that
+//! complete, so a step is absorbed only once the backed-off timeout exceeds the new latency;
+//! unbounded doubling absorbs any step under the ceiling, given enough attempts, and a bounded
+//! one cannot. The rule above settles it:
+//!
+//! - **A fast target** (base ≤ 187.5 ms: a server answering in a few milliseconds has a base
+//!   of about 55 ms, and any history of waits of up to 30 ms gives at most 150 ms) is never
+//!   waited on more than 750 ms per wait, so an attempt that meets a black hole (one
+//!   unanswered wait after the few milliseconds of the waits before it) ends within 1 s with
+//!   room for the timer's lateness and a busy scheduler.
+//! - **A sudden step** to a wait that takes less than the cap (`max(750 ms, 4 × base)`, under
+//!   the ceiling) is absorbed within **two** timeouts in a row (the un-backed-off timeout,
+//!   twice it, then the cap), within `failureThreshold − 1` for any `failureThreshold ≥ 3` (the
+//!   default is 5). From a fast baseline that is a step of any wait up to 750 ms; from a base
+//!   of 1 s, up to 4 s.
+//! - **A larger sudden step** (from a fast baseline, a wait that now takes more than 750 ms) is
+//!   indistinguishable from a black hole within the time a black hole may cost: every attempt
+//!   times out, and the breaker opens after `failureThreshold` of them. Latency that grows
+//!   gradually (each step within what the estimator allows) is followed up to the ceiling.
+//!   Pools that must ride out such steps set `healthCheck.adaptiveTimeout: false`: the fixed
+//!   `healthCheck.timeout` again, for every wait.
+//! - **Why 750 ms and 4**: 750 ms = 3 × the floor, so a fast target still gets two doublings
+//!   (250, 500, 750) and an attempt keeps ¼ s of margin under 1 s; the factor 4 gives slower
+//!   targets the same two doublings from their own base (`U`, `2U`, `4U`).
 
 use std::time::Duration;
 
@@ -33,8 +66,15 @@ pub const RTO_FLOOR: Duration = Duration::from_millis(250);
 /// The minimum headroom above the smoothed latency (RFC 6298's `G`).
 pub const RTO_GRANULARITY: Duration = Duration::from_millis(50);
 
-/// The most doublings after timeouts in a row (2^16 × the floor is far above any ceiling).
+/// The most doublings counted after timeouts in a row (the cap binds long before).
 pub const MAX_BACKOFF_DOUBLINGS: u32 = 16;
+
+/// The backed-off timeout is at most `max(BACKOFF_CAP_MIN, BACKOFF_CAP_FACTOR × base)` (see
+/// "Why the backoff is capped" above).
+pub const BACKOFF_CAP_MIN: Duration = Duration::from_millis(750);
+
+/// See [`BACKOFF_CAP_MIN`].
+pub const BACKOFF_CAP_FACTOR: u32 = 4;
 
 /// RFC 6298 state for one kind of wait.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,15 +133,31 @@ impl RtoEstimator {
 
     /// The timeout for the next wait, within `[min(RTO_FLOOR, ceiling), ceiling]`.
     pub fn timeout(&self, ceiling: Duration) -> Duration {
-        let Some(srtt) = self.srtt else {
+        let Some(base) = self.base() else {
             return ceiling;
         };
-        let base = srtt.saturating_add((self.rttvar * 4).max(RTO_GRANULARITY));
         let floor = RTO_FLOOR.min(ceiling);
         let backed_off = base
             .max(floor)
-            .saturating_mul(1u32 << self.backoffs.min(MAX_BACKOFF_DOUBLINGS));
+            .saturating_mul(1u32 << self.backoffs.min(MAX_BACKOFF_DOUBLINGS))
+            .min(Self::cap_of(base));
         backed_off.clamp(floor, ceiling)
+    }
+
+    /// `SRTT + max(G, 4 · RTTVAR)`, before the floor, the backoff and the ceiling; `None`
+    /// before the first sample.
+    pub fn base(&self) -> Option<Duration> {
+        let srtt = self.srtt?;
+        Some(srtt.saturating_add((self.rttvar * 4).max(RTO_GRANULARITY)))
+    }
+
+    /// The most the backoff may raise the timeout to (before the ceiling), once sampled.
+    pub fn backoff_cap(&self) -> Option<Duration> {
+        self.base().map(Self::cap_of)
+    }
+
+    fn cap_of(base: Duration) -> Duration {
+        base.saturating_mul(BACKOFF_CAP_FACTOR).max(BACKOFF_CAP_MIN)
     }
 }
 
@@ -175,7 +231,33 @@ mod tests {
         rto.timed_out();
         assert_eq!(rto.timeout(ms(5000)), ms(500));
         rto.timed_out();
-        assert_eq!(rto.timeout(ms(5000)), ms(1000));
+        // Capped at 750 ms, however many timeouts follow.
+        assert_eq!(rto.timeout(ms(5000)), ms(750));
+        for _ in 0..20 {
+            rto.timed_out();
+        }
+        assert_eq!(rto.timeout(ms(5000)), ms(750));
+        // A sample ends the backoff.
+        rto.sample(ms(3));
+        assert_eq!(rto.timeout(ms(5000)), RTO_FLOOR);
+    }
+
+    #[test]
+    fn a_slow_server_backs_off_to_four_times_its_base() {
+        let mut rto = RtoEstimator::new();
+        for _ in 0..200 {
+            rto.sample(ms(950));
+        }
+        // SRTT 950 ms, RTTVAR ~0: base 1 s.
+        assert_eq!(rto.timeout(ms(60_000)), ms(1000));
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            rto.timed_out();
+            seen.push(rto.timeout(ms(60_000)));
+        }
+        assert_eq!(seen, [ms(2000), ms(4000), ms(4000), ms(4000)]);
+        // The ceiling still wins.
+        assert_eq!(rto.timeout(ms(3000)), ms(3000));
     }
 
     proptest! {
@@ -193,7 +275,7 @@ mod tests {
             prop_assert!(t >= RTO_FLOOR.min(ceiling));
         }
 
-        /// A timeout never shortens the next one, and doubles it until the ceiling.
+        /// A timeout never shortens the next one, and doubles it until the cap or the ceiling.
         #[test]
         fn backs_off_on_timeouts(
             steps in prop::collection::vec(step(), 1..40),
@@ -205,9 +287,82 @@ mod tests {
             rto.timed_out();
             let after = rto.timeout(ceiling);
             prop_assert!(after >= before);
-            if rto.srtt().is_some() && rto.backoffs() < MAX_BACKOFF_DOUBLINGS {
-                prop_assert!(after >= (before * 2).min(ceiling), "{before:?} -> {after:?}");
+            if let Some(cap) = rto.backoff_cap() {
+                let doubled = (before * 2).min(cap).min(ceiling);
+                prop_assert!(after >= doubled, "{before:?} -> {after:?}");
             }
+        }
+
+        /// However many timeouts in a row, the timeout stays within the cap
+        /// `max(750 ms, 4 × base)` (and the ceiling), and the cap never cuts the un-backed-off
+        /// timeout.
+        #[test]
+        fn the_backoff_is_capped(
+            steps in prop::collection::vec(step(), 1..40),
+            timeouts in 0usize..40,
+            ceiling in 1u64..120_000,
+        ) {
+            let ceiling = ms(ceiling);
+            let mut rto = replay(&steps);
+            let (Some(base), Some(cap)) = (rto.base(), rto.backoff_cap()) else {
+                return Ok(());
+            };
+            prop_assert!(cap >= BACKOFF_CAP_MIN && cap >= base * BACKOFF_CAP_FACTOR);
+            let floor = RTO_FLOOR.min(ceiling);
+            let unbacked = RtoEstimator { backoffs: 0, ..rto }.timeout(ceiling);
+            prop_assert_eq!(unbacked, base.max(floor).min(ceiling));
+            for _ in 0..timeouts {
+                rto.timed_out();
+            }
+            let t = rto.timeout(ceiling);
+            prop_assert!(t <= cap.min(ceiling).max(floor), "{t:?} > {cap:?}");
+        }
+
+        /// A target whose waits took up to 30 ms (any history of such samples, any number of
+        /// timeouts since) is never waited on more than 750 ms, whatever the ceiling: every
+        /// attempt against a black hole ends within 1 s, with room for the waits before the
+        /// unanswered one and the timer's lateness.
+        #[test]
+        fn a_fast_target_is_never_waited_on_more_than_750ms(
+            samples in prop::collection::vec(0u64..=30, 1..40),
+            timeouts in 0usize..40,
+            ceiling in 1u64..120_000,
+        ) {
+            let mut rto = RtoEstimator::new();
+            for v in samples {
+                rto.sample(ms(v));
+            }
+            for _ in 0..timeouts {
+                rto.timed_out();
+            }
+            prop_assert!(rto.timeout(ms(ceiling)) <= BACKOFF_CAP_MIN);
+        }
+
+        /// A sudden step to any latency below the cap (and the ceiling) is absorbed within two
+        /// timeouts in a row, whatever came before: within `failureThreshold − 1` for any
+        /// threshold of 3 or more (the default is 5). The first wait that completes is a
+        /// sample, which ends the backoff.
+        #[test]
+        fn a_step_below_the_cap_costs_at_most_two_timeouts(
+            steps in prop::collection::vec(step(), 0..40),
+            baseline in 0u64..3_000,
+            fraction in 0u64..1000,
+            ceiling in 1u64..120_000,
+        ) {
+            let ceiling = ms(ceiling);
+            let mut rto = replay(&steps);
+            rto.sample(ms(baseline));
+            let reach = rto.backoff_cap().unwrap_or(ceiling).min(ceiling);
+            // The new latency: anything below what the backoff reaches.
+            let latency = reach.mul_f64(fraction as f64 / 1000.0);
+            let mut in_a_row = 0;
+            while rto.timeout(ceiling) <= latency {
+                rto.timed_out();
+                in_a_row += 1;
+                prop_assert!(in_a_row <= 2, "{latency:?}: {in_a_row} timeouts, {rto:?}");
+            }
+            rto.sample(latency);
+            prop_assert_eq!(rto.backoffs(), 0);
         }
 
         /// Whatever came before, a stable latency brings the timeout close to it: within the
