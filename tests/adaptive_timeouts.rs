@@ -155,10 +155,11 @@ async fn all_healthy(client: &Client, ns: &str, names: &[&str], secs: u64) {
 ///
 /// The login stage learns only when the probe logs in, once per connection: a first login
 /// slowed by a busy scheduler (load averages of 20 on the 2 shared cores were seen) keeps its
-/// timeout above the floor while the queries on the open connection are fast. Then the
-/// connections through `proxy` are cut every 20 s, so the next probe logs in again.
+/// timeout above the floor while the queries on the open connection are fast (one login is one
+/// sample, and a slow one takes several fast ones to forget). Then the connections through
+/// `proxy` are cut every 9 s, so the next probes log in again.
 async fn learned_at_the_floor(op: &RunningOperator, ns: &str, name: &str, proxy: &FaultProxy) {
-    for _ in 0..4 {
+    for _ in 0..12 {
         let floor = wait_for(
             &format!("{name}'s learned timeout at the floor"),
             Duration::from_secs(30),
