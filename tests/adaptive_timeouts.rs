@@ -160,12 +160,11 @@ async fn all_healthy(client: &Client, ns: &str, names: &[&str], secs: u64) {
 /// `proxy` are cut every 9 s, so the next probes log in again.
 async fn learned_at_the_floor(op: &RunningOperator, ns: &str, name: &str, proxy: &FaultProxy) {
     for _ in 0..12 {
-        let floor = wait_for(
-            &format!("{name}'s learned timeout at the floor"),
-            Duration::from_secs(30),
-            || async { timeout_metric(op, ns, name).filter(|t| *t <= 0.25) },
-        );
-        if tokio::time::timeout(Duration::from_secs(20), floor)
+        let what = format!("{name}'s learned timeout at the floor");
+        let floor = wait_for(&what, Duration::from_secs(30), || async {
+            timeout_metric(op, ns, name).filter(|t| *t <= 0.25)
+        });
+        if tokio::time::timeout(Duration::from_secs(9), floor)
             .await
             .is_ok()
         {
