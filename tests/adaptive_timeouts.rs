@@ -151,18 +151,24 @@ async fn all_healthy(client: &Client, ns: &str, names: &[&str], secs: u64) {
     }
 }
 
-/// Waits until `name`'s learned stage timeout reaches the 250 ms floor (a few fast probes).
+/// Waits until `name`'s learned stage timeout is at most `at_most` seconds: the 250 ms floor
+/// (a few fast probes), or a little above it where that is enough.
 ///
 /// The login stage learns only when the probe logs in, once per connection: a first login
 /// slowed by a busy scheduler (load averages of 20 on the 2 shared cores were seen) keeps its
 /// timeout above the floor while the queries on the open connection are fast (one login is one
 /// sample, and a slow one takes several fast ones to forget). Then the connections through
 /// `proxy` are cut every 9 s, so the next probes log in again.
-async fn learned_at_the_floor(op: &RunningOperator, ns: &str, name: &str, proxy: &FaultProxy) {
+async fn learned_at_the_floor(
+    op: &RunningOperator,
+    ns: &str,
+    (name, proxy): (&str, &FaultProxy),
+    at_most: f64,
+) {
     for _ in 0..12 {
         let what = format!("{name}'s learned timeout at the floor");
         let floor = wait_for(&what, Duration::from_secs(30), || async {
-            timeout_metric(op, ns, name).filter(|t| *t <= 0.25)
+            timeout_metric(op, ns, name).filter(|t| *t <= at_most)
         });
         if tokio::time::timeout(Duration::from_secs(9), floor)
             .await
@@ -265,7 +271,12 @@ async fn a_black_hole_is_noticed_in_a_fraction_of_the_timeout() {
     .await;
     all_healthy(&client, ns.name(), &["adaptive", "fixed"], 30).await;
     // A few probes of a few milliseconds each: the learned stage timeouts reach the floor.
-    learned_at_the_floor(&op, ns.name(), "adaptive", &adaptive_proxy).await;
+    // Near the floor: under a heavy load (averages of 25 on the 2 shared cores were seen) the
+    // operator's own logins are measured at up to ~100 ms now and then, which keeps the login
+    // stage's timeout a little above the floor. At most 300 ms: the backoff's cap is then at
+    // most 900 ms, and an attempt into the black hole still ends within 1 s.
+    learned_at_the_floor(&op, ns.name(), ("adaptive", &adaptive_proxy), 0.3).await;
+    let before = timeout_metric(&op, ns.name(), "adaptive").unwrap_or_default();
     assert_eq!(timeout_metric(&op, ns.name(), "fixed"), Some(5.0));
 
     let (adaptive, fixed) = tokio::join!(
@@ -274,7 +285,7 @@ async fn a_black_hole_is_noticed_in_a_fraction_of_the_timeout() {
     );
     let show = |v: &[Duration]| v.iter().map(|d| format!("{}ms", ms(d))).collect::<Vec<_>>();
     println!(
-        "black hole (load {}): adaptive: first failure after {}ms, failures {:?}, Open after {:.1}s; \
+        "black hole (load {}): adaptive (learned stage timeout {before}s): first failure after {}ms, failures {:?}, Open after {:.1}s; \
          fixed 5s: first failure after {}ms, failures {:?}, Open after {:.1}s",
         load(),
         adaptive.failures.first().map_or(0, ms),
@@ -352,7 +363,7 @@ async fn a_slow_but_steady_server_does_not_open() {
     create(&client, ns.name(), &slow).await;
     create(&client, ns.name(), &step).await;
     all_healthy(&client, ns.name(), &["slow", "step"], 60).await;
-    learned_at_the_floor(&op, ns.name(), "step", &step_proxy).await;
+    learned_at_the_floor(&op, ns.name(), ("step", &step_proxy), 0.3).await;
     let stepped = Instant::now();
     step_proxy.set_mode(Mode::Delay(STEP)).await;
 
@@ -507,7 +518,7 @@ async fn the_learned_timeout_follows_latency_up_and_back_down() {
     let proxy = FaultProxy::start(pg.addr()).await;
     create(&client, ns.name(), &spec("ramp", proxy.port(), true)).await;
     all_healthy(&client, ns.name(), &["ramp"], 30).await;
-    learned_at_the_floor(&op, ns.name(), "ramp", &proxy).await;
+    learned_at_the_floor(&op, ns.name(), ("ramp", &proxy), 0.25).await;
 
     let started = Instant::now();
     let mut seen = probes.count("ramp", started);
