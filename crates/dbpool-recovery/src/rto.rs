@@ -46,7 +46,10 @@
 //! - **A sudden step** to a wait that takes less than `3 × U` (under the ceiling) is absorbed
 //!   within **two** timeouts in a row (`U`, `2U`, then `3U` covers it), within
 //!   `failureThreshold − 1` for any `failureThreshold ≥ 3` (the default is 5). From the floor
-//!   that is a step of any wait up to 750 ms; from a `U` of 1 s, up to 3 s.
+//!   that is a step of any wait up to 750 ms; from a `U` of 1 s, up to 3 s. (For the probe
+//!   the bound is tighter: a query that times out costs its connection, and the next login is
+//!   three round trips under the login's own learned timeout; docs/design.md, "The backoff
+//!   cap".)
 //! - **A larger sudden step** (from the floor, a wait that now takes more than 750 ms) is
 //!   indistinguishable from a black hole within the time a black hole may cost: every attempt
 //!   times out, and the breaker opens after `failureThreshold` of them. Latency that grows
