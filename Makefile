@@ -58,6 +58,11 @@ bench: ## Scale and latency benchmark on a private control plane (BENCH_N="100 1
 	$(CARGO) bench --bench scale --no-run
 	@CARGO="$(CARGO)" hack/with-env.sh bench-runs -- $(CARGO) bench --bench scale
 
+.PHONY: bench-slowness
+bench-slowness: ## No false opens while latency climbs to 1.5 s per round trip and back; writes docs/bench-slowness.svg
+	$(CARGO) bench --bench slowness --profile dev --no-run
+	@CARGO="$(CARGO)" hack/with-env.sh bench-runs -- $(CARGO) bench --bench slowness --profile dev
+
 .PHONY: bench-client
 bench-client: ## dbpool-client vs deadpool-postgres, bb8, sqlx through real outages (docs/benchmarks.md)
 	@CARGO="$(CARGO)" hack/bench-client.sh

@@ -129,7 +129,9 @@ pub use early::trial_gap;
 pub use engine::{Due, add, apply, apply_guarded, next_deadline, next_due, phase};
 pub use fleet::{FLEET_ENTRY_TTL, FleetGuard, FleetGuardConfig, FleetVerdict, MAX_FLEET_ENTRIES};
 pub use policy::{MAX_MULTIPLIER, MIN_DURATION, Policy};
-pub use rto::{MAX_BACKOFF_DOUBLINGS, RTO_FLOOR, RTO_GRANULARITY, RtoEstimator};
+pub use rto::{
+    BACKOFF_CAP_FACTOR, MAX_BACKOFF_DOUBLINGS, RTO_FLOOR, RTO_GRANULARITY, RtoEstimator,
+};
 pub use share::{
     MAX_FRESHNESS, ShareDecision, StreamView, aligned_deadline, freshness, grid_offset, is_steady,
     share_decision,
