@@ -281,7 +281,7 @@ fn make(rng: &mut Rng, kind: usize, at: i64, room: i64, lease: i64, busy: &mut B
         }),
         "interval" => Some(Op::Interval {
             pool,
-            value: rng.pick(&["1s", "2s", "3s"]).to_string(),
+            value: rng.pick(&["3s", "4s", "5s"]).to_string(),
         }),
         "churn" if rng.chance(0.5) => Some(Op::Delete { pool }),
         "churn" => Some(Op::Create {

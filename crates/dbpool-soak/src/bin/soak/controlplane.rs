@@ -71,6 +71,9 @@ impl ControlPlane {
     /// Starts etcd and the apiserver under `dir` with binaries from `bin`, for `replicas`
     /// operator identities; returns once the apiserver answers the admin.
     pub async fn start(dir: &Path, bin: &Path, replicas: usize) -> Result<ControlPlane, String> {
+        // A fresh store and audit log, also when SOAK_OUT names a folder of an earlier run.
+        let _ = std::fs::remove_dir_all(dir.join("etcd"));
+        let _ = std::fs::remove_file(dir.join("audit.log"));
         std::fs::create_dir_all(dir.join("etcd")).map_err(|e| e.to_string())?;
         let tls = generate_tls(&["127.0.0.1".to_owned(), "localhost".to_owned()]);
         write(&dir.join("ca.crt"), &tls.ca_pem)?;
@@ -78,6 +81,7 @@ impl ControlPlane {
         write(&dir.join("apiserver.key"), &tls.key_pem)?;
         let sa = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
         write(&dir.join("sa.key"), &sa.serialize_pem())?;
+        write(&dir.join("sa.pub"), &sa.public_key_pem())?;
         write(&dir.join("audit-policy.yaml"), POLICY)?;
         let tokens: String = users(replicas)
             .iter()
@@ -111,7 +115,7 @@ impl ControlPlane {
             format!("--tls-private-key-file={}", d("apiserver.key")),
             format!("--token-auth-file={}", d("tokens.csv")),
             "--authorization-mode=RBAC".into(),
-            format!("--service-account-key-file={}", d("sa.key")),
+            format!("--service-account-key-file={}", d("sa.pub")),
             format!("--service-account-signing-key-file={}", d("sa.key")),
             format!("--service-account-issuer=https://127.0.0.1:{port}/"),
             "--disable-admission-plugins=ServiceAccount".into(),
@@ -181,6 +185,10 @@ impl ControlPlane {
         loop {
             if namespaces.list(&Default::default()).await.is_ok() {
                 return Ok(());
+            }
+            let exited = self.apiserver.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                return Err(format!("kube-apiserver exited ({status}); see {}", log.display()));
             }
             if tokio::time::Instant::now() > deadline {
                 return Err("kube-apiserver not ready within 120s".into());

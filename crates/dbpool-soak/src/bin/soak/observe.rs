@@ -112,11 +112,11 @@ pub async fn resources(
 }
 
 /// The stated convergence bound: the longest interval, openTimeout and backoff maxDelay the
-/// nemesis can set (3s, 4s, 2s), the cooldown (10s), the lease (4s), the write budget's
+/// nemesis can set (5s, 4s, 2s), the cooldown (10s), the lease (4s), the write budget's
 /// minimum status period (1s), and 30s for a loaded 2-core machine (three debug operators, the
 /// control plane and three servers on two cores).
 pub const CONVERGENCE_BOUND_MS: Ms =
-    3_000 + 4_000 + 2_000 + 10_000 + LEASE.as_millis() as Ms + 1_000 + 30_000;
+    5_000 + 4_000 + 2_000 + 10_000 + LEASE.as_millis() as Ms + 1_000 + 30_000;
 
 fn describe(p: &DbPool) -> (String, bool, bool) {
     let status = p.status.clone().unwrap_or_default();

@@ -129,11 +129,11 @@ pub fn new_password() -> String {
     )
 }
 
-/// The pools' policy: short timings, fixed 3s timeouts (a loaded 2-core machine must not time
+/// The pools' policy: short timings, fixed 2s timeouts (a loaded 2-core machine must not time
 /// out a healthy login), early trials on.
 pub fn policy() -> serde_json::Value {
     serde_json::json!({
-        "healthCheck": { "interval": "2s", "timeout": "3s", "adaptiveTimeout": false },
+        "healthCheck": { "interval": "3s", "timeout": "2s", "adaptiveTimeout": false },
         "backoff": { "initialDelay": "300ms", "multiplier": 2.0, "maxDelay": "2s", "maxAttempts": 10, "cooldown": "10s", "jitter": 0.0 },
         "breaker": { "failureThreshold": 3, "openTimeout": "2s", "successThreshold": 1 },
     })
