@@ -183,6 +183,9 @@ fn convergence_late_or_never_is_caught() {
     assert!(check_convergence(&h)[0].message.contains("after 30000 ms"));
     h.convergence[0].at = None;
     assert!(check_convergence(&h)[0].message.contains("never"));
+    let mut h = base();
+    h.faults[0].end = None;
+    assert!(check_convergence(&h)[0].message.contains("never undone"));
 }
 
 #[test]

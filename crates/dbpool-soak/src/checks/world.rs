@@ -9,11 +9,19 @@ use std::collections::BTreeMap;
 use super::{Bounds, ISOLATED_DB, Violation};
 use crate::history::{History, Scope};
 
-/// Convergence: after the last fault ended, every pool showed what the truth says (server up,
-/// credentials right, spec applied: Healthy and Closed; an isolated pool ConfigError) within its
-/// stated bound.
+/// Convergence: every fault was undone, and after the last fault ended every pool showed what
+/// the truth says (server up, credentials right, spec applied: Healthy and Closed; an isolated
+/// pool ConfigError) within its stated bound.
 pub fn check_convergence(history: &History) -> Vec<Violation> {
     let mut out = Vec::new();
+    for f in history.faults.iter().filter(|f| f.end.is_none()) {
+        out.push(Violation::new(
+            "convergence",
+            &format!("{:?}", f.scope),
+            format!("fault {:?} begun at {} was never undone", f.kind, f.start),
+            vec![],
+        ));
+    }
     for c in &history.convergence {
         let lines = vec![format!(
             "last fault ended {}; expected {}, observed {}, at {:?}, bound {} ms",
@@ -133,25 +141,25 @@ pub fn check_leaks(history: &History, bounds: &Bounds) -> Vec<Violation> {
             ));
         }
     }
-    if let Some((before, now)) = leaks.fds {
-        if now > before + bounds.fd_slack {
-            out.push(Violation::new(
-                "leaks",
-                "leader",
-                format!("{now} fds at the end, {before} at the baseline"),
-                vec![],
-            ));
-        }
+    if let Some((before, now)) = leaks.fds
+        && now > before + bounds.fd_slack
+    {
+        out.push(Violation::new(
+            "leaks",
+            "leader",
+            format!("{now} fds at the end, {before} at the baseline"),
+            vec![],
+        ));
     }
-    if let Some((before, now)) = leaks.series_per_pool {
-        if now > before * 1.1 + 1.0 {
-            out.push(Violation::new(
-                "leaks",
-                "leader",
-                format!("{now:.1} series per pool at the end, {before:.1} at the baseline"),
-                vec![],
-            ));
-        }
+    if let Some((before, now)) = leaks.series_per_pool
+        && now > before * 1.1 + 1.0
+    {
+        out.push(Violation::new(
+            "leaks",
+            "leader",
+            format!("{now:.1} series per pool at the end, {before:.1} at the baseline"),
+            vec![],
+        ));
     }
     for pool in &leaks.deleted_with_series {
         out.push(Violation::new(
@@ -176,17 +184,15 @@ pub fn check_leaks(history: &History, bounds: &Bounds) -> Vec<Violation> {
         let third = points.len() / 3;
         let first = median(points[..third].iter().map(|p| p.1).collect());
         let last = median(points[points.len() - third..].iter().map(|p| p.1).collect());
-        if let (Some(first), Some(last)) = (first, last) {
-            if last > first * bounds.rss_ratio {
-                out.push(Violation::new(
-                    "leaks",
-                    subject,
-                    format!(
-                        "RSS median {last:.0} KiB in the last third, {first:.0} KiB in the first"
-                    ),
-                    vec![],
-                ));
-            }
+        if let (Some(first), Some(last)) = (first, last)
+            && last > first * bounds.rss_ratio
+        {
+            out.push(Violation::new(
+                "leaks",
+                subject,
+                format!("RSS median {last:.0} KiB in the last third, {first:.0} KiB in the first"),
+                vec![],
+            ));
         }
     }
     out

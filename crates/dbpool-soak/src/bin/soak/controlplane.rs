@@ -186,9 +186,15 @@ impl ControlPlane {
             if namespaces.list(&Default::default()).await.is_ok() {
                 return Ok(());
             }
-            let exited = self.apiserver.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let exited = self
+                .apiserver
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = exited {
-                return Err(format!("kube-apiserver exited ({status}); see {}", log.display()));
+                return Err(format!(
+                    "kube-apiserver exited ({status}); see {}",
+                    log.display()
+                ));
             }
             if tokio::time::Instant::now() > deadline {
                 return Err("kube-apiserver not ready within 120s".into());
@@ -230,6 +236,8 @@ impl Drop for ControlPlane {
         }
         let _ = self.etcd.kill();
         let _ = self.etcd.wait();
+        // The store goes; the audit log and the logs stay with the report.
+        let _ = std::fs::remove_dir_all(self.dir.join("etcd"));
     }
 }
 

@@ -61,20 +61,19 @@ pub fn spawn_sampler(world: Arc<World>) -> tokio::task::JoinHandle<()> {
                     }
                 }
             }
-            if tick % 5 == 0 {
+            if tick.is_multiple_of(5) {
                 for t in &world.targets {
                     if let Some(n) = t.operator_sessions().await {
                         world.rec.sample("sessions", &t.name, n as f64);
                     }
                 }
-                if let Some(l) = world.leader(Duration::from_secs(1)).await {
-                    if let Some(text) = world.replicas[l].metrics().await {
-                        world.rec.sample(
-                            "series",
-                            &world.replicas[l].subject(),
-                            pool_series(&text) as f64,
-                        );
-                    }
+                if let Some(l) = world.leader(Duration::from_secs(1)).await
+                    && let Some(text) = world.replicas[l].metrics().await
+                {
+                    let subject = world.replicas[l].subject();
+                    world
+                        .rec
+                        .sample("series", &subject, pool_series(&text) as f64);
                 }
             }
             tick += 1;

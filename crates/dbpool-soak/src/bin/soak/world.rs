@@ -322,10 +322,10 @@ impl World {
                 if r.pid().is_none() {
                     continue;
                 }
-                if let Some(text) = r.metrics().await {
-                    if sample(&text, "dbpool_leader", &[]) == Some(1.0) {
-                        leaders.push(i);
-                    }
+                if let Some(text) = r.metrics().await
+                    && sample(&text, "dbpool_leader", &[]) == Some(1.0)
+                {
+                    leaders.push(i);
                 }
             }
             if leaders.len() == 1 {
