@@ -118,7 +118,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(&settings)) {
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            result = run(&settings) => result,
+            signal = interrupted() => Err(format!("{signal}: stopping what the run started")),
+        }
+    });
+    // Dropping the runtime drops every task, and with them the world: the replicas are killed,
+    // the servers stopped, the control plane stopped, also after SIGINT or SIGTERM.
+    drop(runtime);
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             println!(
@@ -136,6 +145,18 @@ fn main() -> ExitCode {
             );
             ExitCode::from(2)
         }
+    }
+}
+
+/// SIGINT or SIGTERM, by name.
+async fn interrupted() -> &'static str {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }
 
