@@ -278,6 +278,8 @@ async fn run(s: &Settings) -> Result<bool, String> {
         ));
     }
     let sampler = observe::spawn_sampler(world.clone());
+    let audit = world.cp.lock().await.audit_log.clone();
+    let live = observe::spawn_live_checks(world.clone(), audit.clone());
     let (sessions0, fds0, series0, _) = observe::resources(&world, &[]).await;
 
     let plan = Plan::generate(
@@ -314,6 +316,7 @@ async fn run(s: &Settings) -> Result<bool, String> {
         let _ = c.await;
     }
     let _ = sampler.await;
+    let _ = live.await;
     let dumps = dumps(&world).await;
     for r in &world.replicas {
         r.kill();
@@ -325,7 +328,6 @@ async fn run(s: &Settings) -> Result<bool, String> {
     history.leaks.fds = fds0.zip(fds1);
     history.leaks.series_per_pool = series0.zip(series1);
     history.leaks.deleted_with_series = stale;
-    let audit = world.cp.lock().await.audit_log.clone();
     let texts = report::collect(&world, &mut history, &audit, dumps).await;
     let passwords = world
         .passwords

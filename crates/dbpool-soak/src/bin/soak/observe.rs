@@ -2,7 +2,8 @@
 //! resource counts, and convergence after the last fault.
 //!
 //! Lives here: [`spawn_sampler`] (RSS and fds of every replica every 2s; sessions per target and
-//! the leader's pool series every 10s), [`resources`] (the counts the leak checker compares) and
+//! the leader's pool series every 10s), [`spawn_live_checks`] (the stale-write checker over the
+//! audit log as it grows), [`resources`] (the counts the leak checker compares) and
 //! [`converge`] (each pool's first instant showing the truth after the last fault, against its
 //! stated bound). Must not live here: faults, judging.
 
@@ -185,4 +186,47 @@ pub async fn converge(world: &World) -> Vec<Convergence> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     out
+}
+
+/// The cheap checker, live: every 10s, the audit log's new status writes are read and the
+/// stale-write checker runs over all writes so far; a new violation is printed at once (the
+/// verdict that counts is still the one at the end, over the whole history).
+pub fn spawn_live_checks(
+    world: Arc<World>,
+    audit: std::path::PathBuf,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut offset = 0usize;
+        let mut history = dbpool_soak::history::History::default();
+        let mut reported = 0usize;
+        while !world.stop_clients.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let Ok(bytes) = std::fs::read(&audit) else {
+                continue;
+            };
+            let Some(end) = bytes[offset.min(bytes.len())..]
+                .iter()
+                .rposition(|b| *b == b'\n')
+            else {
+                continue;
+            };
+            let fresh = &bytes[offset..offset + end + 1];
+            offset += end + 1;
+            for line in String::from_utf8_lossy(fresh).lines() {
+                if let Some(dbpool_soak::audit::Record::Status(w)) =
+                    dbpool_soak::audit::parse_line(line)
+                {
+                    history.writes.push(w);
+                }
+            }
+            let violations = dbpool_soak::checks::check_stale_writes(&history);
+            for v in violations.iter().skip(reported) {
+                eprintln!(
+                    "[soak] LIVE VIOLATION seed={} checker={} subject={}: {}",
+                    world.seed, v.checker, v.subject, v.message
+                );
+            }
+            reported = reported.max(violations.len());
+        }
+    })
 }
