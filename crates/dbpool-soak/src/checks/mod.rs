@@ -55,7 +55,8 @@ pub struct Bounds {
     /// (write budget, apiserver restarts, a leader change in between), ms.
     pub explain_after_ms: Ms,
     /// How long a down target must have been down before a write closing the breaker is
-    /// suspicious (the write may carry a probe from just before the fault), ms.
+    /// suspicious (the write may carry a probe from just before the fault), ms. A write delayed
+    /// by an operator or control-plane fault in the `explain_after_ms` before it is not judged.
     pub closed_grace_ms: Ms,
     /// Extra operator sessions per target allowed at the end over the baseline.
     pub session_slack: i64,
@@ -75,7 +76,7 @@ impl Default for Bounds {
     fn default() -> Self {
         Bounds {
             explain_after_ms: 30_000,
-            closed_grace_ms: 15_000,
+            closed_grace_ms: 8_000,
             session_slack: 1,
             fd_slack: 16.0,
             rss_ratio: 1.1,

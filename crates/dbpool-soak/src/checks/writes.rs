@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Bounds, Violation};
-use crate::history::{ActionKind, History, StatusWrite};
+use crate::history::{ActionKind, History, Scope, StatusWrite};
 
 fn pools_written(history: &History) -> BTreeSet<String> {
     history.writes.iter().map(|w| w.pool.clone()).collect()
@@ -145,7 +145,8 @@ pub fn check_tokens(history: &History) -> Vec<Violation> {
 /// (the lowest threshold in force shortly before) inside a fault window on the pool's target that
 /// can fail a probe (widened by `explain_after_ms` for the write's delays); ForcedOpen and
 /// Disabled are exempt by rule. No move to Closed while the target had been down for longer than
-/// `closed_grace_ms` and still was. Fleet-guard holds keep a breaker Closed (no move) and need no
+/// `closed_grace_ms` and still was (unless an operator or control-plane fault shortly before
+/// may have delayed the write). Fleet-guard holds keep a breaker Closed (no move) and need no
 /// excuse.
 pub fn check_breaker_moves(history: &History, bounds: &Bounds) -> Vec<Violation> {
     let mut out = Vec::new();
@@ -195,12 +196,17 @@ pub fn check_breaker_moves(history: &History, bounds: &Bounds) -> Vec<Violation>
                     }
                 }
                 Some("Closed") if matches!(before, Some("Open" | "HalfOpen")) => {
+                    let delayed = history.faults.iter().any(|f| {
+                        matches!(f.scope, Scope::Operator(_) | Scope::ControlPlane)
+                            && f.start <= w.time
+                            && f.end.is_none_or(|e| e >= window_start)
+                    });
                     let down = history.faults.iter().any(|f| {
                         f.kind.target_down()
                             && f.covers(&info.target, w.time, 0)
                             && f.start <= w.time - bounds.closed_grace_ms
                     });
-                    if down {
+                    if down && !delayed {
                         out.push(Violation::new(
                             "breaker-explained",
                             &pool,

@@ -7,6 +7,8 @@
 //!
 //!   SEED=27 SOAK_S=60 target/debug/dbpool-soak      # or: make soak SEED=27 SOAK_S=60
 //!
+//! `dbpool-soak judge target/soak/…/history.json` runs the checkers again over a recorded history.
+//!
 //! Settings (environment): `SEED` (default: drawn from the clock, printed first), `SOAK_S`
 //! (nemesis seconds, default 60), `SOAK_POOLS` (pools per namespace, default 15), `SOAK_OUT`
 //! (report folder, default `target/soak/<seed>-<unix time>`), `SOAK_BIN_DIR` (etcd and
@@ -97,7 +99,52 @@ fn settings() -> Result<Settings, String> {
     })
 }
 
+/// `dbpool-soak judge HISTORY.json`: the checkers again over a recorded history (the password
+/// checker needs the run's texts and passwords, which a history does not keep: it is skipped).
+fn judge_again(path: &Path) -> ExitCode {
+    let history: Result<History, String> = std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()));
+    let history = match history {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("[soak] {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut passed = true;
+    for (name, violations) in dbpool_soak::checks::run(&history, &Default::default(), &[], &[]) {
+        println!(
+            "check {name}: {}",
+            if violations.is_empty() {
+                "PASS"
+            } else {
+                "FAIL"
+            }
+        );
+        for v in &violations {
+            println!(
+                "  VIOLATION seed={} checker={} subject={}: {}",
+                history.seed, v.checker, v.subject, v.message
+            );
+            v.slice.iter().for_each(|line| println!("    | {line}"));
+        }
+        passed &= violations.is_empty();
+    }
+    if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, cmd, path] = args.as_slice()
+        && cmd == "judge"
+    {
+        return judge_again(Path::new(path));
+    }
     let settings = match settings() {
         Ok(s) => s,
         Err(e) => {
