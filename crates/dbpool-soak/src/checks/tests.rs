@@ -137,10 +137,11 @@ fn an_open_with_no_fault_is_a_false_open() {
     assert_eq!(v.len(), 1, "{v:?}");
     assert!(v[0].message.contains("no fault"), "{v:?}");
     assert!(v[0].slice.iter().any(|l| l.contains("Open")));
-    // ForcedOpen explains it by rule.
+    // ForcedOpen explains it by rule, also when the driver recorded the edit a moment after the
+    // operator acted on it.
     h.actions.push(Action {
         pool: P.into(),
-        time: 199_000,
+        time: 200_013,
         kind: ActionKind::Mode("ForcedOpen".into()),
     });
     assert!(check_breaker_moves(&h, &Bounds::default()).is_empty());
@@ -192,6 +193,16 @@ fn convergence_late_or_never_is_caught() {
     assert!(check_convergence(&h)[0].message.contains("after 30000 ms"));
     h.convergence[0].at = None;
     assert!(check_convergence(&h)[0].message.contains("never"));
+    // Left ForcedOpen by the last edit, Open is the truth.
+    h.actions.push(Action {
+        pool: P.into(),
+        time: 95_000,
+        kind: ActionKind::Mode("ForcedOpen".into()),
+    });
+    h.convergence[0].observed = "BreakerOpen/Open gen Some(2)/Some(2)".into();
+    assert!(check_convergence(&h).is_empty());
+    h.convergence[0].observed = "Healthy/Closed".into();
+    assert_eq!(check_convergence(&h).len(), 1);
     let mut h = base();
     h.faults[0].end = None;
     assert!(check_convergence(&h)[0].message.contains("never undone"));

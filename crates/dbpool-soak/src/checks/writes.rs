@@ -9,6 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::{Bounds, Violation};
 use crate::history::{ActionKind, History, Scope, StatusWrite};
 
+/// How much later than the operator's reaction a user action may be recorded, ms.
+const ACTION_LAG_MS: i64 = 5_000;
+
 fn pools_written(history: &History) -> BTreeSet<String> {
     history.writes.iter().map(|w| w.pool.clone()).collect()
 }
@@ -164,7 +167,9 @@ pub fn check_breaker_moves(history: &History, bounds: &Bounds) -> Vec<Violation>
                 continue;
             }
             let window_start = w.time - bounds.explain_after_ms;
-            if history.mode_exempt(&pool, window_start, w.time) {
+            // An action is recorded once the apiserver answered the driver: the operator may act
+            // on it a moment before.
+            if history.mode_exempt(&pool, window_start, w.time + ACTION_LAG_MS) {
                 continue;
             }
             let mut context = history.fault_lines(window_start, w.time);

@@ -73,7 +73,11 @@ impl ControlPlane {
     pub async fn start(dir: &Path, bin: &Path, replicas: usize) -> Result<ControlPlane, String> {
         // A fresh store and audit log, also when SOAK_OUT names a folder of an earlier run.
         let _ = std::fs::remove_dir_all(dir.join("etcd"));
-        let _ = std::fs::remove_file(dir.join("audit.log"));
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with("audit") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         std::fs::create_dir_all(dir.join("etcd")).map_err(|e| e.to_string())?;
         let tls = generate_tls(&["127.0.0.1".to_owned(), "localhost".to_owned()]);
         write(&dir.join("ca.crt"), &tls.ca_pem)?;
@@ -123,7 +127,9 @@ impl ControlPlane {
             format!("--audit-policy-file={}", d("audit-policy.yaml")),
             format!("--audit-log-path={}", audit_log.display()),
             "--audit-log-format=json".into(),
-            "--audit-log-maxsize=0".into(),
+            // Rotation at 100 GB (0 means lumberjack's default, 100 MB); the reader reads rotated
+            // files too.
+            "--audit-log-maxsize=100000".into(),
         ];
         let mut cp = ControlPlane {
             dir: dir.to_owned(),

@@ -7,7 +7,8 @@
 //!
 //!   SEED=27 SOAK_S=60 target/debug/dbpool-soak      # or: make soak SEED=27 SOAK_S=60
 //!
-//! `dbpool-soak judge target/soak/…/history.json` runs the checkers again over a recorded history.
+//! `dbpool-soak judge target/soak/…/history.json` runs the checkers again over a recorded history
+//! (with the run's audit logs read again when they are beside it).
 //!
 //! Settings (environment): `SEED` (default: drawn from the clock, printed first), `SOAK_S`
 //! (nemesis seconds, default 60), `SOAK_POOLS` (pools per namespace, default 15), `SOAK_OUT`
@@ -105,13 +106,28 @@ fn judge_again(path: &Path) -> ExitCode {
     let history: Result<History, String> = std::fs::read_to_string(path)
         .map_err(|e| e.to_string())
         .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()));
-    let history = match history {
+    let mut history = match history {
         Ok(h) => h,
         Err(e) => {
             eprintln!("[soak] {}: {e}", path.display());
             return ExitCode::from(2);
         }
     };
+    // The run's audit logs, when they are still beside the history, are read again (a history
+    // recorded before rotated logs were read lacks the rotated part).
+    let logs = report::audit_logs(&path.with_file_name("controlplane").join("audit.log"));
+    if !logs.is_empty() {
+        history.writes.clear();
+        history.events.clear();
+        for (_, text) in &logs {
+            report::read_audit(&mut history, text);
+        }
+        println!(
+            "read {} audit log files: {} status writes",
+            logs.len(),
+            history.writes.len()
+        );
+    }
     let mut passed = true;
     for (name, violations) in dbpool_soak::checks::run(&history, &Default::default(), &[], &[]) {
         println!(

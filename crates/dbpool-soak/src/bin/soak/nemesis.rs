@@ -100,7 +100,7 @@ async fn apply(world: &World, op: Op) -> Result<(), String> {
             let patch = |m: &str| json!({ "spec": { "breaker": { "mode": m } } });
             edit(world, &p, patch(&mode), ActionKind::Mode(mode.clone())).await?;
             sleep(hold_ms).await;
-            edit(world, &p, patch("Auto"), ActionKind::Mode("Auto".into())).await
+            undo(world, &p, patch("Auto"), ActionKind::Mode("Auto".into())).await
         }
         Op::Threshold { pool, value } => {
             let p = pick(world, pool)?;
@@ -145,7 +145,7 @@ async fn apply(world: &World, op: Op) -> Result<(), String> {
             let on = json!({ "spec": { "gate": { "serviceName": format!("gate-{}", p.name), "port": 5432 } } });
             edit(world, &p, on, ActionKind::Gate(true)).await?;
             sleep(hold_ms).await;
-            edit(
+            undo(
                 world,
                 &p,
                 json!({ "spec": { "gate": null } }),
@@ -189,6 +189,26 @@ async fn edit(
     .await?;
     world.rec.action(&p.key, kind);
     Ok(())
+}
+
+/// An edit that ends a window (mode back to Auto, gate off): retried for up to a minute, since the
+/// apiserver may be restarting just then (a long run once left two pools ForcedOpen that way).
+async fn undo(
+    world: &World,
+    p: &LivePool,
+    patch: serde_json::Value,
+    kind: ActionKind,
+) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..60 {
+        match edit(world, p, patch.clone(), kind.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.contains("NotFound") || e.contains("not found") => return Err(e),
+            Err(e) => last = e,
+        }
+        sleep(1_000).await;
+    }
+    Err(format!("undo failed for a minute: {last}"))
 }
 
 async fn delete(world: &World, index: usize) -> Result<(), String> {

@@ -28,17 +28,10 @@ pub async fn collect(
     dumps: Vec<(String, String)>,
 ) -> Vec<(String, String)> {
     let mut texts = dumps;
-    let audit_text = std::fs::read_to_string(audit).unwrap_or_default();
-    for line in audit_text.lines() {
-        match parse_line(line) {
-            Some(Record::Status(w)) if w.time >= history.start - 60_000 => history.writes.push(w),
-            Some(Record::Event(t, reason, pool, user)) => {
-                history.events.push((t, reason, pool, user))
-            }
-            _ => {}
-        }
+    for (name, text) in audit_logs(audit) {
+        read_audit(history, &text);
+        texts.push((name, text));
     }
-    texts.push(("audit log".into(), audit_text));
     for t in &world.targets {
         let log = std::fs::read_to_string(&t.log).unwrap_or_default();
         history
@@ -53,6 +46,42 @@ pub async fn collect(
         ));
     }
     texts
+}
+
+/// Every audit log file beside `audit` (rotated ones, `audit-<time>.log`, first), as (name, text).
+pub fn audit_logs(audit: &Path) -> Vec<(String, String)> {
+    let dir = audit.parent().unwrap_or(Path::new("."));
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("audit") && n.ends_with(".log"))
+        .collect();
+    names.sort_by_key(|n| (n == "audit.log", n.clone()));
+    names
+        .into_iter()
+        .map(|n| {
+            (
+                format!("audit log {n}"),
+                std::fs::read_to_string(dir.join(&n)).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// The status writes and events of one audit log text, into `history` (writes from a minute
+/// before the nemesis on).
+pub fn read_audit(history: &mut History, text: &str) {
+    for line in text.lines() {
+        match parse_line(line) {
+            Some(Record::Status(w)) if w.time >= history.start - 60_000 => history.writes.push(w),
+            Some(Record::Event(t, reason, pool, user)) => {
+                history.events.push((t, reason, pool, user))
+            }
+            _ => {}
+        }
+    }
 }
 
 fn load_average() -> String {
