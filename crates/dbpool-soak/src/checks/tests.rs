@@ -77,6 +77,17 @@ fn a_write_by_a_non_leader_is_a_stale_write() {
     let mut h = base();
     h.writes.push(write(47_000, 9, "op-2", 2, "Closed", 0));
     assert!(check_stale_writes(&h)[0].message.contains("two identities"));
+    // A write that drops writerEpoch (the CRD's rule lets it through, and no longer fences
+    // afterwards: the long run's seed 882113).
+    let mut h = base();
+    let mut unstamped = write(47_000, 9, "op-1", 2, "Closed", 0);
+    unstamped.epoch = None;
+    h.writes.push(unstamped);
+    assert!(
+        check_stale_writes(&h)[0]
+            .message
+            .contains("without writerEpoch")
+    );
     // A refused stale write is the fence working, not a violation.
     let mut h = base();
     let mut refused = write(31_000, 0, "op-0", 1, "Closed", 0);
