@@ -67,6 +67,16 @@ bench-slowness: ## No false opens while latency climbs to 1.5 s per round trip a
 bench-client: ## dbpool-client vs deadpool-postgres, bb8, sqlx through real outages (docs/benchmarks.md)
 	@CARGO="$(CARGO)" hack/bench-client.sh
 
+.PHONY: soak soak-short
+soak: ## Chaos soak: a seeded nemesis, the audit log as witness, checkers (SEED=… SOAK_S=…; docs/reliability.md)
+	$(CARGO) build -p dbpool-operator -p dbpool-soak --bins
+	@SEED="$(SEED)" SOAK_S="$(SOAK_S)" SOAK_BIN_DIR="$$(hack/build-controlplane.sh)" target/debug/dbpool-soak
+
+# The fixed-seed short soak (60s of faults, about 3 minutes in all) runs with every `make test`.
+test: soak-short
+soak-short: ## The fixed-seed short soak of make test (SEED=27, SOAK_S=60)
+	@$(MAKE) --no-print-directory soak SEED=27 SOAK_S=60
+
 .PHONY: alerts
 alerts: ## promtool check and unit tests of the chart's alert rules (tests/alerts)
 	@hack/test-alerts.sh

@@ -96,7 +96,19 @@ impl PoolMemory {
         let Some(status) = pool.status.as_ref().filter(|s| s.phase.is_some()) else {
             return fresh;
         };
-        let state = restore_state(status, seed);
+        let mut state = restore_state(status, seed);
+        // The status keeps consecutiveFailures, not the outage streak: configuration failures
+        // followed by an outage restore a streak that can reach the threshold although the
+        // previous leader's breaker stayed Closed. A Closed breaker that nobody held was below
+        // its threshold, so the restored streak is too; else the new leader's first event opens
+        // the breaker with no new failure (found by the chaos soak, issue #27, seed 907153).
+        if state.breaker == BreakerState::Closed
+            && state.held_since.is_none()
+            && policy.mode == recovery::BreakerMode::Auto
+        {
+            let below = policy.failure_threshold.saturating_sub(1);
+            state.outage_streak = state.outage_streak.min(below);
+        }
         let spread = restart_spread(&state, policy, seed);
         Self {
             generation: status.observed_generation,
@@ -210,6 +222,30 @@ mod tests {
         let earlier = add(now, policy.interval / 2);
         memory.plan = Plan::At(earlier, Reason::StreamGrid);
         assert_eq!(memory.next(&policy, now).at, earlier);
+    }
+
+    /// Three authentication failures, then one outage: the status says Closed with 4 failures in
+    /// a row. A new leader must not open the breaker before a failure of its own (the soak's
+    /// false Open after a leader change); the next outage failure does open it.
+    #[test]
+    fn a_restored_closed_breaker_opens_only_on_a_new_failure() {
+        let now = Timestamp::now();
+        let mut status = healthy_status(now);
+        status.phase = Some(Phase::Recovering);
+        status.consecutive_failures = 6;
+        status.last_probe = Some(testing::summary(ProbeOutcome::TransientFailure, now));
+        let pool = pool_with_status("mixed", Some(status));
+        let policy = pool.spec.policy();
+        assert!(policy.failure_threshold < 6);
+        let memory = PoolMemory::restore(&pool, &policy, now);
+        let (state, _) = recovery::apply(&memory.state, Event::ProbeStarted, now, &policy);
+        assert_eq!(state.breaker, BreakerState::Closed);
+        let failed = Event::ProbeFailed {
+            seq: state.probe_seq,
+            kind: recovery::FailureKind::Outage,
+        };
+        let (state, _) = recovery::apply(&state, failed, now, &policy);
+        assert_eq!(state.breaker, BreakerState::Open);
     }
 
     #[test]
