@@ -74,7 +74,20 @@ impl Fence {
         self.remaining().is_some()
     }
 
-    /// The epoch of the current term, stamped on status writes.
+    /// The current term as one reading: its epoch and how long it still runs; None when not
+    /// leading (or expired). A status write takes its writerEpoch from the same reading as its
+    /// leader check ([`Door::send_in_term`]), never from an earlier one.
+    pub fn term(&self) -> Option<(Option<i64>, Duration)> {
+        match *self.0.borrow() {
+            Leadership::Leading { epoch, valid_until } => {
+                let left = valid_until.saturating_duration_since(Instant::now());
+                (!left.is_zero()).then_some((epoch, left))
+            }
+            Leadership::Standby => None,
+        }
+    }
+
+    /// The epoch of the current term (None while standing by, or without election).
     pub fn epoch(&self) -> Option<i64> {
         match *self.0.borrow() {
             Leadership::Leading { epoch, .. } => epoch,
@@ -164,14 +177,32 @@ impl Door {
     /// [`Door::send`] with a permit already held.
     pub async fn send_with<T>(
         &self,
-        _permit: ApiPermit<'_>,
+        permit: ApiPermit<'_>,
         request: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<bool, Error> {
-        let Some(budget) = self.fence.remaining() else {
+        self.send_in_term(permit, |_| request).await
+    }
+
+    /// [`Door::send_with`] for a request that carries the term's epoch (a status write's
+    /// `writerEpoch`): `make` builds the request from the epoch of the very term whose check lets
+    /// it through. A status computed while this process stood by (no epoch) and sent after it
+    /// became the leader is therefore stamped with the new term, never sent without one: a write
+    /// without writerEpoch would unfence the pool (the CRD rule lets a write drop it, for an
+    /// operator without leader election).
+    pub async fn send_in_term<T, F, Fut>(
+        &self,
+        _permit: ApiPermit<'_>,
+        make: F,
+    ) -> Result<bool, Error>
+    where
+        F: FnOnce(Option<i64>) -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let Some((epoch, budget)) = self.fence.term() else {
             return Ok(false);
         };
         let bound = budget.min(WRITE_TIMEOUT);
-        match tokio::time::timeout(bound, request).await {
+        match tokio::time::timeout(bound, make(epoch)).await {
             Ok(result) => result.map(|_| true).map_err(Error::Kube),
             Err(_) => Err(Error::WriteTimeout(bound)),
         }
@@ -205,5 +236,49 @@ mod tests {
             .send(Priority::Later, "ns", async { Ok::<(), kube::Error>(()) })
             .await;
         assert!(matches!(sent, Ok(true)));
+    }
+
+    /// Found by the chaos soak (seed 882113): a status computed while standing by carried no
+    /// writerEpoch and was sent once the process led, unfencing the pool. The epoch a request
+    /// carries is the one of the term that let it through.
+    #[tokio::test]
+    async fn a_write_carries_the_epoch_of_the_term_that_lets_it_through() {
+        let (tx, rx) = watch::channel(Leadership::Standby);
+        let door = Door::new(
+            Fence::new(rx),
+            Arc::new(ApiPermits::new(1)),
+            Arc::new(Metrics::new()),
+        );
+        let computed_while_standing_by = door.fence().epoch();
+        assert_eq!(computed_while_standing_by, None);
+        let permits = ApiPermits::new(1);
+        let stamped = std::sync::Mutex::new(None);
+        let sent = door
+            .send_in_term(permits.acquire(Priority::First, "ns").await, |epoch| {
+                *stamped.lock().unwrap_or_else(|e| e.into_inner()) = Some(epoch);
+                async { Ok::<(), kube::Error>(()) }
+            })
+            .await;
+        assert!(
+            matches!(sent, Ok(false)),
+            "nothing is sent while standing by"
+        );
+        assert_eq!(*stamped.lock().unwrap_or_else(|e| e.into_inner()), None);
+        let _ = tx.send(Leadership::Leading {
+            epoch: Some(7),
+            valid_until: Instant::now() + Duration::from_secs(30),
+        });
+        let sent = door
+            .send_in_term(permits.acquire(Priority::First, "ns").await, |epoch| {
+                *stamped.lock().unwrap_or_else(|e| e.into_inner()) = Some(epoch);
+                async { Ok::<(), kube::Error>(()) }
+            })
+            .await;
+        assert!(matches!(sent, Ok(true)));
+        assert_eq!(
+            *stamped.lock().unwrap_or_else(|e| e.into_inner()),
+            Some(Some(7)),
+            "the write carries the epoch of the term that let it through"
+        );
     }
 }

@@ -256,14 +256,23 @@ pub(crate) async fn send(
     let name = pool.name_any();
     let params = PatchParams::apply(FIELD_MANAGER).force();
     if let Some(status) = &outbox.status {
-        let patch = serde_json::json!({
-            "apiVersion": "dbpool.io/v1alpha1",
-            "kind": "DbPool",
-            "status": status,
-        });
-        let patch = Patch::Apply(&patch);
-        let request = api.patch_status(&name, &params, &patch);
-        if !io.door.send_with(permit, request).await? {
+        // The writerEpoch is stamped by the door from the term that lets the write through,
+        // not from the term (or the standby) in which the status was computed.
+        let (api, name, params) = (&api, &name, &params);
+        let sent = io
+            .door
+            .send_in_term(permit, |epoch| async move {
+                let mut status = status.clone();
+                status.writer_epoch = epoch;
+                let patch = serde_json::json!({
+                    "apiVersion": "dbpool.io/v1alpha1",
+                    "kind": "DbPool",
+                    "status": status,
+                });
+                api.patch_status(name, params, &Patch::Apply(&patch)).await
+            })
+            .await?;
+        if !sent {
             return Ok(false);
         }
         let acknowledged = Timestamp::now();
