@@ -275,7 +275,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         tasks.push(spawn(Priority::User, "force-reopen".to_owned()));
-        while lock(&permits.state).user.len() < 1 {
+        while lock(&permits.state).user.is_empty() {
             tokio::task::yield_now().await;
         }
         drop(held);
