@@ -1,8 +1,11 @@
 //! The API permits: the request budget to the apiserver (`--max-concurrent-api-requests`),
-//! with two classes.
+//! with three classes.
 //!
 //! Lives here: [`ApiPermits`], [`Priority`] and the retry delay after apiserver failures
-//! ([`apiserver_retry_delay`]). A freed permit goes to a [`Priority::First`] request (a status
+//! ([`apiserver_retry_delay`]). A freed permit goes to a [`Priority::User`] request (the status
+//! that answers a person's action: a force reopen, a spec edit, a hold) before anything else, so
+//! a person's action never queues behind thousands of recovery writes (issue 29); then to a
+//! [`Priority::First`] request (a status
 //! write carrying a transition, a Secret read a reconcile waits on, a gate write) before any
 //! [`Priority::Later`] one (breaker labels, events, counter-only statuses), so when hundreds of
 //! pools open together every Open status is written before the labels and events that follow
@@ -33,6 +36,8 @@ pub(crate) fn apiserver_retry_delay(failures: u32) -> Duration {
 /// Which queue a request waits in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Priority {
+    /// Goes before every `First` and `Later` request: what answers a person.
+    User,
     /// Goes before every `Later` request.
     First,
     /// Waits while any `First` request waits.
@@ -42,8 +47,20 @@ pub(crate) enum Priority {
 #[derive(Default)]
 struct State {
     free: usize,
+    user: Queue,
     first: Queue,
     later: Queue,
+}
+
+impl State {
+    /// Whether no request of a class served before `priority` waits.
+    fn none_before(&self, priority: Priority) -> bool {
+        match priority {
+            Priority::User => true,
+            Priority::First => self.user.is_empty(),
+            Priority::Later => self.user.is_empty() && self.first.is_empty(),
+        }
+    }
 }
 
 /// The waiters of one class: per namespace in arrival order, the namespaces served in turn.
@@ -111,12 +128,13 @@ impl ApiPermits {
     pub async fn acquire(&self, priority: Priority, namespace: &str) -> ApiPermit<'_> {
         let waiting = {
             let mut state = lock(&self.state);
-            if state.free > 0 && (priority == Priority::First || state.first.is_empty()) {
+            if state.free > 0 && state.none_before(priority) {
                 state.free -= 1;
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
                 match priority {
+                    Priority::User => state.user.push(namespace, tx),
                     Priority::First => state.first.push(namespace, tx),
                     Priority::Later => state.later.push(namespace, tx),
                 }
@@ -142,7 +160,11 @@ impl ApiPermits {
     fn release(&self) {
         let mut state = lock(&self.state);
         loop {
-            let next = state.first.pop().or_else(|| state.later.pop());
+            let next = state
+                .user
+                .pop()
+                .or_else(|| state.first.pop())
+                .or_else(|| state.later.pop());
             match next {
                 Some(waiter) => {
                     if waiter.send(()).is_ok() {
@@ -219,6 +241,67 @@ mod tests {
         assert!(a.is_ok() && b.is_ok());
         assert_eq!(*lock(&order), ["first", "later"]);
         assert_eq!(lock(&permits.state).free, 1);
+    }
+
+    #[tokio::test]
+    async fn a_persons_request_overtakes_a_thousand_recovery_writes() {
+        // 2,450 pools closing after an outage queue First; a force reopen's status, queued
+        // after all of them, gets the next freed permit (issue 29).
+        let permits = Arc::new(ApiPermits::new(2));
+        let held = [
+            permits.acquire(Priority::First, "shop").await,
+            permits.acquire(Priority::First, "shop").await,
+        ];
+        // A person's request finds no free permit either (both budgets are taken).
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        let spawn = |priority: Priority, name: String| {
+            let (permits, order) = (permits.clone(), order.clone());
+            tokio::spawn(async move {
+                let permit = permits.acquire(priority, "shop").await;
+                lock(&order).push(name);
+                drop(permit);
+            })
+        };
+        for i in 0..1_000 {
+            tasks.push(spawn(Priority::First, format!("recovery-{i}")));
+        }
+        tasks.push(spawn(Priority::Later, "label".to_owned()));
+        let queued = || {
+            let state = lock(&permits.state);
+            state.first.len() + state.later.len()
+        };
+        while queued() < 1_001 {
+            tokio::task::yield_now().await;
+        }
+        tasks.push(spawn(Priority::User, "force-reopen".to_owned()));
+        while lock(&permits.state).user.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        for task in tasks {
+            assert!(task.await.is_ok());
+        }
+        let order = lock(&order);
+        assert_eq!(order.first().map(String::as_str), Some("force-reopen"));
+        assert_eq!(order.last().map(String::as_str), Some("label"));
+        assert_eq!(order.len(), 1_002);
+        assert_eq!(lock(&permits.state).free, 2);
+    }
+
+    #[tokio::test]
+    async fn a_persons_request_takes_a_free_permit_while_others_wait() {
+        let permits = ApiPermits::new(1);
+        {
+            let mut state = lock(&permits.state);
+            let (tx, _rx) = oneshot::channel();
+            state.first.push("shop", tx);
+        }
+        // A Later request waits behind the queued First one; a User request does not.
+        assert!(!lock(&permits.state).none_before(Priority::Later));
+        let permit = permits.acquire(Priority::User, "shop").await;
+        assert_eq!(lock(&permits.state).free, 0);
+        drop(permit);
     }
 
     #[tokio::test]

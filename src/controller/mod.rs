@@ -23,6 +23,7 @@
 //! - **vocabulary**, which any layer may use — `config` ([`OperatorConfig`]), `error`
 //!   ([`Error`]), `observer`,
 //!   `names` (pool and target keys, [`PerPool`](names::PerPool)), `events` (event wording),
+//!   `projection` (what the DbPool cache keeps of an object),
 //!   `api_permits` (the apiserver request budget), `sync` (the lock policy).
 //!
 //! Two words with one meaning each: a *permit* is a place in a budget (probe permits in
@@ -52,6 +53,7 @@ mod names;
 mod observer;
 mod pings;
 mod probe_permits;
+mod projection;
 mod reconcile;
 mod running;
 mod sharing;

@@ -35,6 +35,7 @@ use super::{
     liveness::WatchHealth,
     names::from_owner_key,
     observer::Observer,
+    projection::project,
     reconcile::{error_policy, reconcile},
 };
 use crate::{
@@ -140,7 +141,8 @@ fn trigger_lost_connections(
     (task, lost_refs)
 }
 
-/// The DbPool watch: cached without what the operator never reads, a Delete (or a re-list that
+/// The DbPool watch: cached as `projection` keeps it (what the operator reads; the status goes
+/// to the registry until the pool's memory is rebuilt from it), a Delete (or a re-list that
 /// lost pools) forgets them, and only spec changes (generation), force-reopen and hold
 /// annotations and new objects trigger a reconcile; our own status and label writes do not.
 fn pool_stream(
@@ -150,15 +152,24 @@ fn pool_stream(
     synced: Arc<Synced>,
 ) -> impl futures::Stream<Item = Result<DbPool, watcher::Error>> + Send + 'static {
     let forget_ctx = Arc::downgrade(ctx);
+    let project_ctx = Arc::downgrade(ctx);
     let metrics = ctx.metrics.clone();
     let health = WatchHealth::new("DbPools", metrics.clone());
-    let mut config = watcher::Config::default().any_semantic();
+    // Listed in pages (not `any_semantic`: a list at resourceVersion 0 comes whole from the
+    // apiserver's cache, and 10,000 pools with their managedFields were parsed at once before
+    // any was projected: the restart's memory peak). Each page is projected as it is emitted.
+    let mut config = watcher::Config::default().page_size(LIST_PAGE);
     if let Some(selector) = &ctx.config.pool_selector {
         config = config.labels(selector);
     }
     watcher(api, config)
         .default_backoff()
-        .modify(strip_pool_metadata)
+        .modify(move |pool| {
+            let status = project(pool);
+            if let Some(ctx) = project_ctx.upgrade() {
+                ctx.note_watched_status(pool, status);
+            }
+        })
         .reflect(writer)
         .inspect(move |event| health.note(event))
         .inspect(move |event| match event {
@@ -254,15 +265,8 @@ fn strip_secret_metadata(secret: &mut PartialObjectMeta<Secret>) {
     secret.metadata.managed_fields = None;
 }
 
-/// Drops from a cached DbPool what the operator never reads: managedFields and the
-/// last-applied annotation (each a copy of much of the object; at 10,000 pools they were most
-/// of the operator's memory).
-fn strip_pool_metadata(pool: &mut DbPool) {
-    if let Some(annotations) = pool.metadata.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
-    }
-    pool.metadata.managed_fields = None;
-}
+/// DbPools per list page: the most objects the watch holds unprojected at once.
+const LIST_PAGE: u32 = 250;
 
 /// The annotation `kubectl apply` writes with the whole applied object.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";

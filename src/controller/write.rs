@@ -60,6 +60,9 @@ pub(crate) struct Outbox {
     pub events: Vec<PendingEvent>,
     /// Carries a transition or a force-reopen acknowledgement (see the module comment).
     pub urgent: bool,
+    /// Its status answers a person's action (a force reopen, a spec edit, a hold; see
+    /// `reconcile/outbox.rs`): it queues for its request before every other class.
+    pub answers_person: bool,
 }
 
 impl Outbox {
@@ -77,6 +80,7 @@ impl Outbox {
         }
         fold(&mut self.events, newer.events);
         self.urgent |= newer.urgent;
+        self.answers_person |= newer.answers_person;
     }
 
     /// Requests this outbox costs: one per patch and one per event.
@@ -129,11 +133,13 @@ impl WriterState {
         !std::mem::replace(&mut self.running, true)
     }
 
-    /// The class the waiting outbox queues in: a transition's status first, anything else
-    /// later; None when nothing waits.
+    /// The class the waiting outbox queues in: a status answering a person before all, a
+    /// transition's status first, anything else later; None when nothing waits.
     pub fn priority(&self) -> Option<Priority> {
         let outbox = self.outbox.as_ref()?;
-        Some(if outbox.urgent && outbox.status.is_some() {
+        Some(if outbox.answers_person && outbox.status.is_some() {
+            Priority::User
+        } else if outbox.urgent && outbox.status.is_some() {
             Priority::First
         } else {
             Priority::Later
@@ -335,5 +341,30 @@ mod tests {
         let bucket = TokenBucket::new(2);
         assert!(bucket.try_take(50).is_ok());
         assert!(bucket.try_take(1).is_err());
+    }
+
+    fn outbox(urgent: bool, answers_person: bool) -> Outbox {
+        Outbox {
+            pool: Arc::new(crate::controller::testing::pool("p")),
+            status: Some(DbPoolStatus::default()),
+            label: None,
+            events: Vec::new(),
+            urgent,
+            answers_person,
+        }
+    }
+
+    #[test]
+    fn a_status_answering_a_person_queues_before_recovery_writes() {
+        let mut writer = WriterState::default();
+        assert_eq!(writer.priority(), None);
+        assert!(writer.offer(outbox(true, false)), "starts a writer");
+        assert_eq!(writer.priority(), Some(Priority::First));
+        // The force reopen's acknowledgement merges into what waits and lifts its class.
+        assert!(!writer.offer(outbox(true, true)), "the writer runs already");
+        assert_eq!(writer.priority(), Some(Priority::User));
+        let mut counters = WriterState::default();
+        counters.offer(outbox(false, false));
+        assert_eq!(counters.priority(), Some(Priority::Later));
     }
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Condition, jiff::Timestamp};
 use kube::ResourceExt;
 
 use super::schedule::{Next, Plan, Reason, Wants};
@@ -31,8 +31,12 @@ pub(crate) struct PoolMemory {
     /// The maintenance hold acted on, as [`Hold::describe`](crate::api::Hold::describe) puts it.
     pub hold: Option<String>,
     /// The last status handed to the pool's writer (written, or waiting to be: the latest wins),
-    /// or restored from the object.
+    /// or restored from the object: the process's only copy of the pool's status (the cache
+    /// keeps none, see `projection`).
     pub last_written: Option<DbPoolStatus>,
+    /// The conditions of a watched status that had no phase (nothing to restore from, but their
+    /// transition times are kept); empty otherwise.
+    pub prior_conditions: Vec<Condition>,
     pub last_written_at: Option<Timestamp>,
     /// The last breaker label handed to the writer.
     pub label_written: Option<String>,
@@ -69,20 +73,24 @@ fn restart_spread(state: &PoolState, policy: &Policy, seed: u64) -> Duration {
 }
 
 impl PoolMemory {
-    /// A new memory: fresh for a new pool, rebuilt from status after a restart.
-    pub fn restore(pool: &DbPool, policy: &Policy, now: Timestamp) -> Self {
+    /// A new memory: fresh for a new pool, rebuilt from `status` (the pool's status as the watch
+    /// delivered it, see `projection`) after a restart.
+    pub fn restore(
+        pool: &DbPool,
+        status: Option<&DbPoolStatus>,
+        policy: &Policy,
+        now: Timestamp,
+    ) -> Self {
         let seed = stable_seed(pool);
         let fresh = Self {
             uid: pool.metadata.uid.clone(),
             generation: pool.metadata.generation,
             state: PoolState::new(seed),
             last_probe: None,
-            last_force_reopen: pool
-                .status
-                .as_ref()
-                .and_then(|s| s.last_force_reopen.clone()),
+            last_force_reopen: status.and_then(|s| s.last_force_reopen.clone()),
             hold: None,
             last_written: None,
+            prior_conditions: status.map(|s| s.conditions.clone()).unwrap_or_default(),
             last_written_at: None,
             label_written: None,
             label_written_at: None,
@@ -93,7 +101,7 @@ impl PoolMemory {
             wants: Wants::default(),
             readiness: None,
         };
-        let Some(status) = pool.status.as_ref().filter(|s| s.phase.is_some()) else {
+        let Some(status) = status.filter(|s| s.phase.is_some()) else {
             return fresh;
         };
         let mut state = restore_state(status, seed);
@@ -122,6 +130,7 @@ impl PoolMemory {
                 .find(|c| c.type_ == CONDITION_BREAKER_OPEN && c.reason == reason::HELD)
                 .map(|c| c.message.clone()),
             last_written: Some(status.clone()),
+            prior_conditions: Vec::new(),
             // The stored lastProbe was written when that probe finished: a restart alone must not
             // make every pool refresh its status at once.
             last_written_at: status.last_probe.as_ref().map(|p| p.time.0),
@@ -211,7 +220,7 @@ mod tests {
         let now = Timestamp::now();
         let pool = pool_with_status("steady", Some(healthy_status(now)));
         let policy = pool.spec.policy();
-        let mut memory = PoolMemory::restore(&pool, &policy, now);
+        let mut memory = PoolMemory::restore(&pool, pool.status.as_ref(), &policy, now);
         assert!(matches!(
             memory.plan,
             Plan::NotBefore(_, Reason::RestartSpread)
@@ -237,7 +246,7 @@ mod tests {
         let pool = pool_with_status("mixed", Some(status));
         let policy = pool.spec.policy();
         assert!(policy.failure_threshold < 6);
-        let memory = PoolMemory::restore(&pool, &policy, now);
+        let memory = PoolMemory::restore(&pool, pool.status.as_ref(), &policy, now);
         let (state, _) = recovery::apply(&memory.state, Event::ProbeStarted, now, &policy);
         assert_eq!(state.breaker, BreakerState::Closed);
         let failed = Event::ProbeFailed {
@@ -253,7 +262,7 @@ mod tests {
         let now = Timestamp::now();
         let pool = pool_with_status("fresh", None);
         let policy = pool.spec.policy();
-        let entry = PoolMemory::restore(&pool, &policy, now);
+        let entry = PoolMemory::restore(&pool, pool.status.as_ref(), &policy, now);
         assert_eq!(entry.next(&policy, now).at, now);
     }
 
@@ -268,7 +277,7 @@ mod tests {
             .map(|i| {
                 let pool = pool_with_status(&format!("pool-{i}"), Some(healthy_status(long_ago)));
                 let policy = pool.spec.policy();
-                PoolMemory::restore(&pool, &policy, now)
+                PoolMemory::restore(&pool, pool.status.as_ref(), &policy, now)
                     .next(&policy, now)
                     .at
             })

@@ -16,6 +16,9 @@
 //! forgotten does not compile. The
 //! per-pool metric series go with them (`Metrics::forget`).
 
+#[cfg(test)]
+#[path = "tests/footprint.rs"]
+mod footprint;
 mod memory;
 mod schedule;
 mod writer;
@@ -58,7 +61,7 @@ use super::{
     write::{WriteBudget, WriteIo, WriterState},
 };
 use crate::{
-    api::DbPool,
+    api::{DbPool, DbPoolStatus},
     metrics::Metrics,
     probe::{ConnectionLost, Prober, ProberConfig},
 };
@@ -88,8 +91,8 @@ pub(crate) struct Context {
     pub observer: Arc<dyn Observer>,
     /// The watch's cache of DbPools: what exists now.
     pub store: Store<DbPool>,
-    /// The pool registry.
-    pools: Mutex<HashMap<PoolRef, PoolEntry>>,
+    /// The pool registry (boxed entries: a map's free slots cost a pointer, not an entry).
+    pools: Mutex<HashMap<PoolRef, Box<PoolEntry>>>,
 }
 
 /// The parts that keep something per pool besides the registry (see the module comment).
@@ -117,6 +120,10 @@ pub(crate) struct PoolEntry {
     probe_requested: Option<Timestamp>,
     /// Failed reconciles in a row, for the retry delay.
     error_count: u32,
+    /// The status the watch delivered while the pool has no memory (for the uid it carries):
+    /// what the first reconcile rebuilds the memory from. The cache keeps no status (see
+    /// `projection`), and this goes once the memory exists.
+    watched_status: Option<(Option<String>, Box<DbPoolStatus>)>,
     /// What waits to be written, and the pool's writer (see `write`).
     writer: WriterState,
 }
@@ -142,6 +149,16 @@ impl Parts {
             ("timeouts", timeouts),
         ]
     }
+}
+
+/// What [`Context::take_memory`] finds for a pool.
+pub(crate) struct Recalled {
+    /// Its memory in this process.
+    pub memory: Option<PoolMemory>,
+    /// Without a memory: the status the watch delivered, to rebuild one from.
+    pub watched_status: Option<DbPoolStatus>,
+    /// When a probe was requested (its probe connection was lost), if it was.
+    pub requested: Option<Timestamp>,
 }
 
 /// The prober's channel of lost connections.
@@ -278,26 +295,56 @@ impl Context {
         }
     }
 
-    /// The pool's memory (if any, and if it belongs to the same object) and when a probe was
-    /// requested, if it was; clears the request. Creates the pool's entry if it has none yet.
-    pub fn take_memory(
-        &self,
-        pool: &DbPool,
-        key: &PoolRef,
-    ) -> (Option<PoolMemory>, Option<Timestamp>) {
+    /// Keeps the status the watch delivered with `pool` (which the projection took off the
+    /// cached object) while the pool has no memory of that object to restore it from; drops it
+    /// otherwise (the memory is the truth, and its last written status the one copy).
+    pub fn note_watched_status(&self, pool: &DbPool, status: Option<DbPoolStatus>) {
+        let key = PoolRef::from_obj(pool);
+        let mut pools = lock(&self.pools);
+        let known = pools
+            .get(&key)
+            .and_then(|entry| entry.memory.as_ref())
+            .is_some_and(|memory| memory.uid == pool.metadata.uid);
+        if known {
+            return;
+        }
+        let Some(status) = status else {
+            if let Some(entry) = pools.get_mut(&key) {
+                entry.watched_status = None;
+            }
+            return;
+        };
+        pools.entry(key).or_default().watched_status =
+            Some((pool.metadata.uid.clone(), Box::new(status)));
+    }
+
+    /// The pool's memory (if any, and if it belongs to the same object), or else the status the
+    /// watch delivered for it (to restore the memory from); and when a probe was requested, if
+    /// it was; clears the request. Creates the pool's entry if it has none yet.
+    pub fn take_memory(&self, pool: &DbPool, key: &PoolRef) -> Recalled {
         let mut pools = lock(&self.pools);
         // The entry exists from the first reconcile's start (not only from its end), so a probe
         // connection lost while that reconcile runs is requested, not dropped by request_probe.
         let entry = pools.entry(key.clone()).or_default();
         let requested = std::mem::take(&mut entry.probe_requested);
         let memory = entry.memory.clone().filter(|m| m.uid == pool.metadata.uid);
-        (memory, requested)
+        let watched_status = match (&memory, &entry.watched_status) {
+            (None, Some((uid, status))) if *uid == pool.metadata.uid => Some((**status).clone()),
+            _ => None,
+        };
+        Recalled {
+            memory,
+            watched_status,
+            requested,
+        }
     }
 
-    /// Stores the memory a reconcile ended with; `succeeded` resets the error count.
+    /// Stores the memory a reconcile ended with (the watched status it was rebuilt from goes);
+    /// `succeeded` resets the error count.
     pub fn store_memory(&self, key: &PoolRef, memory: PoolMemory, succeeded: bool) {
         let mut pools = lock(&self.pools);
         let entry = pools.entry(key.clone()).or_default();
+        entry.watched_status = None;
         entry.memory = Some(memory);
         if succeeded {
             entry.error_count = 0;

@@ -138,7 +138,7 @@ mod tests {
 
     fn run() -> Run {
         let pool = testing::pool("orders");
-        let memory = PoolMemory::restore(&pool, &pool.spec.policy(), Timestamp::now());
+        let memory = PoolMemory::restore(&pool, None, &pool.spec.policy(), Timestamp::now());
         Run::new(&pool, memory)
     }
 
@@ -273,7 +273,8 @@ mod tests {
                     let mut pool = testing::pool("orders");
                     pool.metadata.name = Some(format!("p{i}"));
 
-                    let memory = PoolMemory::restore(&pool, &pool.spec.policy(), Timestamp::now());
+                    let memory =
+                        PoolMemory::restore(&pool, None, &pool.spec.policy(), Timestamp::now());
                     (Run::new(&pool, memory), format!("db{i}:5432"))
                 })
                 .collect();

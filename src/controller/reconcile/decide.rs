@@ -340,7 +340,10 @@ mod tests {
     fn run() -> Run {
         let pool = testing::pool("orders");
         let policy = pool.spec.policy();
-        Run::new(&pool, PoolMemory::restore(&pool, &policy, Timestamp::now()))
+        Run::new(
+            &pool,
+            PoolMemory::restore(&pool, None, &policy, Timestamp::now()),
+        )
     }
 
     #[test]

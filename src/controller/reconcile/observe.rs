@@ -46,15 +46,17 @@ impl Run {
     /// whether its probe connection was lost since the last reconcile.
     pub(super) fn recall(pool: &DbPool, ctx: &Context) -> (Self, bool) {
         let key = ObjectRef::from_obj(pool);
-        let (memory, requested_at) = ctx.take_memory(pool, &key);
-        let mut memory = memory.unwrap_or_else(|| {
+        let recalled = ctx.take_memory(pool, &key);
+        let requested_at = recalled.requested;
+        let mut memory = recalled.memory.unwrap_or_else(|| {
             // First reconcile of this pool in this process: its series start at 0 (only a
             // leader exports per-pool series).
             if let Some(metrics) = ctx.door.metrics() {
                 metrics.pool_seen(&pool_labels(&key));
             }
             let (_, policy) = policy_of(pool);
-            let memory = PoolMemory::restore(pool, &policy, Timestamp::now());
+            let status = recalled.watched_status.as_ref();
+            let memory = PoolMemory::restore(pool, status, &policy, Timestamp::now());
             let held = memory.state.held_since.is_some();
             ctx.parts
                 .fleet

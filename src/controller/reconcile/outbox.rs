@@ -2,7 +2,8 @@
 //!
 //! Lives here: `Run::write` (the status diff, the breaker label, the reconcile's events, the
 //! inline gate sync before the status that reports it, the hand-over to `write::submit`),
-//! `Run::label_to_write` and [`is_transition`] (which outboxes go at once). Must not live here:
+//! `Run::label_to_write`, [`is_transition`] (which outboxes go at once) and [`answers_person`]
+//! (which go before every recovery write). Must not live here:
 //! the writes themselves and the budget (`write`), the shape of the status (`status`), event
 //! wording (`events`).
 
@@ -13,7 +14,9 @@ use kube::ResourceExt;
 
 use super::Run;
 use crate::{
-    api::{BREAKER_LABEL, CONDITION_READY, DbPool, DbPoolStatus, Phase, reason},
+    api::{
+        BREAKER_LABEL, CONDITION_BREAKER_OPEN, CONDITION_READY, DbPool, DbPoolStatus, Phase, reason,
+    },
     controller::{
         context::{Context, submit},
         events::{EventFacts, PendingEvent, events_of},
@@ -34,10 +37,10 @@ impl Run {
         let now = Timestamp::now();
         let last = self.memory.last_written.as_ref();
         let before_phase = last.and_then(|s| s.phase);
-        let previous_conditions = last
-            .or(pool.status.as_ref())
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
+        let previous_conditions = last.map_or_else(
+            || self.memory.prior_conditions.clone(),
+            |s| s.conditions.clone(),
+        );
         let gate_condition = gate.condition(pool.spec.gate.as_ref());
         let desired = desired_status(
             &StatusInputs {
@@ -62,6 +65,7 @@ impl Run {
             now,
         );
         let urgent = status_changed && is_transition(last, &desired);
+        let answers_person = status_changed && answers_person(last, &desired, urgent, now);
         let label = self.label_to_write(pool, now);
         let events = self.events(before_phase, desired.phase);
         let outbox = Outbox {
@@ -69,11 +73,13 @@ impl Run {
             status: status_changed.then(|| desired.clone()),
             label,
             events,
-            urgent: urgent || label.is_some(),
+            urgent: urgent || answers_person || label.is_some(),
+            answers_person,
         };
         submit(ctx, &self.key, outbox);
         if status_changed {
             self.memory.last_written = Some(desired);
+            self.memory.prior_conditions = Vec::new();
             self.memory.last_written_at = Some(now);
         }
         if let Some(label) = label {
@@ -159,6 +165,39 @@ pub(super) fn is_transition(last: Option<&DbPoolStatus>, desired: &DbPoolStatus)
             != desired.last_force_reopen.as_ref().map(|r| &r.token)
 }
 
+/// How long after acting on a force reopen the pool's transitions still answer the person who
+/// asked: the reopen's probe can end in a later reconcile than its acknowledgement, and the
+/// person waits for the Ready that follows.
+const ANSWER_WINDOW: SignedDuration = SignedDuration::from_secs(60);
+
+/// Whether writing `desired` over `last` answers a person's action, so its status write goes
+/// before every recovery write (`Priority::User`, issue 29): a force reopen acknowledged (and,
+/// within [`ANSWER_WINDOW`] after it, the transitions that follow), a spec edit acknowledged (a
+/// new observedGeneration), a maintenance hold set or released. A pool's first status is not
+/// one (a restart or a bulk create writes thousands of them).
+pub(super) fn answers_person(
+    last: Option<&DbPoolStatus>,
+    desired: &DbPoolStatus,
+    transition: bool,
+    now: Timestamp,
+) -> bool {
+    let Some(last) = last else { return false };
+    let token = |s: &DbPoolStatus| s.last_force_reopen.as_ref().map(|r| r.token.clone());
+    let held = |s: &DbPoolStatus| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == CONDITION_BREAKER_OPEN && c.reason == reason::HELD)
+    };
+    let reopened_lately = desired
+        .last_force_reopen
+        .as_ref()
+        .is_some_and(|r| now.duration_since(r.time.0) <= ANSWER_WINDOW);
+    last.observed_generation != desired.observed_generation
+        || token(last) != token(desired)
+        || held(last) != held(desired)
+        || (transition && reopened_lately)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +273,36 @@ mod tests {
             Some(&status(Phase::BreakerOpen, BreakerState::Open, 5)),
             &after
         ));
+    }
+
+    #[test]
+    fn a_force_reopen_and_the_ready_after_it_answer_a_person_recovery_does_not() {
+        let now = Timestamp::now();
+        let open = status(Phase::BreakerOpen, BreakerState::Open, 5);
+        let closed = status(Phase::Healthy, BreakerState::Closed, 0);
+        // An outage's recovery: a transition, but nobody asked.
+        assert!(!answers_person(Some(&open), &closed, true, now));
+        // The acknowledgement of a force reopen.
+        let mut acknowledged = open.clone();
+        acknowledged.last_force_reopen = Some(ForceReopenRecord {
+            token: "t-1".into(),
+            time: MicroTime(now),
+        });
+        assert!(answers_person(Some(&open), &acknowledged, true, now));
+        // The Ready that follows it in a later reconcile, within the window; not long after.
+        let mut ready = closed.clone();
+        ready.last_force_reopen = acknowledged.last_force_reopen.clone();
+        assert!(answers_person(Some(&acknowledged), &ready, true, now));
+        let later = now
+            .checked_add(ANSWER_WINDOW + SignedDuration::from_secs(1))
+            .expect("valid");
+        assert!(!answers_person(Some(&acknowledged), &ready, true, later));
+        // A counter update after it is not a transition: it waits as before.
+        assert!(!answers_person(Some(&ready), &ready, false, now));
+        // A spec edit's acknowledgement; a pool's first status is none.
+        let mut edited = closed.clone();
+        edited.observed_generation = Some(2);
+        assert!(answers_person(Some(&closed), &edited, true, now));
+        assert!(!answers_person(None, &closed, true, now));
     }
 }

@@ -154,7 +154,7 @@ mod tests {
     fn run_after(t: Timestamp, kind: Option<FailureKind>) -> Run {
         let pool = testing::pool("orders");
         let policy = pool.spec.policy();
-        let mut run = Run::new(&pool, PoolMemory::restore(&pool, &policy, t));
+        let mut run = Run::new(&pool, PoolMemory::restore(&pool, None, &policy, t));
         let seq = run.start_probe(t);
         let event = match kind {
             None => Event::ProbeSucceeded {
