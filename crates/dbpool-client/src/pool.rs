@@ -16,13 +16,18 @@
 //! - `engine`: feeding the recovery engine and every other write to its state, metrics of it.
 //! - `follow`: the hooks the DbPool follower (`crate::dbpool`) calls.
 //! - `status`: `status()` and `health_check()`.
+//! - `limbo`: the rule for a caller while the database fails and the breaker is Closed (wait,
+//!   or the real cause at once).
+//! - `readiness`: readiness evidence (the DbPool's `status.readiness`, or the pool's own pings
+//!   when standalone) and the early trial it brings.
 //!
 //! Rules:
 //! - Callers open connections only while the last connect succeeded and the breaker is Closed
 //!   (never against a failing server); otherwise the supervisor alone connects.
 //! - `get()` fails at once while the breaker is Open or HalfOpen, or while the last connect
 //!   failed with a configuration mistake; while Closed it waits at most `acquire_timeout`, and
-//!   at once if the next recovery attempt is due after that.
+//!   while the database fails only as the limbo rule allows (`limbo`: an attempt in flight, a
+//!   server starting, a ping in flight), else it returns the last failure's cause at once.
 //! - A connection whose task ends without the pool closing it is a loss: idle connections that
 //!   are closed are purged, callers stop connecting, and the supervisor probes at once.
 
@@ -31,6 +36,8 @@ mod conn;
 mod engine;
 mod fill;
 mod follow;
+mod limbo;
+mod readiness;
 mod status;
 mod supervisor;
 
@@ -104,6 +111,8 @@ struct Shared {
     /// The DbPool's breaker as last seen, and its force-reopen token.
     hint_breaker: Option<BreakerState>,
     hint_token: Option<String>,
+    /// Readiness evidence and the standalone pings (`readiness`).
+    ready: readiness::ReadyState,
     closed: bool,
 }
 
@@ -133,6 +142,7 @@ impl Pool {
                 ramp_started: None,
                 hint_breaker: None,
                 hint_token: None,
+                ready: readiness::ReadyState::default(),
                 closed: false,
             }),
             changed: Notify::new(),
