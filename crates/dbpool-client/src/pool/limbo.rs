@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The longest a caller waits for a readiness ping in flight.
-pub(super) const PING_WAIT: Duration = Duration::from_millis(20);
+pub(super) const PING_WAIT: Duration = Duration::from_millis(50);
 
 /// What could bring a connection soon.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
