@@ -202,9 +202,11 @@ async fn standalone_pings_stay_within_the_rate_and_bring_the_trial_when_the_serv
     // The server goes away: sessions closed, new connections closed after the startup.
     front.set_up(false);
     front.cut_all();
-    wait_until("the loss is seen and probed", Duration::from_secs(10), || async {
-        pool.status().last_error.is_some() && pool.status().connecting == 0
-    })
+    wait_until(
+        "the loss is seen and probed",
+        Duration::from_secs(10),
+        || async { pool.status().last_error.is_some() && pool.status().connecting == 0 },
+    )
     .await;
     let logins_down = front.logins();
     let pings_before = front.pings();
@@ -235,18 +237,27 @@ async fn standalone_pings_stay_within_the_rate_and_bring_the_trial_when_the_serv
         (2..=4).contains(&pings),
         "pings at the server side in 3.5 s at ≤ 1/s: {pings}"
     );
-    assert_eq!(front.logins(), logins_down, "no credentialed attempt before the 10 s retry");
+    assert_eq!(
+        front.logins(),
+        logins_down,
+        "no credentialed attempt before the 10 s retry"
+    );
     // Far below acquire_timeout (2 s): nobody waited for the retry due in 10 s.
-    assert!(slowest < Duration::from_secs(1), "slowest failure {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "slowest failure {slowest:?}"
+    );
     assert_eq!(pool.status().pings_started, front.pings());
 
     // The server is back: a ping sees it accepting and the early trial serves, long before the
     // 10 s retry.
     front.set_up(true);
     let back = Instant::now();
-    wait_until("served again after the ping's trial", Duration::from_secs(5), || async {
-        select_one(&pool).await.is_ok()
-    })
+    wait_until(
+        "served again after the ping's trial",
+        Duration::from_secs(5),
+        || async { select_one(&pool).await.is_ok() },
+    )
     .await;
     println!("ready → served: {:?}", back.elapsed());
     let pings_after = front.pings();
@@ -270,9 +281,11 @@ async fn an_idle_pool_serves_at_once_after_a_blip() {
     // A blip while nobody calls: the loss is probed (and fails) while down.
     front.set_up(false);
     front.cut_all();
-    wait_until("the loss is seen and probed", Duration::from_secs(10), || async {
-        pool.status().last_error.is_some() && pool.status().connecting == 0
-    })
+    wait_until(
+        "the loss is seen and probed",
+        Duration::from_secs(10),
+        || async { pool.status().last_error.is_some() && pool.status().connecting == 0 },
+    )
     .await;
     assert_eq!(front.pings(), 0, "an idle pool pings nothing");
     front.set_up(true);
