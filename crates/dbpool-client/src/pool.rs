@@ -51,7 +51,7 @@ use dbpool_probe::{AdaptiveTimeouts, ProbeTarget};
 use dbpool_recovery::{BreakerMode, BreakerState, Event, Policy, PoolState};
 use jiff::Timestamp;
 use tokio::{sync::Notify, time::Instant};
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, debug_span, info_span};
 
 pub use conn::PooledClient;
 pub(crate) use follow::WeakPool;
@@ -179,11 +179,15 @@ impl Pool {
     /// A connection: an idle one, a new one while the database is healthy, or the real error.
     ///
     /// Fails at once while the breaker is Open or HalfOpen ([`PoolError::BreakerOpen`]) or after
-    /// a configuration failure ([`PoolError::Config`]); otherwise waits at most
-    /// `acquire_timeout` and returns the last real failure ([`PoolError::Unavailable`]) or
-    /// [`PoolError::Exhausted`].
+    /// a configuration failure ([`PoolError::Config`]). While the database fails and the breaker
+    /// is Closed, waits only while an attempt is in flight, the server says it is starting, or a
+    /// readiness ping is in flight (the limbo rule), else returns the last failure's cause
+    /// ([`PoolError::Unavailable`]) at once. Never waits past `acquire_timeout`
+    /// ([`PoolError::Unavailable`] or [`PoolError::Exhausted`]).
     pub async fn get(&self) -> Result<PooledClient, PoolError> {
-        let span = info_span!("dbpool_client.get", pool = %self.inner.name);
+        // DEBUG, not INFO: an application logging at INFO pays nothing per checkout (a span
+        // that is enabled costs an allocation and the formatted pool name on every call).
+        let span = debug_span!("dbpool_client.get", pool = %self.inner.name);
         self.checkout().instrument(span).await
     }
 
