@@ -31,6 +31,8 @@ struct Counts {
     pings: AtomicU64,
     logins: AtomicU64,
     up: AtomicBool,
+    /// While down, pings get a pg_hba refusal (SQLSTATE 28000): a configuration answer.
+    hba_refuses_pings: AtomicBool,
 }
 
 /// The counting front: forwards while up, reads the startup and closes while down.
@@ -114,6 +116,25 @@ fn is_ping(body: &[u8]) -> bool {
     keys == [&b"user"[..], &b"database"[..]]
 }
 
+/// An ErrorResponse as pg_hba sends it: FATAL 28000.
+fn hba_error() -> Vec<u8> {
+    let mut body = Vec::new();
+    for (tag, value) in [
+        (b'S', "FATAL"),
+        (b'C', "28000"),
+        (b'M', "no pg_hba.conf entry for host"),
+    ] {
+        body.push(tag);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut message = vec![b'E'];
+    message.extend_from_slice(&u32::try_from(body.len() + 4).unwrap_or(0).to_be_bytes());
+    message.extend_from_slice(&body);
+    message
+}
+
 async fn serve(
     mut client: TcpStream,
     upstream: SocketAddr,
@@ -132,7 +153,14 @@ async fn serve(
         counts.logins.fetch_add(1, Ordering::SeqCst);
     }
     if !counts.up.load(Ordering::SeqCst) {
-        return Ok(()); // closed: an outage-class failure
+        if is_ping(&first) && counts.hba_refuses_pings.load(Ordering::SeqCst) {
+            client.write_all(&hba_error()).await?;
+            client.flush().await?;
+            // Wait for the client's close, as a server does.
+            let mut rest = Vec::new();
+            let _ = client.read_to_end(&mut rest).await;
+        }
+        return Ok(()); // closed: an outage-class failure for a login
     }
     let mut server = TcpStream::connect(upstream).await?;
     let len = u32::try_from(first.len() + 4).unwrap_or(u32::MAX);
@@ -305,4 +333,36 @@ async fn an_idle_pool_serves_at_once_after_a_blip() {
         "pings by the returning caller: {}",
         front.pings()
     );
+}
+
+/// A configuration answer to a ping (pg_hba refuses it) stops the pings: one ping, then none,
+/// however many callers ask; callers keep getting the real cause at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_answer_stops_the_pings() {
+    let pg = PgServer::start().await;
+    let front = Front::start(SocketAddr::from(([127, 0, 0, 1], pg.port()))).await;
+    let pool = Pool::new(config("hba", front.port), None);
+    wait_until("the pool serves", Duration::from_secs(10), || async {
+        select_one(&pool).await.is_ok()
+    })
+    .await;
+    front.counts.hba_refuses_pings.store(true, Ordering::SeqCst);
+    front.set_up(false);
+    front.cut_all();
+    wait_until(
+        "the loss is seen and probed",
+        Duration::from_secs(10),
+        || async { pool.status().last_error.is_some() && pool.status().connecting == 0 },
+    )
+    .await;
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_millis(2500) {
+        assert!(matches!(
+            select_one(&pool).await,
+            Err(PoolError::Unavailable { .. })
+        ));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(front.pings(), 1, "one ping, answered by pg_hba, then none");
+    assert_eq!(pool.status().pings_started, 1);
 }
