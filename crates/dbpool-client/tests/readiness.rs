@@ -366,3 +366,34 @@ async fn a_configuration_answer_stops_the_pings() {
     assert_eq!(front.pings(), 1, "one ping, answered by pg_hba, then none");
     assert_eq!(pool.status().pings_started, 1);
 }
+
+/// A real restart (`pg_ctl stop -m fast`, start) of an idle pool with several connections: every
+/// connection's end reports a loss (57P01) after the probe already learned the server is down;
+/// that must not stop the pings. The first caller after the restart is served by the ping's
+/// trial, long before the 10 s retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_restart_of_an_idle_pool_serves_the_first_caller_by_a_ping() {
+    let mut pg = PgServer::start().await;
+    let mut cfg = config("restart", pg.port());
+    cfg.options.min_idle = 4;
+    let pool = Pool::new(cfg, None);
+    wait_until("four idle connections", Duration::from_secs(10), || async {
+        pool.status().idle >= 4
+    })
+    .await;
+    pg.stop().await;
+    wait_until("the loss is probed", Duration::from_secs(10), || async {
+        pool.status().consecutive_failures >= 1 && pool.status().connecting == 0
+    })
+    .await;
+    pg.start().await;
+    let back = Instant::now();
+    wait_until(
+        "served after the restart",
+        Duration::from_secs(5),
+        || async { select_one(&pool).await.is_ok() },
+    )
+    .await;
+    println!("ready → served: {:?}", back.elapsed());
+    assert!(pool.status().pings_started >= 1, "{:?}", pool.status());
+}
