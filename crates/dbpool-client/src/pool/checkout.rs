@@ -181,6 +181,11 @@ impl Inner {
             // connection soon, else the last failure's cause now.
             self.maybe_ping(s);
             match limbo::verdict(&self.evidence(s), now) {
+                // Waiting on a starting server: decide again when the next ping may go, or
+                // nobody would ping (every caller waiting) until acquire_timeout.
+                Verdict::Wait if s.ready.starting => {
+                    return Step::Wait(s.ready.not_before.filter(|t| *t > now));
+                }
                 Verdict::Wait => {}
                 Verdict::WaitUntil(at) => return Step::Wait(Some(at.min(deadline))),
                 Verdict::Fail => {
