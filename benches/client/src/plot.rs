@@ -258,7 +258,7 @@ fn draw(path: &Path, scenario: Scenario, runs: &[RunResult]) -> DrawResult {
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!("{}: timeline", scenario.title()),
-            ("sans-serif", 18),
+            ("sans-serif", 24),
         )
         .margin(10)
         .margin_bottom(50)
@@ -270,6 +270,7 @@ fn draw(path: &Path, scenario: Scenario, runs: &[RunResult]) -> DrawResult {
         .disable_y_mesh()
         .disable_y_axis()
         .x_labels(20)
+        .light_line_style(WHITE)
         .x_desc("seconds since pg_ctl stop")
         .draw()?;
     let px_per_s = f64::from(WIDTH - LABEL_PX - 20) / (x1 - x0);
@@ -287,8 +288,8 @@ fn draw(path: &Path, scenario: Scenario, runs: &[RunResult]) -> DrawResult {
         let at = chart.backend_coord(&(x0, y0 + 0.5));
         root.draw(&Text::new(
             label(row),
-            (10, at.1 - 7),
-            ("sans-serif", 13).into_font().color(&BLACK),
+            (10, at.1 - 8),
+            ("sans-serif", 16).into_font().color(&BLACK),
         ))?;
         match row {
             Row::Server(r) => server_row(&mut chart, ax, r, y0)?,
@@ -301,7 +302,7 @@ fn draw(path: &Path, scenario: Scenario, runs: &[RunResult]) -> DrawResult {
         "PostgreSQL and breaker: green up / Closed, orange stopping, red down / Open, yellow starting / HalfOpen. \
          Calls: green (upper half) succeeded, red (lower half) failed, darker = more per bin (log); black line: that run's ready.",
         (10, height as i32 - 30),
-        ("sans-serif", 12).into_font().color(&BLACK),
+        ("sans-serif", 15).into_font().color(&BLACK),
     ))?;
     root.present()?;
     Ok(())
