@@ -76,12 +76,24 @@ until nsx curl -fsS http://127.0.0.1:10256/livez >/dev/null 2>&1; do
 done
 log "kube-proxy (iptables mode) is up in $NS"
 
-# The README's Python example runs too when a Python with psycopg is at hand (optional).
-PYTHON="${DBPOOL_GATE_PYTHON:-python3}"
-if "$PYTHON" -c 'import psycopg' 2>/dev/null; then
-  export DBPOOL_GATE_PYTHON="$PYTHON"
+# The README's Python example (examples/gate/psycopg_gate.py) runs too, with the first Python
+# that has psycopg 3: DBPOOL_GATE_PYTHON, python3, or Debian's /usr/bin/python3 (where
+# hack/install-deps.sh installs python3-psycopg). In CI a missing psycopg is an error, not a skip.
+DBPOOL_GATE_PYTHON_FOUND=""
+for candidate in ${DBPOOL_GATE_PYTHON:-} python3 /usr/bin/python3; do
+  if command -v "$candidate" >/dev/null && "$candidate" -c 'import psycopg' 2>/dev/null; then
+    DBPOOL_GATE_PYTHON_FOUND="$(command -v "$candidate")"
+    break
+  fi
+done
+if [[ -n "$DBPOOL_GATE_PYTHON_FOUND" ]]; then
+  export DBPOOL_GATE_PYTHON="$DBPOOL_GATE_PYTHON_FOUND"
+  log "the Python example runs with $DBPOOL_GATE_PYTHON"
+elif [[ -n "${CI:-}" ]]; then
+  log "no Python with psycopg: run hack/install-deps.sh (python3-psycopg); CI does not skip the example"
+  exit 1
 else
-  log "no psycopg for $PYTHON: the Python example is skipped (DBPOOL_GATE_PYTHON=/path/to/python)"
+  log "no Python with psycopg: the Python example is skipped (hack/install-deps.sh installs it)"
   unset DBPOOL_GATE_PYTHON
 fi
 

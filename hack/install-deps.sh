@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs and a fresh machine may lack: PostgreSQL 15 server binaries,
 # openssl, curl, procps, promtool (package prometheus), iptables, PyYAML, umoci, containerd, runc,
-# the CNI plugins, and the rustfmt/clippy components.
+# the CNI plugins, psycopg 3 (Debian's python3-psycopg, for the gate's Python example), and the
+# rustfmt/clippy components.
 # Idempotent and quick when all is present.
 set -euo pipefail
 need_apt=()
@@ -25,6 +26,8 @@ command -v runc >/dev/null || need_apt+=(runc)
 [[ -x /usr/lib/cni/bridge ]] || need_apt+=(containernetworking-plugins)
 command -v nsenter >/dev/null || need_apt+=(util-linux)
 python3 -c 'import yaml' 2>/dev/null || /usr/bin/python3 -c 'import yaml' 2>/dev/null || need_apt+=(python3-yaml)
+# hack/gate-netns.sh: examples/gate/psycopg_gate.py runs in the gate's end-to-end test (psycopg 3).
+python3 -c 'import psycopg' 2>/dev/null || /usr/bin/python3 -c 'import psycopg' 2>/dev/null || need_apt+=(python3-psycopg)
 if ((${#need_apt[@]})); then
   echo "[deps] apt-get install ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

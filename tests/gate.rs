@@ -26,14 +26,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dbpool_operator::api::{
-    BreakerState, CONDITION_GATE, DbPool, DbPoolStatus, FORCE_REOPEN_ANNOTATION, reason,
-};
+use dbpool_operator::api::{BreakerState, CONDITION_GATE, DbPool, DbPoolStatus, reason};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::{
-    Api, Client,
-    api::{Patch, PatchParams, PostParams},
-};
+use kube::{Api, Client, api::PostParams};
 use support::{
     kube::{TestNamespace, create_consenting_secret, install_crd},
     pools::{condition, create, pool, wait_status},
@@ -201,13 +196,6 @@ impl Setup {
             },
         )
         .await;
-    }
-    async fn force_reopen(&self, name: &str, token: &str) {
-        let api: Api<DbPool> = Api::namespaced(self.client.clone(), self.ns());
-        let patch = serde_json::json!({ "metadata": { "annotations": { FORCE_REOPEN_ANNOTATION: token } } });
-        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .expect("annotate force-reopen");
     }
 }
 
@@ -412,7 +400,15 @@ async fn connect_from(from: IpAddr, to: SocketAddr) -> Connect {
 /// Python with psycopg (hack/gate-netns.sh sets it when one is found); prints what it printed.
 /// Returns its exit status, or None when skipped.
 async fn python_example(gate: SocketAddr, when: &str) -> Option<i32> {
-    let python = std::env::var_os("DBPOOL_GATE_PYTHON")?;
+    let Some(python) = std::env::var_os("DBPOOL_GATE_PYTHON") else {
+        // hack/gate-netns.sh finds a Python with psycopg (hack/install-deps.sh installs it);
+        // in CI the example must run, not be skipped.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI: no DBPOOL_GATE_PYTHON, the Python example would be skipped"
+        );
+        return None;
+    };
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gate/psycopg_gate.py");
     let dsn = format!(
         "host={} port={} dbname={APP_DB} user={APP_USER} password={APP_PASSWORD} sslmode=disable",
@@ -433,8 +429,10 @@ async fn python_example(gate: SocketAddr, when: &str) -> Option<i32> {
 }
 
 /// The whole story with a real kube-proxy: connects through the ClusterIP work while healthy,
-/// are refused at once (and reach nothing) while the breaker is open, work again after a force
-/// reopen; and 50 clients waiting at the gate reconnect when it reopens (the recovery herd).
+/// are refused at once (and reach nothing) while the breaker is open, work again once the server
+/// is back (the operator's readiness pings and early trial close the breaker; the time from ready
+/// to a connect through the gate is printed); and 50 clients waiting at the gate reconnect when
+/// it reopens (the recovery herd).
 // Multi-threaded: the herd's 50 clients must not starve the test's own checks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_proxy_refuses_connects_while_the_breaker_is_open() {
@@ -580,10 +578,13 @@ async fn kube_proxy_refuses_connects_while_the_breaker_is_open() {
     )
     .await;
 
-    // Recovery: the database is back; a force reopen closes the breaker at the next probe.
+    // Recovery: the database is back. Nothing else is done: the open timeout is 10 min, so only
+    // the operator's readiness pings (the server accepts again) and its early trial can close the
+    // breaker; the gate follows. Measured: how soon the gated Service accepts after the server
+    // is ready (goal ≤ 1 s).
     pg.start().await;
+    let ready = Instant::now();
     let attempts_before = proxy.count_from(client_ip);
-    s.force_reopen("orders", "gate-test-1").await;
     s.wait("orders", "breaker Closed", |st| {
         breaker(st) == Some(BreakerState::Closed)
     })
@@ -599,6 +600,14 @@ async fn kube_proxy_refuses_connects_while_the_breaker_is_open() {
     println!(
         "closed: connects work again {:?} after the breaker closed",
         closed.elapsed()
+    );
+    println!(
+        "ready → the gate accepts: {:?} (the breaker closed {:?} after ready, by the early trial; goal ≤ 1 s; load average {})",
+        ready.elapsed(),
+        closed.duration_since(ready),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     assert!(proxy.count_from(client_ip) > attempts_before);
 

@@ -32,11 +32,18 @@ pub struct PoolOptions {
     /// 250 ms, at most the policy's timeout; see `dbpool_probe::AdaptiveTimeouts`). From the
     /// DbPool's `healthCheck.adaptiveTimeout` when following one; default true.
     pub adaptive_timeout: bool,
+    /// Standalone readiness pings (no DbPool, or its watch down): at most one per this interval
+    /// per target and process (each gap stretched by up to 10 % at random), only while a caller
+    /// waits on a server whose last failure was an outage. A fleet of N processes sends at most
+    /// N / interval pings to a server that is down. None: no pings (the pool then recovers on
+    /// its backoff schedule alone). Default 1 s.
+    pub readiness_ping: Option<Duration>,
 }
 
 impl Default for PoolOptions {
     /// max 10, min idle 1, lifetime 30 min, idle timeout 10 min, idle check after 30 s,
-    /// acquire timeout 5 s, ramp step 20 ms, adaptive connect timeouts.
+    /// acquire timeout 5 s, ramp step 20 ms, adaptive connect timeouts, readiness pings at most
+    /// 1/s.
     fn default() -> Self {
         Self {
             max_size: 10,
@@ -47,6 +54,7 @@ impl Default for PoolOptions {
             acquire_timeout: Duration::from_secs(5),
             ramp_step: Duration::from_millis(20),
             adaptive_timeout: true,
+            readiness_ping: Some(Duration::from_secs(1)),
         }
     }
 }

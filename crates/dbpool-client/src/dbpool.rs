@@ -3,15 +3,18 @@
 //! Lives here: [`from_dbpool`] / [`from_dbpool_with`]: read the DbPool's spec and its password
 //! (and CA) Secret, build the pool, and spawn the follower, a watch on that one object that
 //! applies spec changes and passes the DbPool's breaker and force-reopen token to the pool as
-//! hints. Needs exactly get/list/watch on `dbpools` and get on `secrets` in the namespace.
+//! hints, and its `status.readiness` as the readiness edge (the pool pings nothing itself while
+//! this watch is live; a watch error hands pinging back to the pool until the next object
+//! arrives). Needs exactly get/list/watch on `dbpools` and get on `secrets` in the namespace.
 //! Must not live here: what the hints do (`pool::follow`), any write to the cluster.
 
 use std::time::Duration;
 
 use dbpool_api::{DbPool, DbPoolSpec, FORCE_REOPEN_ANNOTATION, SecretKeyRef};
-use dbpool_probe::{Password, ProbeOutcome, ProbeStage, ProbeTarget};
+use dbpool_probe::{Password, ProbeOutcome, ProbeStage, ProbeTarget, Readiness};
 use dbpool_recovery::{BreakerState, Phase};
 use futures::StreamExt;
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, ResourceExt,
@@ -94,6 +97,7 @@ pub async fn from_dbpool_with(
         breaker_of(&object),
         token_of(&object),
         operator_cause(&object),
+        readiness_of(&object),
     );
     let span = info_span!("dbpool_client.follow", pool = %pool_name);
     tokio::spawn(
@@ -142,6 +146,12 @@ fn operator_cause(object: &DbPool) -> Option<Cause> {
     })
 }
 
+/// The operator's view of the target's readiness (`status.readiness`): state and since.
+fn readiness_of(object: &DbPool) -> Option<(Readiness, Timestamp)> {
+    let r = object.status.as_ref()?.readiness.as_ref()?;
+    Some((r.state, r.since.0))
+}
+
 fn token_of(object: &DbPool) -> Option<String> {
     object.annotations().get(FORCE_REOPEN_ANNOTATION).cloned()
 }
@@ -178,9 +188,13 @@ async fn follow(
                                 Err(e) => warn!(error = %e, "DbPool spec changed but cannot be applied"),
                             }
                         }
-                        pool.observe_dbpool(breaker_of(&object), token_of(&object), operator_cause(&object));
+                        pool.observe_dbpool(breaker_of(&object), token_of(&object), operator_cause(&object), readiness_of(&object));
                     }
-                    Err(e) => warn!(error = %e, "DbPool watch failed; retrying"),
+                    Err(e) => {
+                        // Until the watch is back the pool pings for itself.
+                        pool.set_followed(false);
+                        warn!(error = %e, "DbPool watch failed; retrying");
+                    }
                 }
             }
             _ = tick.tick() => {

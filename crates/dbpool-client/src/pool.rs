@@ -16,13 +16,18 @@
 //! - `engine`: feeding the recovery engine and every other write to its state, metrics of it.
 //! - `follow`: the hooks the DbPool follower (`crate::dbpool`) calls.
 //! - `status`: `status()` and `health_check()`.
+//! - `limbo`: the rule for a caller while the database fails and the breaker is Closed (wait,
+//!   or the real cause at once).
+//! - `readiness`: readiness evidence (the DbPool's `status.readiness`, or the pool's own pings
+//!   when standalone) and the early trial it brings.
 //!
 //! Rules:
 //! - Callers open connections only while the last connect succeeded and the breaker is Closed
 //!   (never against a failing server); otherwise the supervisor alone connects.
 //! - `get()` fails at once while the breaker is Open or HalfOpen, or while the last connect
 //!   failed with a configuration mistake; while Closed it waits at most `acquire_timeout`, and
-//!   at once if the next recovery attempt is due after that.
+//!   while the database fails only as the limbo rule allows (`limbo`: an attempt in flight, a
+//!   server starting, a ping in flight), else it returns the last failure's cause at once.
 //! - A connection whose task ends without the pool closing it is a loss: idle connections that
 //!   are closed are purged, callers stop connecting, and the supervisor probes at once.
 
@@ -31,6 +36,8 @@ mod conn;
 mod engine;
 mod fill;
 mod follow;
+mod limbo;
+mod readiness;
 mod status;
 mod supervisor;
 
@@ -44,7 +51,7 @@ use dbpool_probe::{AdaptiveTimeouts, ProbeTarget};
 use dbpool_recovery::{BreakerMode, BreakerState, Event, Policy, PoolState};
 use jiff::Timestamp;
 use tokio::{sync::Notify, time::Instant};
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, debug_span, info_span};
 
 pub use conn::PooledClient;
 pub(crate) use follow::WeakPool;
@@ -104,6 +111,8 @@ struct Shared {
     /// The DbPool's breaker as last seen, and its force-reopen token.
     hint_breaker: Option<BreakerState>,
     hint_token: Option<String>,
+    /// Readiness evidence and the standalone pings (`readiness`).
+    ready: readiness::ReadyState,
     closed: bool,
 }
 
@@ -133,6 +142,7 @@ impl Pool {
                 ramp_started: None,
                 hint_breaker: None,
                 hint_token: None,
+                ready: readiness::ReadyState::default(),
                 closed: false,
             }),
             changed: Notify::new(),
@@ -169,11 +179,15 @@ impl Pool {
     /// A connection: an idle one, a new one while the database is healthy, or the real error.
     ///
     /// Fails at once while the breaker is Open or HalfOpen ([`PoolError::BreakerOpen`]) or after
-    /// a configuration failure ([`PoolError::Config`]); otherwise waits at most
-    /// `acquire_timeout` and returns the last real failure ([`PoolError::Unavailable`]) or
-    /// [`PoolError::Exhausted`].
+    /// a configuration failure ([`PoolError::Config`]). While the database fails and the breaker
+    /// is Closed, waits only while an attempt is in flight, the server says it is starting, or a
+    /// readiness ping is in flight (the limbo rule), else returns the last failure's cause
+    /// ([`PoolError::Unavailable`]) at once. Never waits past `acquire_timeout`
+    /// ([`PoolError::Unavailable`] or [`PoolError::Exhausted`]).
     pub async fn get(&self) -> Result<PooledClient, PoolError> {
-        let span = info_span!("dbpool_client.get", pool = %self.inner.name);
+        // DEBUG, not INFO: an application logging at INFO pays nothing per checkout (a span
+        // that is enabled costs an allocation and the formatted pool name on every call).
+        let span = debug_span!("dbpool_client.get", pool = %self.inner.name);
         self.checkout().instrument(span).await
     }
 

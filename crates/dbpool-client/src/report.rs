@@ -42,6 +42,10 @@ pub struct PoolStatus {
     pub dbpool_breaker: Option<BreakerState>,
     /// The breaker mode in force (ForcedOpen: held open by the DbPool).
     pub breaker_mode: BreakerMode,
+    /// Readiness pings this pool started (standalone; none while a DbPool watch is live).
+    pub pings_started: u64,
+    /// Whether readiness comes from a live DbPool watch (`status.readiness`) instead of pings.
+    pub readiness_followed: bool,
 }
 
 /// What to do about a pool.

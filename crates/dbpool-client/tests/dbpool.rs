@@ -84,6 +84,15 @@ struct Setup {
 /// PostgreSQL, a namespace with the Secret, a DbPool (openTimeout as given) and the app's Role;
 /// the pool made by `from_dbpool` as the app's ServiceAccount, serving.
 async fn setup(name: &str, open_timeout: &str) -> Setup {
+    setup_with(
+        name,
+        json!({ "breaker": { "openTimeout": open_timeout }, "pool": { "minSize": 1, "maxSize": 5 } }),
+    )
+    .await
+}
+
+/// As [`setup`], with `spec` merged into the DbPool's spec.
+async fn setup_with(name: &str, spec: serde_json::Value) -> Setup {
     // RUST_LOG=dbpool_client=debug shows the pool's decisions.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -102,12 +111,7 @@ async fn setup(name: &str, open_timeout: &str) -> Setup {
         &["127.0.0.1"],
     )
     .await;
-    let manifest = pools::pool(
-        name,
-        pg.port(),
-        Some(("db", "password")),
-        json!({ "breaker": { "openTimeout": open_timeout }, "pool": { "minSize": 1, "maxSize": 5 } }),
-    );
+    let manifest = pools::pool(name, pg.port(), Some(("db", "password")), spec);
     pools::create(&admin, ns.name(), &manifest).await;
     app_role(&admin, ns.name()).await;
     let app = as_app(ns.name()).await;
@@ -163,6 +167,19 @@ async fn set_breaker(admin: &Client, ns: &str, name: &str, state: &str) {
     .expect("patch status");
 }
 
+/// Simulates the operator's readiness pings: sets `status.readiness` (state, since now).
+async fn set_readiness(admin: &Client, ns: &str, name: &str, state: &str) {
+    let api: Api<DbPool> = Api::namespaced(admin.clone(), ns);
+    let since = jiff::Timestamp::now().to_string();
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": { "readiness": { "state": state, "since": since } } })),
+    )
+    .await
+    .expect("patch status");
+}
+
 async fn patch_pool(admin: &Client, ns: &str, name: &str, patch: serde_json::Value) {
     let api: Api<DbPool> = Api::namespaced(admin.clone(), ns);
     api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
@@ -177,6 +194,67 @@ async fn sessions(pg: &PgServer, ns: &str, name: &str) -> i64 {
     .await
     .and_then(|t| t.parse().ok())
     .unwrap_or(-1)
+}
+
+/// The readiness edge from the DbPool's status: the server stops and comes back, the simulated
+/// operator writes `status.readiness` Unreachable, then Accepting, and the client's early trial
+/// serves at once, long before its 10 s retry. While its watch is live the client pings nothing,
+/// and its callers get the real cause at once (nothing in flight to wait for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readiness_edge_in_the_status_brings_the_trial_and_the_client_pings_nothing() {
+    let Setup {
+        admin,
+        ns,
+        mut pg,
+        pool,
+    } = setup_with(
+        "orders",
+        json!({
+            "breaker": { "openTimeout": "10m" },
+            "backoff": { "initialDelay": "10s", "maxDelay": "10s" },
+            "pool": { "minSize": 1, "maxSize": 5 },
+        }),
+    )
+    .await;
+    let n = ns.name().to_owned();
+    assert!(pool.status().readiness_followed, "{:?}", pool.status());
+
+    pg.stop().await;
+    wait_until(
+        "the loss is probed and the probe fails",
+        Duration::from_secs(10),
+        || async { pool.status().consecutive_failures >= 1 },
+    )
+    .await;
+    set_readiness(&admin, &n, "orders", "Unreachable").await;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let err = pool.get().await.expect_err("the server is down");
+        assert!(
+            matches!(err, PoolError::Unavailable { .. }),
+            "the real cause while down: {err}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "no wait for the 10 s retry"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    pg.start().await;
+    let t = Instant::now();
+    set_readiness(&admin, &n, "orders", "Accepting").await;
+    wait_until(
+        "serving after the readiness edge",
+        Duration::from_secs(5),
+        || async { select_one(&pool).await.is_ok() },
+    )
+    .await;
+    eprintln!("status.readiness Accepting → serving in {:?}", t.elapsed());
+    let status = pool.status();
+    assert_eq!(status.pings_started, 0, "no pings while the watch is live");
+    assert!(status.readiness_followed);
+    ns.cleanup().await;
 }
 
 /// DbPool Open → the client fails fast and its idle connections are gone; DbPool Closed → it

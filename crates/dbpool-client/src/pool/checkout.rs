@@ -5,21 +5,26 @@
 //! error after `acquire_timeout`. Must not live here: opening connections (`fill`), the
 //! connection's return (`conn`), or any change to the engine.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use dbpool_probe::{ProbeOutcome, ProbeStage};
 use dbpool_recovery::{BreakerMode, BreakerState};
 use jiff::Timestamp;
 use tokio::time::Instant;
 
-use super::{Inner, Pool, PooledClient, Shared, conn::Conn, until};
+use super::{
+    Inner, Pool, PooledClient, Shared,
+    conn::Conn,
+    limbo::{self, Verdict},
+};
 use crate::error::{Cause, PoolError};
 
 /// What `get()` decided under the lock.
 enum Step {
     Fail(PoolError),
     Got(Conn, bool),
-    Wait,
+    /// Wait for a change; decide again at this instant at the latest (a ping's answer is due).
+    Wait(Option<Instant>),
 }
 
 /// Counts one `get()` among the waiters (from its first wait until it returns).
@@ -77,14 +82,14 @@ impl Pool {
                     }
                     inner.discard_in_use(conn);
                 }
-                Step::Wait => {
+                Step::Wait(_) => {
                     let notified = inner.changed.notified();
                     tokio::pin!(notified);
                     notified.as_mut().enable();
                     step = {
                         let mut s = inner.lock();
                         let step = inner.decide(&mut s, deadline, started, waiting.registered);
-                        if matches!(step, Step::Wait) {
+                        if matches!(step, Step::Wait(_)) {
                             if !waiting.registered {
                                 s.waiting += 1;
                                 waiting.registered = true;
@@ -93,18 +98,21 @@ impl Pool {
                         }
                         step
                     };
-                    if !matches!(step, Step::Wait) {
+                    let Step::Wait(recheck) = step else {
                         continue;
-                    }
+                    };
                     if Instant::now() >= deadline {
                         let s = inner.lock();
                         return Err(inner.timeout_error(&s, started));
                     }
+                    let wake_at = recheck.map_or(deadline, |t| t.min(deadline));
                     tokio::select! {
                         () = &mut notified => {}
-                        () = tokio::time::sleep_until(deadline) => {
-                            let s = inner.lock();
-                            return Err(inner.timeout_error(&s, started));
+                        () = tokio::time::sleep_until(wake_at) => {
+                            if Instant::now() >= deadline {
+                                let s = inner.lock();
+                                return Err(inner.timeout_error(&s, started));
+                            }
                         }
                     }
                 }
@@ -124,11 +132,19 @@ impl Inner {
     /// waiters, so a task that gives a connection back and asks again at once does not take it
     /// from the callers that were waiting for it (the ramp after a recovery hands out one
     /// connection at first).
-    fn decide(&self, s: &mut Shared, deadline: Instant, started: Instant, queued: bool) -> Step {
+    fn decide(
+        self: &Arc<Self>,
+        s: &mut Shared,
+        deadline: Instant,
+        started: Instant,
+        queued: bool,
+    ) -> Step {
         if s.closed {
             return Step::Fail(PoolError::Closed);
         }
         if s.engine.breaker != BreakerState::Closed {
+            // A caller of an Open pool is the demand that lets it ping (readiness module).
+            self.maybe_ping(s);
             return Step::Fail(PoolError::BreakerOpen {
                 state: s.engine.breaker,
                 cause: s.last_error.clone(),
@@ -147,7 +163,7 @@ impl Inner {
         }
         let now = Instant::now();
         if !queued && !s.idle.is_empty() && s.waiting >= s.idle.len() {
-            return Step::Wait;
+            return Step::Wait(None);
         }
         while let Some(conn) = s.idle.pop_front() {
             if conn.client.is_closed()
@@ -160,20 +176,24 @@ impl Inner {
             let check = now.duration_since(conn.last_used) >= s.options.idle_check_after;
             return Step::Got(conn, check);
         }
-        if !Self::healthy(s) && !s.probe_in_flight {
-            // Only the supervisor connects now: give up at once if its next attempt comes
-            // after our deadline.
-            let due_in = self.next_attempt(s).map(until).unwrap_or(Duration::ZERO);
-            if now + due_in > deadline
-                && let Some(cause) = &s.last_error
-            {
-                return Step::Fail(PoolError::Unavailable {
-                    cause: cause.clone(),
-                    waited: started.elapsed(),
-                });
+        if !Self::healthy(s) {
+            // The limbo rule (module `limbo`): wait only for something that can bring a
+            // connection soon, else the last failure's cause now.
+            self.maybe_ping(s);
+            match limbo::verdict(&self.evidence(s), now) {
+                Verdict::Wait => {}
+                Verdict::WaitUntil(at) => return Step::Wait(Some(at.min(deadline))),
+                Verdict::Fail => {
+                    if let Some(cause) = &s.last_error {
+                        return Step::Fail(PoolError::Unavailable {
+                            cause: cause.clone(),
+                            waited: started.elapsed(),
+                        });
+                    }
+                }
             }
         }
-        Step::Wait
+        Step::Wait(None)
     }
 
     fn timeout_error(&self, s: &Shared, started: Instant) -> PoolError {

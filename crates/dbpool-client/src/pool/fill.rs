@@ -93,6 +93,7 @@ impl Inner {
         match result {
             Ok(session) => {
                 s.suspect = false;
+                Self::note_attempt(&mut s, None);
                 if !s.closed && generation == s.generation {
                     let conn = self.adopt(session, generation);
                     s.idle.push_back(conn);
@@ -102,6 +103,7 @@ impl Inner {
                 debug!(pool = %self.name, error = %e, "connect failed");
                 s.last_error = Some(Cause::from_session(&e, Timestamp::now()));
                 s.suspect = true;
+                Self::note_attempt(&mut s, Some((e.outcome, e.sql_state.as_deref())));
                 if !s.probe_in_flight && s.engine.last_failure.is_none() {
                     let seq = s.engine.probe_seq;
                     let kind = e.outcome.failure_kind().unwrap_or(FailureKind::Outage);

@@ -2,16 +2,19 @@
 //!
 //! Lives here: [`WeakPool`] (a handle that does not keep the pool alive), applying a changed
 //! spec (`Pool::reconfigure`), and what the DbPool's breaker and force-reopen token do to the
-//! pool (`Pool::observe_dbpool`: hints; local evidence wins). Must not live here: reading or
+//! pool (`Pool::observe_dbpool`: hints; local evidence wins), its `status.readiness` (the
+//! readiness edge, handed to `readiness`) and whether its watch is live (`Pool::set_followed`:
+//! the pool pings only while it is not). Must not live here: reading or
 //! watching Kubernetes (`crate::dbpool`), or the engine's bookkeeping (`engine`).
 
 use std::sync::{Arc, Weak};
 
-use dbpool_probe::{AdaptiveTimeouts, ProbeTarget};
+use dbpool_probe::{AdaptiveTimeouts, ProbeTarget, Readiness};
 use dbpool_recovery::{BreakerState, Event, Policy};
+use jiff::Timestamp;
 use tracing::info;
 
-use super::{Inner, Pool};
+use super::{Inner, Pool, Shared};
 use crate::error::Cause;
 
 /// A handle that does not keep the pool alive (for the DbPool follower).
@@ -73,9 +76,12 @@ impl Pool {
         breaker: Option<BreakerState>,
         token: Option<String>,
         operator_cause: Option<Cause>,
+        readiness: Option<(Readiness, Timestamp)>,
     ) {
         let inner = &self.inner;
         let mut s = inner.lock();
+        s.ready.followed = true;
+        inner.observe_readiness(&mut s, readiness);
         let before = s.hint_breaker.replace(breaker.unwrap_or_default());
         let now_state = breaker.unwrap_or_default();
         let mut wake = false;
@@ -109,6 +115,34 @@ impl Pool {
         if wake {
             inner.wake.notify_one();
         }
+    }
+}
+
+impl Inner {
+    /// The DbPool's `status.readiness` (state, since) as just observed: a new Accepting is the
+    /// readiness edge (the engine may grant an early trial); StartingUp after the server was
+    /// seen down makes callers wait (`limbo`).
+    fn observe_readiness(&self, s: &mut Shared, readiness: Option<(Readiness, Timestamp)>) {
+        let Some(now) = readiness else { return };
+        if s.ready.dbpool_seen == Some(now) {
+            return;
+        }
+        s.ready.dbpool_seen = Some(now);
+        if now.0 == Readiness::Accepting {
+            info!(pool = %self.name, since = %now.1, "DbPool readiness: the server accepts connections");
+        }
+        self.on_readiness(s, now.0);
+    }
+}
+
+impl Pool {
+    /// Whether the DbPool watch is live: while it is, the pool pings nothing itself.
+    pub(crate) fn set_followed(&self, live: bool) {
+        let mut s = self.inner.lock();
+        if s.ready.followed != live {
+            info!(pool = %self.inner.name, live, "DbPool watch: readiness from its status, or own pings while it is down");
+        }
+        s.ready.followed = live;
     }
 }
 

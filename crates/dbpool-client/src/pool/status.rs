@@ -32,6 +32,8 @@ impl Pool {
             connects_started: self.inner.connects.load(Ordering::Relaxed),
             dbpool_breaker: s.hint_breaker,
             breaker_mode: s.policy.mode,
+            pings_started: s.ready.pings,
+            readiness_followed: s.ready.followed,
         }
     }
 

@@ -169,6 +169,7 @@ impl Inner {
     ) {
         s.connecting = s.connecting.saturating_sub(1);
         s.suspect = false;
+        Self::note_attempt(s, None);
         let effects = self.event(
             s,
             Event::ProbeSucceeded {
@@ -198,6 +199,7 @@ impl Inner {
         s.connecting = s.connecting.saturating_sub(1);
         s.suspect = true;
         s.last_error = Some(Cause::from_session(e, Timestamp::now()));
+        Self::note_attempt(s, Some((e.outcome, e.sql_state.as_deref())));
         let kind = e.outcome.failure_kind().unwrap_or(FailureKind::Outage);
         self.event(s, Event::ProbeFailed { seq, kind });
         if let Some(m) = &self.metrics {
