@@ -271,9 +271,10 @@ pub fn targets(scenario: Scenario, runs: &[RunResult]) -> Vec<String> {
                     let pings = syn.saturating_sub(c);
                     let per_s = pings as f64 / r.down.as_secs_f64().max(1e-9);
                     lines.push(format!(
-                        "- {who}: pings while down ≤ 1/s, counted at the server's port: {} ({pings} in {:.1} s, {per_s:.2}/s)",
+                        "- {who}: pings while down ≤ 1/s, counted at the server's port: {} ({pings} in {:.1} s, {per_s:.2}/s; its status: {})",
                         verdict(pings as f64 <= r.down.as_secs_f64() + 1.0),
-                        r.down.as_secs_f64()
+                        r.down.as_secs_f64(),
+                        r.down_pings.map_or_else(|| "–".into(), |p| p.to_string())
                     ));
                 }
                 _ => lines.push(format!(

@@ -115,6 +115,8 @@ pub struct RunResult {
     pub down_syns: Option<u64>,
     /// dbpool-client's credentialed connects started in `down`.
     pub down_connects: Option<u64>,
+    /// dbpool-client's readiness pings started in `down`, as its status reports them.
+    pub down_pings: Option<u64>,
     /// PgBouncer: the tasks' connects to it in `down`.
     pub down_app_connects: Option<u64>,
     /// When the run's load stopped (ns since origin).
@@ -167,6 +169,7 @@ pub async fn run(
             syns.and_then(PortSyns::read),
             pool.status().map(|s| s.connects_started),
             pool.app_connects(),
+            pool.status().map(|s| s.pings_started),
         )
     };
 
@@ -263,6 +266,7 @@ pub async fn run(
         down_syns: delta(n_down.0, n_start.0),
         down_connects: delta(n_down.1, n_start.1),
         down_app_connects: delta(n_down.2, n_start.2),
+        down_pings: delta(n_down.3, n_start.3),
         end_at,
         samples,
     })

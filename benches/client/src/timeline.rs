@@ -34,6 +34,8 @@ pub struct Sample {
     /// dbpool-client's connects started so far (`status().connects_started`: connects with
     /// credentials, the callers' and the supervisor's).
     pub connects: Option<u64>,
+    /// dbpool-client's readiness pings started so far (`status().pings_started`).
+    pub pings: Option<u64>,
     /// `Tcp: ActiveOpens` of the namespace: every connect(), credentialed or not.
     pub active_opens: u64,
 }
@@ -62,11 +64,17 @@ impl Sampler {
                     t: marks.now(),
                     breaker: status.as_ref().map(|s| s.breaker),
                     connects: status.as_ref().map(|s| s.connects_started),
+                    pings: status.as_ref().map(|s| s.pings_started),
                     active_opens: TcpCounters::read().active_opens,
                 };
                 let changed = last.is_none_or(|l| {
-                    (l.breaker, l.connects, l.active_opens)
-                        != (sample.breaker, sample.connects, sample.active_opens)
+                    (l.breaker, l.connects, l.pings, l.active_opens)
+                        != (
+                            sample.breaker,
+                            sample.connects,
+                            sample.pings,
+                            sample.active_opens,
+                        )
                 });
                 if changed {
                     let mut v = s.lock().unwrap_or_else(PoisonError::into_inner);
