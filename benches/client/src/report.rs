@@ -164,11 +164,14 @@ pub fn table(scenario: Scenario, runs: &[RunResult]) -> String {
         },
     );
     row(
-        "credentialed connects while down [pings = SYNs − them]",
-        &|r| match (r.down_connects, r.down_syns) {
-            (Some(c), Some(syn)) => format!("{c} [{}]", syn.saturating_sub(c)),
-            (Some(c), None) => format!("{c} [–]"),
-            _ => na(),
+        "credentialed connects while down [pings = SYNs − them; pings its status reports]",
+        &|r| {
+            let reported = r.down_pings.map_or_else(na, |p| p.to_string());
+            match (r.down_connects, r.down_syns) {
+                (Some(c), Some(syn)) => format!("{c} [{}; {reported}]", syn.saturating_sub(c)),
+                (Some(c), None) => format!("{c} [–; {reported}]"),
+                _ => na(),
+            }
         },
     );
     row("connect attempts/s while down, after the first 5 s", &|r| {
