@@ -5,7 +5,7 @@
 # and nothing else's. The benchmark starts its own PostgreSQL 15 (dbpool-testkit) on the
 # namespace's loopback. The report is printed and saved as .local/bench-results/client-<time>.md.
 #
-#   hack/bench-client.sh                                   # everything (~15 minutes)
+#   hack/bench-client.sh                                   # everything (~13 minutes)
 #   BENCH_CLIENT_SCENARIOS=3s BENCH_CLIENT_POOLS=ours,bb8 hack/bench-client.sh   # a subset
 #
 # Scenarios: 3s, 30s, idle. Pools: deadpool, deadpool-eq, bb8, bb8-eq, sqlx, sqlx-eq, ours,

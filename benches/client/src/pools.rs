@@ -163,7 +163,7 @@ impl PoolKind {
                 "sqlx 0.9, max_connections 10, acquire_timeout {a:?} (bounds the connect too: sqlx has no connect timeout of its own)"
             ),
             PoolKind::OursDefault => format!(
-                "dbpool-client, PoolConfig::new defaults: max_size 10, acquire_timeout {a:?}, connect timeout {c:?}, backoff 1 s x2, breaker after 5 failures, openTimeout 60 s"
+                "dbpool-client, PoolConfig::new defaults: max_size 10, acquire_timeout {a:?}, connect timeout {c:?}, backoff 1 s x2, breaker after 5 failures, openTimeout 60 s, readiness pings at most 1/s (standalone)"
             ),
             PoolKind::OursShort => {
                 "dbpool-client, as defaults but breaker openTimeout 1 s".into()
