@@ -142,8 +142,11 @@ impl Inner {
         s.idle.retain(|c| !c.client.is_closed());
         let was_suspect = s.suspect;
         s.suspect = true;
-        s.last_error = Some(Cause::from_session(&error, Timestamp::now()));
         if !was_suspect {
+            // Only the first loss is news: the ends of the other connections of the same restart
+            // (57P01, "terminating connection") come later and must not hide what the probe
+            // since learned (refused, 57P03), which decides the readiness pings.
+            s.last_error = Some(Cause::from_session(&error, Timestamp::now()));
             warn!(pool = %self.name, connection = id, error = %error, purged = before - s.idle.len(),
                 "connection lost: purging and probing");
             self.event(&mut s, Event::ProbeRequested);
