@@ -204,8 +204,8 @@ pub enum BenchPool {
     Sqlx(sqlx::PgPool),
     /// dbpool-client.
     Ours(dbpool_client::Pool),
-    /// PgBouncer: one connection slot per task.
-    Bouncer(BouncerClients),
+    /// PgBouncer: one connection slot per task (boxed: the tokio-postgres config is large).
+    Bouncer(Box<BouncerClients>),
 }
 
 /// The tasks' connections to PgBouncer (and PgBouncer itself, stopped when this is dropped).
@@ -338,12 +338,12 @@ impl BenchPool {
             PoolKind::BouncerDefault | PoolKind::BouncerRetry1 => {
                 let bouncer = bouncer.ok_or("PgBouncer was not started")?;
                 let tasks = crate::scenario::TASKS;
-                BenchPool::Bouncer(BouncerClients {
+                BenchPool::Bouncer(Box::new(BouncerClients {
                     config: pg_config(bouncer.port(), None),
                     slots: (0..tasks).map(|_| tokio::sync::Mutex::new(None)).collect(),
                     connects: AtomicU64::new(0),
                     _bouncer: bouncer,
-                })
+                }))
             }
         })
     }
