@@ -5,23 +5,50 @@
 # and nothing else's. The benchmark starts its own PostgreSQL 15 (dbpool-testkit) on the
 # namespace's loopback. The report is printed and saved as .local/bench-results/client-<time>.md.
 #
-#   hack/bench-client.sh                                   # everything (~15 minutes)
+#   hack/bench-client.sh                                   # everything (~13 minutes)
 #   BENCH_CLIENT_SCENARIOS=3s BENCH_CLIENT_POOLS=ours,bb8 hack/bench-client.sh   # a subset
 #
 # Scenarios: 3s, 30s, idle. Pools: deadpool, deadpool-eq, bb8, bb8-eq, sqlx, sqlx-eq, ours,
 # ours-short. BENCH_CLIENT_STEADY_S (5), BENCH_CLIENT_CAP_S (70) and BENCH_CLIENT_ROUNDS (3
 # interleaved steady rounds per configuration, 0 for none) change the windows.
 # Without root (no `ip netns`), it runs in the host's namespace and says so in the report.
+#
+# PgBouncer (a peer since #30) is Debian's `pgbouncer`, installed here when missing rather than
+# in hack/install-deps.sh: `make test` never runs this benchmark, so CI does not pay for it. The
+# benchmark starts and stops it itself, as the `postgres` system user (it refuses to run as root).
+# The timeline plots (one SVG per scenario) are written next to the report, in
+# .local/bench-results/client-<time>/ (BENCH_CLIENT_PLOTS overrides).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 CARGO="${CARGO:-cargo}"
 
+if [[ ! -x /usr/sbin/pgbouncer ]]; then
+  if [[ $EUID -eq 0 ]]; then
+    echo "[bench-client] apt-get install pgbouncer" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    # policy-rc.d exit 101: the package must not start its own pgbouncer service.
+    POLICY=/usr/sbin/policy-rc.d
+    made_policy=0
+    if [[ ! -e $POLICY ]]; then
+      printf '#!/bin/sh\nexit 101\n' >"$POLICY" && chmod +x "$POLICY" && made_policy=1
+    fi
+    apt-get install -y -qq --no-install-recommends pgbouncer >&2 || status=$?
+    ((made_policy)) && rm -f "$POLICY"
+    ((${status:-0} == 0)) || exit "$status"
+  else
+    echo "bench-client: pgbouncer missing and not root: the PgBouncer columns will fail" >&2
+  fi
+fi
+
 "$CARGO" build --release --manifest-path benches/client/Cargo.toml --target-dir "$ROOT/target"
 BIN="$ROOT/target/release/bench-client"
 
 mkdir -p .local/bench-results
-export BENCH_CLIENT_OUT="$ROOT/.local/bench-results/client-$(date -u +%Y%m%dT%H%M%SZ).md"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+export BENCH_CLIENT_OUT="$ROOT/.local/bench-results/client-$STAMP.md"
+export BENCH_CLIENT_PLOTS="${BENCH_CLIENT_PLOTS:-$ROOT/.local/bench-results/client-$STAMP}"
 
 NS="dbpool-bench-client-$$"
 if [[ $EUID -eq 0 ]] && command -v ip >/dev/null && ip netns add "$NS" 2>/dev/null; then

@@ -1,9 +1,9 @@
 //! The load: tasks looping call after call, and what each task records about its calls.
 //!
 //! Lives here: [`Marks`] (the scenario's instants, shared with the tasks as atomics), [`Load`]
-//! (the tasks, pausing and stopping them), [`TaskStats`] (per task, aggregated online: counters
-//! and latency histograms, never one entry per call, so memory stays bounded however fast a pool
-//! fails) and [`merge`]. Must not live here: the pools (`pools`) or the scenario's timeline
+//! (the tasks, pausing and stopping them), [`TaskStats`] (per task, aggregated online: counters,
+//! latency histograms and a timeline of successes and failures per [`BUCKET_NS`], never one entry
+//! per call, so memory stays bounded however fast a pool fails) and [`merge`]. Must not live here: the pools (`pools`) or the scenario's timeline
 //! (`scenario`).
 
 use std::{
@@ -17,7 +17,7 @@ use std::{
 use hdrhistogram::Histogram;
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
-use crate::pools::BenchPool;
+use crate::pools::{BenchPool, Op};
 
 /// Most a recorded latency can be (longer ones are saturated): above every pool's waits.
 const MAX_LATENCY_US: u64 = 300_000_000;
@@ -29,6 +29,14 @@ pub fn histogram() -> Histogram<u64> {
 }
 
 const UNSET: u64 = u64::MAX;
+
+/// Width of a timeline bucket (calls are counted by the bucket they ended in).
+pub const BUCKET_NS: u64 = 10_000_000;
+
+/// Longest timeline kept per run (calls ending later are not in the timeline, only in the stats).
+pub const TIMELINE_NS: u64 = 150_000_000_000;
+
+const BUCKETS: usize = (TIMELINE_NS / BUCKET_NS) as usize;
 
 /// Instants of the scenario, in nanoseconds since `origin` (unset: `u64::MAX`).
 pub struct Marks {
@@ -104,6 +112,10 @@ pub struct TaskStats {
     pub down_fail_hist: Histogram<u64>,
     /// The subset answered by dbpool-client's breaker (µs).
     pub open_fail_hist: Histogram<u64>,
+    /// The rest: failures not answered by a breaker, i.e. before it opened (µs).
+    pub closed_fail_hist: Histogram<u64>,
+    /// Successes and failures per [`BUCKET_NS`] since the origin (by the call's end).
+    pub timeline: Vec<(u32, u32)>,
     /// Longest call (ok or not) that started after the stop and before ready (µs).
     pub down_max_call_us: u64,
     /// End of the first successful call that ended after ready.
@@ -122,6 +134,8 @@ impl TaskStats {
             down_failures: 0,
             down_fail_hist: histogram(),
             open_fail_hist: histogram(),
+            closed_fail_hist: histogram(),
+            timeline: vec![(0, 0); BUCKETS],
             down_max_call_us: 0,
             first_ok_after_ready: None,
             errors_after_ready: 0,
@@ -131,6 +145,15 @@ impl TaskStats {
 
     fn record(&mut self, marks: &Marks, start: u64, end: u64, result: &Result<(), bool>) {
         self.calls += 1;
+        if let Some(b) = usize::try_from(end / BUCKET_NS)
+            .ok()
+            .and_then(|i| self.timeline.get_mut(i))
+        {
+            match result {
+                Ok(()) => b.0 = b.0.saturating_add(1),
+                Err(_) => b.1 = b.1.saturating_add(1),
+            }
+        }
         let us = (end.saturating_sub(start) / 1_000).max(1);
         let ready = marks.get(Mark::Ready);
         // The window's end is set when it closes: a call recorded before then ended inside it.
@@ -155,6 +178,8 @@ impl TaskStats {
                     self.down_fail_hist.saturating_record(us);
                     if *breaker_open {
                         self.open_fail_hist.saturating_record(us);
+                    } else {
+                        self.closed_fail_hist.saturating_record(us);
                     }
                 }
             }
@@ -186,6 +211,10 @@ pub struct Merged {
     pub down_fail_hist: Histogram<u64>,
     /// Breaker-open failure latencies (µs).
     pub open_fail_hist: Histogram<u64>,
+    /// Failure latencies not answered by a breaker (µs).
+    pub closed_fail_hist: Histogram<u64>,
+    /// Successes and failures per [`BUCKET_NS`], all tasks.
+    pub timeline: Vec<(u32, u32)>,
     /// Longest call while down (µs).
     pub down_max_call_us: u64,
     /// Each task's first success after ready (None: it never succeeded).
@@ -204,6 +233,8 @@ pub fn merge(stats: &[Arc<Mutex<TaskStats>>]) -> Merged {
         down_failures: 0,
         down_fail_hist: histogram(),
         open_fail_hist: histogram(),
+        closed_fail_hist: histogram(),
+        timeline: vec![(0, 0); BUCKETS],
         down_max_call_us: 0,
         first_ok_after_ready: Vec::new(),
         errors_after_ready: 0,
@@ -220,6 +251,11 @@ pub fn merge(stats: &[Arc<Mutex<TaskStats>>]) -> Merged {
         // Same bounds on both sides: adding cannot fail.
         let _ = m.down_fail_hist.add(&s.down_fail_hist);
         let _ = m.open_fail_hist.add(&s.open_fail_hist);
+        let _ = m.closed_fail_hist.add(&s.closed_fail_hist);
+        for (a, b) in m.timeline.iter_mut().zip(&s.timeline) {
+            a.0 = a.0.saturating_add(b.0);
+            a.1 = a.1.saturating_add(b.1);
+        }
         m.down_max_call_us = m.down_max_call_us.max(s.down_max_call_us);
         m.first_ok_after_ready.push(s.first_ok_after_ready);
         m.errors_after_ready += s.errors_after_ready;
@@ -242,15 +278,15 @@ pub struct Load {
 }
 
 impl Load {
-    /// Starts `tasks` tasks looping [`BenchPool::call`] on `pool`.
-    pub fn start(pool: Arc<BenchPool>, marks: Arc<Marks>, tasks: usize) -> Load {
+    /// Starts `tasks` tasks looping [`BenchPool::call`] with `op` on `pool`.
+    pub fn start(pool: Arc<BenchPool>, marks: Arc<Marks>, tasks: usize, op: Op) -> Load {
         let (paused, _) = watch::channel(false);
         let stop = Arc::new(AtomicBool::new(false));
         let recovered = Arc::new(AtomicUsize::new(0));
         let parked = Arc::new(AtomicUsize::new(0));
         let mut stats = Vec::new();
         let mut handles = Vec::new();
-        for _ in 0..tasks {
+        for task in 0..tasks {
             let st = Arc::new(Mutex::new(TaskStats::new()));
             stats.push(Arc::clone(&st));
             let (pool, marks, stop) = (Arc::clone(&pool), Arc::clone(&marks), Arc::clone(&stop));
@@ -266,7 +302,7 @@ impl Load {
                         continue;
                     }
                     let start = marks.now();
-                    let result = pool.call().await.map_err(|e| e.breaker_open);
+                    let result = pool.call(task, op).await.map_err(|e| e.breaker_open);
                     let end = marks.now();
                     let mut s = st.lock().unwrap_or_else(PoisonError::into_inner);
                     s.record(&marks, start, end, &result);

@@ -1,27 +1,34 @@
-//! `make bench-client`: dbpool-client against deadpool-postgres, bb8 and sqlx through real
-//! PostgreSQL 15 outages, side by side in one run. See docs/benchmarks.md, "Client pools".
+//! `make bench-client`: dbpool-client against deadpool-postgres, bb8, sqlx and PgBouncer through
+//! real PostgreSQL 15 outages, side by side in one run. See docs/benchmarks.md, "Client pools".
 //!
 //! Lives here: the entry point (settings from the environment, the machine, the order of the
-//! runs, printing and saving the report). Must not live here: the pools (`pools`), the load
-//! (`load`), a run's timeline (`scenario`), interleaved steady rounds (`steady`), connect
-//! counting (`netcount`), tables (`report`).
+//! runs, printing and saving the report and the plots). Must not live here: the pools (`pools`),
+//! PgBouncer's process (`bouncer`), the load (`load`), a run's timeline (`scenario`, sampled in
+//! `timeline`), interleaved steady rounds (`steady`), connect counting (`netcount`), tables
+//! (`report`), plots (`plot`).
 //!
 //! Environment (all optional): `BENCH_CLIENT_SCENARIOS` (`3s,30s,idle`), `BENCH_CLIENT_POOLS`
-//! (`deadpool,deadpool-eq,bb8,bb8-eq,sqlx,sqlx-eq,ours,ours-short`), `BENCH_CLIENT_STEADY_S`
-//! (5), `BENCH_CLIENT_CAP_S` (70), `BENCH_CLIENT_ROUNDS` (3 interleaved steady rounds of 2 s per
-//! configuration; 0: none), `BENCH_CLIENT_OUT` (a file the report is also written to).
+//! (`deadpool,deadpool-eq,bb8,bb8-eq,sqlx,sqlx-eq,pgbouncer,pgbouncer-retry1,ours,ours-short`),
+//! `BENCH_CLIENT_OPS` (`select,checkout`: the operations of the steady rounds),
+//! `BENCH_CLIENT_STEADY_S` (5), `BENCH_CLIENT_CAP_S` (70), `BENCH_CLIENT_ROUNDS` (3 interleaved
+//! steady rounds of 2 s per configuration and operation; 0: none), `BENCH_CLIENT_OUT` (a file the
+//! report is also written to), `BENCH_CLIENT_PLOTS` (a directory for the SVG timelines, one per
+//! scenario; none when unset).
 
+mod bouncer;
 mod load;
 mod netcount;
+mod plot;
 mod pools;
 mod report;
 mod scenario;
 mod steady;
+mod timeline;
 
 use std::{fmt::Write as _, time::Duration};
 
 use dbpool_testkit::postgres::PgServer;
-use pools::PoolKind;
+use pools::{Op, PoolKind};
 use scenario::{Scenario, Settings};
 
 fn env_list(name: &str) -> Option<Vec<String>> {
@@ -143,13 +150,24 @@ async fn bench(load: tokio::runtime::Handle) {
         }
     );
 
+    let ops: Vec<Op> = match env_list("BENCH_CLIENT_OPS") {
+        Some(ids) => [Op::SimpleSelect, Op::CheckoutOnly]
+            .into_iter()
+            .filter(|o| ids.iter().any(|i| i == o.id()))
+            .collect(),
+        None => vec![Op::SimpleSelect, Op::CheckoutOnly],
+    };
+    let plots = std::env::var_os("BENCH_CLIENT_PLOTS").map(std::path::PathBuf::from);
+
     let mut pg = PgServer::start().await;
+    let syns = netcount::PortSyns::install(pg.port());
     let mut out = String::new();
     let mut targets = Vec::new();
-    if rounds > 0 {
+    for &op in ops.iter().filter(|_| rounds > 0) {
         match steady::rounds(
             &kinds,
             &pg,
+            op,
             rounds,
             settings.warmup,
             Duration::from_secs(2),
@@ -158,10 +176,10 @@ async fn bench(load: tokio::runtime::Handle) {
         .await
         {
             Ok(ops) => {
-                let (t, lines) = steady::table(&kinds, &ops);
+                let (t, lines) = steady::table(&kinds, op, &ops);
                 eprintln!("{t}");
                 out.push_str(&t);
-                out.push('\n');
+                let _ = writeln!(out, "\nLoad average after these rounds: {}\n", loadavg());
                 targets.extend(lines);
             }
             Err(e) => eprintln!("bench-client: steady rounds: {e}"),
@@ -171,7 +189,7 @@ async fn bench(load: tokio::runtime::Handle) {
         let mut runs = Vec::new();
         for &kind in &kinds {
             eprintln!("bench-client: {} / {} ...", scenario.id(), kind.id());
-            match scenario::run(scenario, kind, &mut pg, settings, &load).await {
+            match scenario::run(scenario, kind, &mut pg, settings, &load, syns.as_ref()).await {
                 Ok(r) => runs.push(r),
                 Err(e) => eprintln!("bench-client: {} / {}: {e}", scenario.id(), kind.id()),
             }
@@ -179,7 +197,20 @@ async fn bench(load: tokio::runtime::Handle) {
         let t = report::table(scenario, &runs);
         eprintln!("{t}");
         out.push_str(&t);
-        out.push('\n');
+        let _ = writeln!(out, "\nLoad average after this scenario: {}\n", loadavg());
+        if let Some(dir) = &plots {
+            let path = dir.join(format!("{}.svg", scenario.id()));
+            let written = std::fs::create_dir_all(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))
+                .and_then(|()| plot::write_svg(&path, scenario, &runs));
+            match written {
+                Ok(()) => {
+                    eprintln!("bench-client: plot {}", path.display());
+                    let _ = writeln!(out, "Timeline: `{}`\n", path.display());
+                }
+                Err(e) => eprintln!("bench-client: {e}"),
+            }
+        }
         targets.extend(report::targets(scenario, &runs));
     }
 
@@ -202,7 +233,7 @@ async fn bench(load: tokio::runtime::Handle) {
     );
     let _ = writeln!(
         doc,
-        "- Load: {} tasks, each looping get() + `SELECT 1` (simple query) + release; pools max 10; warm-up {:?}, steady window {:?}, cap after ready {:?}, tail {:?}\n",
+        "- Load: {} tasks, each looping get() + `SELECT 1` (simple query) + release; pools max 10; warm-up {:?}, steady window {:?}, cap after ready {:?}, tail {:?}; dbpool-client standalone (no DbPool, no Kubernetes)\n",
         scenario::TASKS,
         settings.warmup,
         settings.steady,
@@ -212,7 +243,7 @@ async fn bench(load: tokio::runtime::Handle) {
     doc.push_str(&report::configurations(&kinds));
     doc.push('\n');
     doc.push_str(&out);
-    doc.push_str("### Targets (dbpool-client)\n\n");
+    doc.push_str("### Targets (dbpool-client, #30)\n\n");
     for t in &targets {
         let _ = writeln!(doc, "{t}");
     }

@@ -10,6 +10,12 @@
 //! network namespace: `hack/bench-client.sh` runs the benchmark in a namespace of its own, where
 //! nothing but the benchmark connects, so the deltas are exact. Run outside one, they include
 //! every other process's connects on the machine (the report says which).
+//!
+//! [`PortSyns`] counts at the server's side: an iptables rule in the namespace's INPUT chain
+//! counting the SYNs that reach PostgreSQL's port, refused or not. It tells apart connects to
+//! PostgreSQL from those to PgBouncer (both are `ActiveOpens`), and, minus the credentialed
+//! connects dbpool-client reports, its readiness pings. Only in the namespace made for the run
+//! (never the host's firewall).
 
 /// `Tcp: ActiveOpens` and `Tcp: AttemptFails`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -58,6 +64,47 @@ pub fn private_netns() -> Option<String> {
         .filter(|n| !n.is_empty())
 }
 
+/// SYNs reaching one TCP port, counted by an iptables rule of the run's own namespace.
+pub struct PortSyns {
+    port: u16,
+}
+
+fn iptables(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("iptables")
+        .arg("-w")
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl PortSyns {
+    /// Adds the counting rule for `port`; None outside the run's own namespace or without
+    /// iptables.
+    pub fn install(port: u16) -> Option<PortSyns> {
+        private_netns()?;
+        let p = port.to_string();
+        iptables(&["-A", "INPUT", "-p", "tcp", "--syn", "--dport", &p])?;
+        Some(PortSyns { port })
+    }
+
+    /// SYNs counted so far (None: the rule cannot be read).
+    pub fn read(&self) -> Option<u64> {
+        let text = iptables(&["-nvxL", "INPUT"])?;
+        let want = format!("dpt:{}", self.port);
+        parse_pkts(&text, &want)
+    }
+}
+
+fn parse_pkts(text: &str, want: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.split_whitespace().any(|w| w == want))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +116,14 @@ mod tests {
             Tcp: 1 200 120000 -1 1234 56 789 3\n";
         let c = parse(text).unwrap_or_default();
         assert_eq!((c.active_opens, c.attempt_fails), (1234, 789));
+    }
+
+    #[test]
+    fn reads_the_rule_counter() {
+        let text = "Chain INPUT (policy ACCEPT 10 packets, 600 bytes)\n\
+            pkts bytes target prot opt in out source destination\n\
+            42 2520 tcp -- * * 0.0.0.0/0 0.0.0.0/0 tcp dpt:25432 flags:0x17/0x02\n";
+        assert_eq!(parse_pkts(text, "dpt:25432"), Some(42));
+        assert_eq!(parse_pkts(text, "dpt:1"), None);
     }
 }

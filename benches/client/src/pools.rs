@@ -1,10 +1,17 @@
 //! The pools under test, each behind one call: check out a connection, `SELECT 1`, release.
 //!
 //! Lives here: [`PoolKind`] (every pool configuration the benchmark compares, with its label and
-//! how it was configured), [`BenchPool`] (a built pool of one kind) and [`BenchPool::call`], the
-//! unit of load. Must not live here: timing, counting or the scenario (`load`, `scenario`).
+//! how it was configured), [`Op`] (what a call does with its connection), [`BenchPool`] (a built
+//! pool of one kind) and [`BenchPool::call`], the unit of load. PgBouncer is the pool of its
+//! columns: each task holds one tokio-postgres connection to it, made at the task's first call
+//! and again after any error (what an application that leaves pooling to PgBouncer does). Must
+//! not live here: timing, counting or the scenario (`load`, `scenario`), PgBouncer's process
+//! (`bouncer`).
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use dbpool_client::{Policy, PoolConfig, PoolOptions};
 use dbpool_testkit::postgres::{APP_DB, APP_PASSWORD, APP_USER};
@@ -41,17 +48,52 @@ pub enum PoolKind {
     OursDefault,
     /// dbpool-client with short timings: breaker openTimeout 1 s, the rest default.
     OursShort,
+    /// PgBouncer 1.18 (Debian) at its defaults; each task one tokio-postgres connection to it.
+    BouncerDefault,
+    /// PgBouncer with `server_login_retry = 1` (default 15 s), the rest default.
+    BouncerRetry1,
+}
+
+/// What a call does with the connection it checked out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `simple_query("SELECT 1")` (simple query protocol; `raw_sql` on sqlx): the benchmark's
+    /// operation in every scenario, and the outside run's.
+    SimpleSelect,
+    /// Nothing: check out and give back (the pool's own cost; bb8 and sqlx still test the
+    /// connection at checkout, a round trip, by default).
+    CheckoutOnly,
+}
+
+impl Op {
+    /// Short name, used by the `BENCH_CLIENT_OPS` filter.
+    pub fn id(self) -> &'static str {
+        match self {
+            Op::SimpleSelect => "select",
+            Op::CheckoutOnly => "checkout",
+        }
+    }
+
+    /// Title in the report.
+    pub fn title(self) -> &'static str {
+        match self {
+            Op::SimpleSelect => "checkout + simple_query(\"SELECT 1\") + release",
+            Op::CheckoutOnly => "checkout + release (no statement)",
+        }
+    }
 }
 
 impl PoolKind {
     /// Every kind, in the order of the tables' columns.
-    pub const ALL: [PoolKind; 8] = [
+    pub const ALL: [PoolKind; 10] = [
         PoolKind::DeadpoolDefault,
         PoolKind::DeadpoolEqual,
         PoolKind::Bb8Default,
         PoolKind::Bb8Equal,
         PoolKind::SqlxDefault,
         PoolKind::SqlxEqual,
+        PoolKind::BouncerDefault,
+        PoolKind::BouncerRetry1,
         PoolKind::OursDefault,
         PoolKind::OursShort,
     ];
@@ -67,6 +109,8 @@ impl PoolKind {
             PoolKind::SqlxEqual => "sqlx-eq",
             PoolKind::OursDefault => "ours",
             PoolKind::OursShort => "ours-short",
+            PoolKind::BouncerDefault => "pgbouncer",
+            PoolKind::BouncerRetry1 => "pgbouncer-retry1",
         }
     }
 
@@ -81,12 +125,19 @@ impl PoolKind {
             PoolKind::SqlxEqual => "sqlx = ours",
             PoolKind::OursDefault => "dbpool-client defaults",
             PoolKind::OursShort => "dbpool-client short",
+            PoolKind::BouncerDefault => "PgBouncer defaults",
+            PoolKind::BouncerRetry1 => "PgBouncer login_retry 1",
         }
     }
 
     /// Whether this is dbpool-client.
     pub fn is_ours(self) -> bool {
         matches!(self, PoolKind::OursDefault | PoolKind::OursShort)
+    }
+
+    /// Whether this is PgBouncer (a process the run starts and stops).
+    pub fn is_bouncer(self) -> bool {
+        matches!(self, PoolKind::BouncerDefault | PoolKind::BouncerRetry1)
     }
 
     /// How the kind is configured, for the report.
@@ -112,10 +163,17 @@ impl PoolKind {
                 "sqlx 0.9, max_connections 10, acquire_timeout {a:?} (bounds the connect too: sqlx has no connect timeout of its own)"
             ),
             PoolKind::OursDefault => format!(
-                "dbpool-client, PoolConfig::new defaults: max_size 10, acquire_timeout {a:?}, connect timeout {c:?}, backoff 1 s x2, breaker after 5 failures, openTimeout 60 s"
+                "dbpool-client, PoolConfig::new defaults: max_size 10, acquire_timeout {a:?}, connect timeout {c:?}, backoff 1 s x2, breaker after 5 failures, openTimeout 60 s, readiness pings at most 1/s (standalone)"
             ),
             PoolKind::OursShort => {
                 "dbpool-client, as defaults but breaker openTimeout 1 s".into()
+            }
+            PoolKind::BouncerDefault => format!(
+                "{}, every setting at its default (pool_mode session, default_pool_size 20, server_login_retry 15 s, query_wait_timeout 120 s, auth_type md5) except listen address and auth_file; started by the run as the postgres user; each task one tokio-postgres connection to it (no connect timeout), reconnecting at its next call after any error",
+                crate::bouncer::version()
+            ),
+            PoolKind::BouncerRetry1 => {
+                "PgBouncer as its defaults column but server_login_retry = 1".into()
             }
         }
     }
@@ -146,6 +204,49 @@ pub enum BenchPool {
     Sqlx(sqlx::PgPool),
     /// dbpool-client.
     Ours(dbpool_client::Pool),
+    /// PgBouncer: one connection slot per task (boxed: the tokio-postgres config is large).
+    Bouncer(Box<BouncerClients>),
+}
+
+/// The tasks' connections to PgBouncer (and PgBouncer itself, stopped when this is dropped).
+pub struct BouncerClients {
+    config: tokio_postgres::Config,
+    slots: Vec<tokio::sync::Mutex<Option<tokio_postgres::Client>>>,
+    /// Connects the tasks made to PgBouncer (to tell them from PgBouncer's own to PostgreSQL).
+    pub connects: AtomicU64,
+    /// The process, held to stop it when the pool is dropped.
+    _bouncer: crate::bouncer::Bouncer,
+}
+
+impl BouncerClients {
+    async fn call(&self, task: usize, op: Op) -> Result<(), CallError> {
+        let slot = self.slots.get(task).ok_or_else(CallError::other)?;
+        let mut slot = slot.lock().await;
+        if slot.is_none() {
+            self.connects.fetch_add(1, Ordering::Relaxed);
+            let (client, connection) = self
+                .config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|_| CallError::other())?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            *slot = Some(client);
+        }
+        let result = match (slot.as_ref(), op) {
+            (Some(c), Op::SimpleSelect) => c.simple_query("SELECT 1").await.map(drop),
+            (Some(c), Op::CheckoutOnly) if c.is_closed() => {
+                *slot = None;
+                return Err(CallError::other());
+            }
+            _ => Ok(()),
+        };
+        if result.is_err() {
+            *slot = None;
+        }
+        result.map_err(|_| CallError::other())
+    }
 }
 
 fn pg_config(port: u16, connect_timeout: Option<Duration>) -> tokio_postgres::Config {
@@ -163,8 +264,13 @@ fn pg_config(port: u16, connect_timeout: Option<Duration>) -> tokio_postgres::Co
 
 impl BenchPool {
     /// Builds a pool of `kind` against 127.0.0.1:`port` (lazily: no connection is opened here,
-    /// except by dbpool-client's supervisor, which connects at once).
-    pub fn build(kind: PoolKind, port: u16) -> Result<BenchPool, String> {
+    /// except by dbpool-client's supervisor, which connects at once). PgBouncer's kinds need the
+    /// started `bouncer` (in front of `port`).
+    pub fn build(
+        kind: PoolKind,
+        port: u16,
+        bouncer: Option<crate::bouncer::Bouncer>,
+    ) -> Result<BenchPool, String> {
         let (c, a) = (our_connect_timeout(), our_acquire_timeout());
         Ok(match kind {
             PoolKind::DeadpoolDefault | PoolKind::DeadpoolEqual => {
@@ -229,39 +335,59 @@ impl BenchPool {
                 }
                 BenchPool::Ours(dbpool_client::Pool::new(config, None))
             }
+            PoolKind::BouncerDefault | PoolKind::BouncerRetry1 => {
+                let bouncer = bouncer.ok_or("PgBouncer was not started")?;
+                let tasks = crate::scenario::TASKS;
+                BenchPool::Bouncer(Box::new(BouncerClients {
+                    config: pg_config(bouncer.port(), None),
+                    slots: (0..tasks).map(|_| tokio::sync::Mutex::new(None)).collect(),
+                    connects: AtomicU64::new(0),
+                    _bouncer: bouncer,
+                }))
+            }
         })
     }
 
-    /// One unit of load: a connection, `SELECT 1` (simple query protocol for all), release.
-    pub async fn call(&self) -> Result<(), CallError> {
+    /// One unit of load for task `task`: a connection, `op`, release.
+    pub async fn call(&self, task: usize, op: Op) -> Result<(), CallError> {
+        let select = op == Op::SimpleSelect;
         match self {
             BenchPool::Deadpool(p) => {
                 let c = p.get().await.map_err(|_| CallError::other())?;
-                c.simple_query("SELECT 1")
-                    .await
-                    .map_err(|_| CallError::other())?;
+                if select {
+                    c.simple_query("SELECT 1")
+                        .await
+                        .map_err(|_| CallError::other())?;
+                }
             }
             BenchPool::Bb8(p) => {
                 let c = p.get().await.map_err(|_| CallError::other())?;
-                c.simple_query("SELECT 1")
-                    .await
-                    .map_err(|_| CallError::other())?;
+                if select {
+                    c.simple_query("SELECT 1")
+                        .await
+                        .map_err(|_| CallError::other())?;
+                }
             }
             BenchPool::Sqlx(p) => {
                 let mut c = p.acquire().await.map_err(|_| CallError::other())?;
-                sqlx::raw_sql("SELECT 1")
-                    .execute(&mut *c)
-                    .await
-                    .map_err(|_| CallError::other())?;
+                if select {
+                    sqlx::raw_sql("SELECT 1")
+                        .execute(&mut *c)
+                        .await
+                        .map_err(|_| CallError::other())?;
+                }
             }
             BenchPool::Ours(p) => {
                 let c = p.get().await.map_err(|e| CallError {
                     breaker_open: e.is_breaker_open(),
                 })?;
-                c.simple_query("SELECT 1")
-                    .await
-                    .map_err(|_| CallError::other())?;
+                if select {
+                    c.simple_query("SELECT 1")
+                        .await
+                        .map_err(|_| CallError::other())?;
+                }
             }
+            BenchPool::Bouncer(b) => b.call(task, op).await?,
         }
         Ok(())
     }
@@ -274,6 +400,22 @@ impl BenchPool {
         }
     }
 
+    /// dbpool-client's status, if this is ours.
+    pub fn status(&self) -> Option<dbpool_client::PoolStatus> {
+        match self {
+            BenchPool::Ours(p) => Some(p.status()),
+            _ => None,
+        }
+    }
+
+    /// Connects the tasks made to PgBouncer, if this is PgBouncer.
+    pub fn app_connects(&self) -> Option<u64> {
+        match self {
+            BenchPool::Bouncer(b) => Some(b.connects.load(Ordering::Relaxed)),
+            _ => None,
+        }
+    }
+
     /// Closes the pool and its connections.
     pub async fn close(self) {
         match self {
@@ -281,6 +423,12 @@ impl BenchPool {
             BenchPool::Bb8(p) => drop(p),
             BenchPool::Sqlx(p) => p.close().await,
             BenchPool::Ours(p) => p.close(),
+            BenchPool::Bouncer(b) => {
+                for slot in &b.slots {
+                    slot.lock().await.take();
+                }
+                drop(b);
+            }
         }
     }
 }

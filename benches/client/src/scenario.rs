@@ -2,8 +2,10 @@
 //!
 //! Lives here: [`Scenario`] (3 s outage, 30 s outage, idle blip), [`Settings`] (windows and
 //! caps), [`run`] (warm-up → steady window → stop → outage → start → recovery, reading the
-//! kernel's connect counters at the edges) and [`RunResult`]. Must not live here: building or
-//! calling pools (`pools`), per-call bookkeeping (`load`), formatting (`report`).
+//! kernel's connect counters at the edges, sampling the pool for the plots) and [`RunResult`];
+//! [`start_load`], a pool of one kind (and its PgBouncer) with its tasks. Must not live here:
+//! building or calling pools (`pools`), per-call bookkeeping (`load`), formatting (`report`),
+//! drawing (`plot`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,9 +17,11 @@ use tokio::{
 };
 
 use crate::{
+    bouncer::{Bouncer, BouncerSettings},
     load::{Load, Mark, Marks, Merged, merge},
-    netcount::TcpCounters,
-    pools::{BenchPool, PoolKind},
+    netcount::{PortSyns, TcpCounters},
+    pools::{BenchPool, Op, PoolKind},
+    timeline::{Sample, Sampler},
 };
 
 /// The load's tasks (the "8 tasks").
@@ -107,6 +111,43 @@ pub struct RunResult {
     pub restart: Duration,
     /// dbpool-client: ready → its first successful connect (trial or backoff retry).
     pub ready_to_trial: Option<Duration>,
+    /// SYNs that reached PostgreSQL's port in `down` (server side; None: not counted).
+    pub down_syns: Option<u64>,
+    /// dbpool-client's credentialed connects started in `down`.
+    pub down_connects: Option<u64>,
+    /// dbpool-client's readiness pings started in `down`, as its status reports them.
+    pub down_pings: Option<u64>,
+    /// PgBouncer: the tasks' connects to it in `down`.
+    pub down_app_connects: Option<u64>,
+    /// When the run's load stopped (ns since origin).
+    pub end_at: u64,
+    /// dbpool-client's status and the kernel's connects, sampled (for the plot).
+    pub samples: Vec<Sample>,
+}
+
+/// A new pool of `kind` in front of `pg` (for PgBouncer's kinds, a PgBouncer started for it),
+/// and `TASKS` tasks calling it with `op`, on `runtime`.
+pub async fn start_load(
+    kind: PoolKind,
+    pg: &PgServer,
+    marks: &Arc<Marks>,
+    op: Op,
+    runtime: &Handle,
+) -> Result<(Arc<BenchPool>, Load), String> {
+    let bouncer = match kind {
+        PoolKind::BouncerDefault => {
+            Some(Bouncer::start(BouncerSettings::Defaults, pg.port()).await?)
+        }
+        PoolKind::BouncerRetry1 => {
+            Some(Bouncer::start(BouncerSettings::LoginRetry1, pg.port()).await?)
+        }
+        _ => None,
+    };
+    // The pool and its tasks live on the load runtime; the caller's clock does not.
+    let _load_runtime = runtime.enter();
+    let pool = Arc::new(BenchPool::build(kind, pg.port(), bouncer)?);
+    let load = Load::start(Arc::clone(&pool), Arc::clone(marks), TASKS, op);
+    Ok((pool, load))
 }
 
 /// Runs `kind` through `scenario` on `pg` (which runs, and runs again at the end); the pool
@@ -117,15 +158,19 @@ pub async fn run(
     pg: &mut PgServer,
     settings: Settings,
     runtime: &Handle,
+    syns: Option<&PortSyns>,
 ) -> Result<RunResult, String> {
     quiesce(pg).await;
     let marks = Arc::new(Marks::new());
-    // The pool and its tasks live on the load runtime; this function's clock does not.
-    let (pool, load) = {
-        let _load_runtime = runtime.enter();
-        let pool = Arc::new(BenchPool::build(kind, pg.port())?);
-        let load = Load::start(Arc::clone(&pool), Arc::clone(&marks), TASKS);
-        (pool, load)
+    let (pool, load) = start_load(kind, pg, &marks, Op::SimpleSelect, runtime).await?;
+    let sampler = Sampler::start(Arc::clone(&pool), Arc::clone(&marks));
+    let counts = |pool: &BenchPool| {
+        (
+            syns.and_then(PortSyns::read),
+            pool.status().map(|s| s.connects_started),
+            pool.app_connects(),
+            pool.status().map(|s| s.pings_started),
+        )
     };
 
     // Measurement windows are fixed lengths of time by definition (not waits for a condition).
@@ -150,6 +195,7 @@ pub async fn run(
     let stop_took = stop_started.elapsed();
     let down_from = Instant::now();
     let c_down = TcpCounters::read();
+    let n_down = counts(&pool);
     let outage = scenario.outage();
     let mut late = None;
     if outage > settings.early {
@@ -158,6 +204,7 @@ pub async fn run(
     }
     sleep(outage.saturating_sub(down_from.elapsed())).await;
     let c_start = TcpCounters::read();
+    let n_start = counts(&pool);
     let down = down_from.elapsed();
     let late_attempts = late.map(|(c, at)| (c_start.since(c), at.elapsed()));
 
@@ -197,6 +244,8 @@ pub async fn run(
     }
     let stats = load.stats.clone();
     load.stop(Duration::from_secs(2)).await;
+    let end_at = marks.now();
+    let samples = sampler.finish().await;
     let merged = merge(&stats);
     if let Ok(pool) = Arc::try_unwrap(pool) {
         let _ = runtime.spawn(pool.close()).await;
@@ -214,7 +263,17 @@ pub async fn run(
         restart_attempts,
         restart,
         ready_to_trial,
+        down_syns: delta(n_down.0, n_start.0),
+        down_connects: delta(n_down.1, n_start.1),
+        down_app_connects: delta(n_down.2, n_start.2),
+        down_pings: delta(n_down.3, n_start.3),
+        end_at,
+        samples,
     })
+}
+
+fn delta(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    Some(b?.saturating_sub(a?))
 }
 
 /// Waits until the previous run's sessions are gone, so each run starts from an empty server.
