@@ -186,3 +186,80 @@ async fn an_open_breaker_closes_within_500ms_of_the_database_after_a_30s_outage(
     assert!(took <= BOUND, "Ready {took:?} after the server was ready");
     assert!(metric(&text, "dbpool_early_trials_total") >= 1.0, "{text}");
 }
+
+/// Several pools on one target (one credential key): while the target is down they share its
+/// attempts (down-target coalescing), and a pool whose own backoff deadline has passed waits for
+/// the target's next shared attempt. The edge must not wait for it: after an 8 s outage that
+/// attempt is about 7 s after the server's start (attempts at about 1, 3, 7 and 15 s after the
+/// first failure), and every pool is Ready well before it. (Before the fix the edge was lost:
+/// 12-13 s in the scale bench's recovery phase.)
+#[tokio::test]
+async fn pools_sharing_a_down_target_are_ready_at_the_edge_not_at_its_next_attempt() {
+    const POOLS: usize = 5;
+    let client = support::kube::client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(&client).await;
+    let mut pg = PgServer::start().await;
+    create_consenting_secret(
+        &client,
+        ns.name(),
+        SECRET,
+        KEY,
+        APP_PASSWORD,
+        &["127.0.0.1"],
+    )
+    .await;
+    let op = RunningOperator::start(client.clone(), ns.name());
+    let names: Vec<String> = (0..POOLS).map(|i| format!("orders-{i}")).collect();
+    for name in &names {
+        let spec = pool(name, pg.port(), Some((SECRET, KEY)), default_timings());
+        create(&client, ns.name(), &spec).await;
+    }
+    for name in &names {
+        wait_status(
+            &client,
+            ns.name(),
+            name,
+            "Ready",
+            Duration::from_secs(60),
+            is_ready,
+        )
+        .await;
+    }
+    let watches: Vec<_> = names.iter().map(|n| ready_again(ns.api(), n)).collect();
+    let stopped = tokio::time::Instant::now();
+    pg.stop().await;
+    for name in &names {
+        wait_status(
+            &client,
+            ns.name(),
+            name,
+            "not Ready",
+            Duration::from_secs(10),
+            |s| !is_ready(s),
+        )
+        .await;
+    }
+    // The outage's length is the scenario, not a wait for a condition.
+    tokio::time::sleep_until(stopped + Duration::from_secs(8)).await;
+    pg.start().await;
+    let start = ready_at(&pg);
+    for (name, watch) in names.iter().zip(watches) {
+        let end = tokio::time::timeout(Duration::from_secs(90), watch)
+            .await
+            .expect("Ready again within 90s")
+            .expect("watch task")
+            .expect("the watch saw Ready again");
+        let took = Duration::try_from(end.duration_since(start)).unwrap_or(Duration::ZERO);
+        eprintln!("{name}: Ready {took:?} after the server's ready line");
+        assert!(
+            took <= Duration::from_secs(2),
+            "{name} Ready {took:?} after the server was ready: it waited for the target's next \
+             shared attempt"
+        );
+    }
+    let text = op.metrics.encode();
+    let accepting = "dbpool_readiness_pings_total{result=\"Accepting\"}";
+    assert!(metric(&text, accepting) >= 1.0, "{text}");
+    ns.cleanup().await;
+}

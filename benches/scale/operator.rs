@@ -110,7 +110,9 @@ pub fn child_main() {
     if let Some(port) = env_u64("BENCH_CHILD_METRICS_PORT").and_then(|p| u16::try_from(p).ok()) {
         runtime.spawn(serve_metrics(port, metrics.clone()));
     }
-    runtime.block_on(run_operator(namespace, refresh, instance, observer, metrics));
+    runtime.block_on(run_operator(
+        namespace, refresh, instance, observer, metrics,
+    ));
 }
 
 /// Serves `metrics` as text at /metrics on 127.0.0.1:`port` (the child's, for the bench).
@@ -133,7 +135,9 @@ async fn serve_metrics(port: u16, metrics: Arc<Metrics>) {
 /// GET http://127.0.0.1:`port`/metrics: the body, at most 16 MiB, within 10 s.
 async fn fetch_metrics(port: u16) -> Option<String> {
     let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
         let request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut raw = Vec::new();

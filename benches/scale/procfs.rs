@@ -171,7 +171,10 @@ pub fn control_plane_cpu() -> Option<f64> {
 /// The 1, 5 and 15 minute load averages, "a b c".
 pub fn load_average() -> String {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    load.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// CPUs, memory, kernel and load average, for the report's header.

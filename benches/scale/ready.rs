@@ -115,7 +115,9 @@ pub fn log_len(path: &Path) -> u64 {
 /// `offset`, or `None` while there is none.
 pub fn ready_line_after(path: &Path, offset: u64) -> Option<i64> {
     let text = std::fs::read(path).ok()?;
-    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(text.len());
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(text.len());
     let tail = String::from_utf8_lossy(&text[start..]);
     let line = tail.lines().find(|l| l.contains(READY_LINE))?;
     parse_stamp(line)
@@ -128,13 +130,21 @@ pub fn parse_stamp(line: &str) -> Option<i64> {
         return None;
     }
     let civil = DateTime::strptime("%Y-%m-%d %H:%M:%S%.f", stamp).ok()?;
-    Some(civil.to_zoned(TimeZone::UTC).ok()?.timestamp().as_microsecond())
+    Some(
+        civil
+            .to_zoned(TimeZone::UTC)
+            .ok()?
+            .timestamp()
+            .as_microsecond(),
+    )
 }
 
 /// Lines of the log at `path` after `offset` that contain `needle`.
 pub fn log_lines_after(path: &Path, offset: u64, needle: &str) -> Vec<String> {
     let text = std::fs::read(path).unwrap_or_default();
-    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(text.len());
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(text.len());
     String::from_utf8_lossy(&text[start..])
         .lines()
         .filter(|l| l.contains(needle))

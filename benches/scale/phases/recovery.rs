@@ -117,7 +117,11 @@ impl Run {
         self.note_effective_spec(pool).await;
         for (what, outage, n) in [
             ("3 s outage", Duration::from_secs(3), r.short_runs),
-            ("30 s outage (breaker Open)", Duration::from_secs(30), r.long_runs),
+            (
+                "30 s outage (breaker Open)",
+                Duration::from_secs(30),
+                r.long_runs,
+            ),
         ] {
             let mut samples = Vec::new();
             for i in 0..n {
@@ -212,9 +216,7 @@ impl Run {
         phases_seen.sort();
         phases_seen.dedup();
         self.report.row(
-            format!(
-                "recovery, default spec, {what}: server's ready line → watch sees Ready=True"
-            ),
+            format!("recovery, default spec, {what}: server's ready line → watch sees Ready=True"),
             format!(
                 "{}; per run {}; phase before the start: {}; load average {}",
                 show(s),
@@ -233,7 +235,10 @@ impl Run {
         let values: Vec<f64> = exercised.iter().filter_map(|c| c.ms).collect();
         let s = stats(values.clone());
         let redo: Vec<f64> = crashes.iter().filter_map(|c| c.redo_ms).collect();
-        let pings: Vec<String> = crashes.iter().map(|c| format!("{}", c.starting_up)).collect();
+        let pings: Vec<String> = crashes
+            .iter()
+            .map(|c| format!("{}", c.starting_up))
+            .collect();
         let result = if exercised.is_empty() {
             format!(
                 "did **not** exercise crash recovery: no ping answered 57P03 in {} runs (redo {})",
@@ -268,7 +273,10 @@ impl Run {
         let client = pg.superuser().await;
         let sql = "CREATE TABLE IF NOT EXISTS wal_filler (id bigint, pad text); \
                    TRUNCATE wal_filler; CHECKPOINT;";
-        client.batch_execute(sql).await.expect("prepare the WAL filler");
+        client
+            .batch_execute(sql)
+            .await
+            .expect("prepare the WAL filler");
         // About 1 KiB of WAL per row (an uncompressed 1,024-character value).
         let rows = wal_mb * 1000;
         let insert = format!(
@@ -298,7 +306,10 @@ impl Run {
         let down = watch.first(pool, t_kill, false);
         let ms = match down {
             Some(down_us) => {
-                let end = poll(Duration::from_secs(120), || watch.first(pool, down_us, true)).await;
+                let end = poll(Duration::from_secs(120), || {
+                    watch.first(pool, down_us, true)
+                })
+                .await;
                 end.map(|end_us| (end_us - ready_us) as f64 / 1000.0)
             }
             None => None,
@@ -330,7 +341,9 @@ impl Run {
             r.fleet_pools
         );
         let mut pgs = futures::future::join_all((0..targets).map(|_| recovery_server())).await;
-        let names: Vec<String> = (0..r.fleet_pools).map(|i| format!("rec-fleet-{i:04}")).collect();
+        let names: Vec<String> = (0..r.fleet_pools)
+            .map(|i| format!("rec-fleet-{i:04}"))
+            .collect();
         let manifests: Vec<DbPool> = names
             .iter()
             .enumerate()
@@ -379,7 +392,11 @@ async fn wait_ready(watch: &ReadyWatch, pools: &[String], since_us: i64) {
     let ok = poll(Duration::from_secs(120), || {
         pools
             .iter()
-            .all(|p| watch.latest(p).is_some_and(|e| e.ready && e.at_us >= since_us))
+            .all(|p| {
+                watch
+                    .latest(p)
+                    .is_some_and(|e| e.ready && e.at_us >= since_us)
+            })
             .then_some(())
     })
     .await;
@@ -388,12 +405,7 @@ async fn wait_ready(watch: &ReadyWatch, pools: &[String], since_us: i64) {
 
 /// One outage of `outage` of one pool's server: stop, wait until the watch sees the pool not
 /// Ready, hold until `outage` after the stop, start, measure.
-async fn outage_run(
-    watch: &ReadyWatch,
-    pg: &mut PgServer,
-    pool: &str,
-    outage: Duration,
-) -> Sample {
+async fn outage_run(watch: &ReadyWatch, pg: &mut PgServer, pool: &str, outage: Duration) -> Sample {
     wait_ready(watch, &[pool.to_owned()], 0).await;
     let t_stop = now_us();
     let stopped = Instant::now();
@@ -410,9 +422,11 @@ async fn outage_run(
     let ready_us = poll(Duration::from_secs(10), || ready_line_after(&path, offset))
         .await
         .expect("a ready line after the start");
-    let end_us = poll(Duration::from_secs(120), || watch.first(pool, down_us, true))
-        .await
-        .expect("the pool Ready within 120 s of the start");
+    let end_us = poll(Duration::from_secs(120), || {
+        watch.first(pool, down_us, true)
+    })
+    .await
+    .expect("the pool Ready within 120 s of the start");
     Sample {
         ms: (end_us - ready_us) as f64 / 1000.0,
         phase,

@@ -39,6 +39,7 @@ impl Run {
             effects: Vec::new(),
             notes: Vec::new(),
             stream: None,
+            readiness_edge: false,
         }
     }
 
@@ -127,6 +128,7 @@ impl Run {
             self.record_trigger(trigger, pool, token.as_deref(), hold.as_deref(), now);
         }
         self.memory.credentials_fingerprint = Some(fingerprint);
+        self.readiness_edge = readiness_edge;
     }
 
     /// What a fired trigger changes in the memory besides the engine: the generation seen, the
