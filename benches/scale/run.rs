@@ -144,8 +144,12 @@ impl Run {
             .join(format!("bench-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&log_dir).expect("log directory");
         let title = format!(
-            "N = {n}: {} PostgreSQL targets, operator {}",
-            s.targets,
+            "{}, operator {}",
+            if s.needs_pools() {
+                format!("N = {n}: {} PostgreSQL targets", s.targets)
+            } else {
+                "recovery phase (pools and servers of its own)".to_owned()
+            },
             match s.mode {
                 Mode::Child => "in a child process (controller::run)",
                 Mode::InProcess => "in-process (controller::run on its own runtime)",

@@ -123,6 +123,9 @@ impl Run {
                 r.long_runs,
             ),
         ] {
+            if n == 0 {
+                continue;
+            }
             let mut samples = Vec::new();
             for i in 0..n {
                 let sample = outage_run(&watch, &mut pg, pool, outage).await;
@@ -151,7 +154,9 @@ impl Run {
             );
             crashes.push(crash);
         }
-        self.crash_row(&crashes, r.wal_mb);
+        if !crashes.is_empty() {
+            self.crash_row(&crashes, r.wal_mb);
+        }
         self.delete_recovery_pools().await;
         drop(pg);
         if r.fleet_pools > 0 {
