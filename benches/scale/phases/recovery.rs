@@ -131,10 +131,10 @@ impl Run {
                 let sample = outage_run(&watch, &mut pg, pool, outage).await;
                 progress!(
                     "recovery {what} {}/{n}: Ready {} after the ready line (phase before the \
-                     start {:?}; load {})",
+                     start {}; load {})",
                     i + 1,
                     ms(sample.ms),
-                    sample.phase,
+                    sample.phase.map_or("-".to_owned(), |p| format!("{p:?}")),
                     load_average()
                 );
                 samples.push(sample);
@@ -216,7 +216,10 @@ impl Run {
     fn outage_row(&mut self, what: &str, samples: &[Sample]) {
         let values: Vec<f64> = samples.iter().map(|s| s.ms).collect();
         let s = stats(values.clone());
-        let phases: Vec<String> = samples.iter().map(|s| format!("{:?}", s.phase)).collect();
+        let phases: Vec<String> = samples
+            .iter()
+            .map(|s| s.phase.map_or("-".to_owned(), |p| format!("{p:?}")))
+            .collect();
         let mut phases_seen = phases.clone();
         phases_seen.sort();
         phases_seen.dedup();
