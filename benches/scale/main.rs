@@ -17,6 +17,9 @@
 //!    its first probes; then status writes per pool-hour with that refresh (checks the formula).
 //! 7. restart with the default configuration; then every pool gets its own application name, so
 //!    N connections instead of one per target: the cost that probe coalescing saves.
+//! 8. recovery (only when `BENCH_PHASES` names it): pools with the default spec on servers of
+//!    their own; server's "ready to accept connections" → watch sees Ready=True after 3 s and
+//!    30 s outages, crash recovery and a fleet restarting together (issue 24).
 //!
 //! How it measures, without any change to the operator's behaviour:
 //! - Probe instants and acknowledged writes: the operator runs under
@@ -36,7 +39,8 @@
 //!
 //! Modules: `settings` (what to run, the pools' policy), `procfs` (clock and /proc), `capture`
 //! (the observer), `store` (what was seen, the watch), `operator` (the process under test),
-//! `apiserver` (its /metrics), `calibrate`, `run` (one N and shared helpers), `phases::*` (one
+//! `apiserver` (its /metrics), `ready` (ready lines and the Ready watch of the recovery phase),
+//! `calibrate`, `run` (one N and shared helpers), `phases::*` (one
 //! module per phase), `report` (tables and statistics). This file holds only the entry point
 //! and the loop over N.
 //!
@@ -74,13 +78,14 @@ mod capture;
 mod operator;
 mod phases;
 mod procfs;
+mod ready;
 mod report;
 mod run;
 mod settings;
 mod store;
 
 use crate::{
-    procfs::{machine_description, memory_kib},
+    procfs::{load_average, machine_description, memory_kib},
     run::Run,
     settings::{CHILD_ENV, Mode, Settings},
     support::kube::{install_crd, kubectl},
@@ -143,15 +148,7 @@ async fn bench(s: Settings) {
         GoDuration(s.short_refresh)
     );
     run_sizes(&s, &client, &mut out).await;
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "Load average at the end: {}.",
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let _ = writeln!(out, "Load average at the end: {}.", load_average());
     let (hwm, _) = memory_kib("/proc/self/status");
     progress!("bench process VmHWM {:.1} MiB", hwm as f64 / 1024.0);
     write_report(&s, &out);

@@ -2,9 +2,9 @@
 //! `controller::run_observed`) or on its own runtime inside the bench, measured through /proc,
 //! and killed abruptly.
 //!
-//! Lives here: [`Operator`] (start, CPU, memory, apiserver connections, kill), [`child_main`]
-//! (what the child process runs) and the stderr log both modes keep for warnings
-//! (`BENCH_OPERATOR_LOG`). Must not live here: how observations are encoded (`capture`), what
+//! Lives here: [`Operator`] (start, CPU, memory, apiserver connections, its /metrics text, kill),
+//! [`child_main`] (what the child process runs, which serves its /metrics on the loopback port
+//! the bench gives it) and the stderr log both modes keep for warnings (`BENCH_OPERATOR_LOG`). Must not live here: how observations are encoded (`capture`), what
 //! the phases do with an operator.
 
 use std::{
@@ -21,7 +21,7 @@ use dbpool_operator::{
     metrics::Metrics,
 };
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     task::JoinHandle,
 };
 use tracing_subscriber::{Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
@@ -41,11 +41,14 @@ enum OperatorKind {
         child: tokio::process::Child,
         pid: u32,
         reader: JoinHandle<()>,
+        /// The loopback port of its /metrics.
+        metrics_port: u16,
     },
     /// A dedicated runtime in this process; `live` gates its observer.
     InProcess {
         runtime: tokio::runtime::Runtime,
         live: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
     },
 }
 
@@ -77,6 +80,7 @@ async fn run_operator(
     refresh: Duration,
     instance: String,
     observer: Arc<dyn Observer>,
+    metrics: Arc<Metrics>,
 ) {
     let client = support::kube::client().await;
     let config = OperatorConfig {
@@ -85,14 +89,14 @@ async fn run_operator(
         instance,
         ..OperatorConfig::default()
     };
-    let metrics = Arc::new(Metrics::new());
     controller::run_observed(client, config, metrics, observer, std::future::pending())
         .await
         .expect("operator run");
 }
 
 /// The child process: the operator on the namespace it is given, its observations on stdout as
-/// `P`/`W` lines (see `capture`), flushed every 20 ms.
+/// `P`/`W` lines (see `capture`), flushed every 20 ms, its /metrics on 127.0.0.1 at
+/// `BENCH_CHILD_METRICS_PORT`.
 pub fn child_main() {
     let namespace = std::env::var("BENCH_CHILD_NS").expect("BENCH_CHILD_NS");
     let refresh = Duration::from_millis(env_u64("BENCH_CHILD_REFRESH_MS").unwrap_or(300_000));
@@ -101,8 +105,50 @@ pub fn child_main() {
     spawn_stdout_flusher(buffer.clone());
     install_log();
     let observer = Arc::new(BenchObserver::lines(buffer));
+    let metrics = Arc::new(Metrics::new());
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    runtime.block_on(run_operator(namespace, refresh, instance, observer));
+    if let Some(port) = env_u64("BENCH_CHILD_METRICS_PORT").and_then(|p| u16::try_from(p).ok()) {
+        runtime.spawn(serve_metrics(port, metrics.clone()));
+    }
+    runtime.block_on(run_operator(
+        namespace, refresh, instance, observer, metrics,
+    ));
+}
+
+/// Serves `metrics` as text at /metrics on 127.0.0.1:`port` (the child's, for the bench).
+async fn serve_metrics(port: u16, metrics: Arc<Metrics>) {
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::warn!("bench: cannot serve /metrics on 127.0.0.1:{port}: {err}");
+            return;
+        }
+    };
+    let text = move || {
+        let metrics = metrics.clone();
+        async move { metrics.encode() }
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(text));
+    let _ = axum::serve(listener, app).await;
+}
+
+/// GET http://127.0.0.1:`port`/metrics: the body, at most 16 MiB, within 10 s.
+async fn fetch_metrics(port: u16) -> Option<String> {
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut raw = Vec::new();
+        stream.take(16 << 20).read_to_end(&mut raw).await.ok()?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        Some(text.split_once("\r\n\r\n")?.1.to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .ok()
+        .flatten()
 }
 
 impl Operator {
@@ -166,6 +212,14 @@ impl Operator {
         tcp_connections(&pid, apiserver_port()?)
     }
 
+    /// The operator's /metrics text (the child's endpoint, or its `Metrics` in-process).
+    pub async fn metrics_text(&self) -> Option<String> {
+        match &self.kind {
+            OperatorKind::Child { metrics_port, .. } => fetch_metrics(*metrics_port).await,
+            OperatorKind::InProcess { metrics, .. } => Some(metrics.encode()),
+        }
+    }
+
     /// Kills the operator abruptly (SIGKILL, or dropping its runtime).
     pub async fn kill(self) {
         match self.kind {
@@ -175,7 +229,7 @@ impl Operator {
                 let _ = child.kill().await;
                 let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
             }
-            OperatorKind::InProcess { runtime, live } => {
+            OperatorKind::InProcess { runtime, live, .. } => {
                 live.store(false, Ordering::Relaxed);
                 runtime.shutdown_background();
             }
@@ -194,12 +248,14 @@ fn start_child(
     log: &std::path::Path,
 ) -> OperatorKind {
     let log = std::fs::File::create(log).expect("operator log file");
+    let metrics_port = support::ports::free_port();
     let mut child =
         tokio::process::Command::new(std::env::current_exe().expect("path of the bench binary"))
             .env(CHILD_ENV, "1")
             .env("BENCH_CHILD_NS", namespace)
             .env("BENCH_CHILD_REFRESH_MS", refresh.as_millis().to_string())
             .env("BENCH_CHILD_INSTANCE", instance)
+            .env("BENCH_CHILD_METRICS_PORT", metrics_port.to_string())
             .env("DBPOOL_TEST_KUBECONFIG", kubeconfig_path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -221,7 +277,12 @@ fn start_child(
             }
         }
     });
-    OperatorKind::Child { child, pid, reader }
+    OperatorKind::Child {
+        child,
+        pid,
+        reader,
+        metrics_port,
+    }
 }
 
 /// Starts the operator on a dedicated runtime (threads named `bench-operator`, whose CPU is the
@@ -245,11 +306,17 @@ fn start_in_process(
         generation,
         live.clone(),
     ));
+    let metrics = Arc::new(Metrics::new());
     runtime.spawn(run_operator(
         namespace.to_owned(),
         refresh,
         instance,
         observer,
+        metrics.clone(),
     ));
-    OperatorKind::InProcess { runtime, live }
+    OperatorKind::InProcess {
+        runtime,
+        live,
+        metrics,
+    }
 }

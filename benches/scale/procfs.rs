@@ -168,6 +168,15 @@ pub fn control_plane_cpu() -> Option<f64> {
     Some(ticks as f64 / clk_tck())
 }
 
+/// The 1, 5 and 15 minute load averages, "a b c".
+pub fn load_average() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// CPUs, memory, kernel and load average, for the report's header.
 pub fn machine_description() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -185,15 +194,11 @@ pub fn machine_description() -> String {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
         "{cpus} CPUs ({model}), {:.1} GiB memory, Linux {}, load average at start {}",
         mem_kib as f64 / (1024.0 * 1024.0),
         kernel.trim(),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        load_average()
     )
 }

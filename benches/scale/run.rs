@@ -3,7 +3,8 @@
 //!
 //! Lives here: [`Run`] (creation, which pools the fault hits and which form the force-reopen
 //! sample, the pool manifest, patching every pool, usage windows, lateness, and
-//! [`Run::execute`], which runs the phases in order and cleans up), [`Usage`]. Must not live
+//! [`Run::execute`], which runs the phases in order and cleans up; a run with only the
+//! `recovery` phase starts no servers and creates no pools of its own), [`Usage`]. Must not live
 //! here: the phases themselves (`phases::*`), process and /proc details (`operator`,
 //! `procfs`).
 
@@ -123,12 +124,15 @@ impl Run {
         .await;
         let per_target = n.div_ceil(s.targets);
         let max_connections = u32::try_from(per_target + 60).unwrap_or(u32::MAX).max(100);
-        progress!(
-            "N={n}: starting {} PostgreSQL servers (max_connections {max_connections})",
-            s.targets
-        );
+        if s.needs_pools() {
+            progress!(
+                "N={n}: starting {} PostgreSQL servers (max_connections {max_connections})",
+                s.targets
+            );
+        }
+        let servers = if s.needs_pools() { s.targets } else { 0 };
         let pgs = futures::future::join_all(
-            (0..s.targets).map(|_| PgServer::options().max_connections(max_connections).start()),
+            (0..servers).map(|_| PgServer::options().max_connections(max_connections).start()),
         )
         .await;
         let store = Arc::new(Store::new(n));
@@ -140,8 +144,12 @@ impl Run {
             .join(format!("bench-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&log_dir).expect("log directory");
         let title = format!(
-            "N = {n}: {} PostgreSQL targets, operator {}",
-            s.targets,
+            "{}, operator {}",
+            if s.needs_pools() {
+                format!("N = {n}: {} PostgreSQL targets", s.targets)
+            } else {
+                "recovery phase (pools and servers of its own)".to_owned()
+            },
             match s.mode {
                 Mode::Child => "in a child process (controller::run)",
                 Mode::InProcess => "in-process (controller::run on its own runtime)",
@@ -399,7 +407,10 @@ impl Run {
         let (steady, fast, fault) = (phase("steady"), phase("fast"), phase("fault"));
         let (isolated, floor) = (phase("isolated"), phase("floor"));
         let (restart, coalescing) = (phase("restart"), phase("coalescing"));
-        self.setup().await;
+        let recovery = phase("recovery");
+        if self.s.needs_pools() {
+            self.setup().await;
+        }
         if steady {
             self.steady().await;
         }
@@ -418,6 +429,9 @@ impl Run {
         }
         if coalescing {
             self.coalescing().await;
+        }
+        if recovery {
+            self.recovery().await;
         }
         if floor {
             // Last: it stops the operator and overwrites the statuses of the pools it writes.

@@ -88,6 +88,42 @@ pub struct Settings {
     pub phases: Vec<String>,
     /// Where the report goes (`BENCH_OUT`).
     pub out: Option<PathBuf>,
+    /// The recovery phase's runs (`BENCH_RECOVERY_*`).
+    pub recovery: RecoveryRuns,
+}
+
+/// How many runs of each kind the recovery phase makes, and their sizes.
+#[derive(Clone, Debug)]
+pub struct RecoveryRuns {
+    /// Runs of a 3 s outage of one pool's server (`BENCH_RECOVERY_SHORT`, 20).
+    pub short_runs: usize,
+    /// Runs of a 30 s outage, breaker Open (`BENCH_RECOVERY_LONG`, 5).
+    pub long_runs: usize,
+    /// Crash-recovery runs (`BENCH_RECOVERY_CRASH`, 2).
+    pub crash_runs: usize,
+    /// WAL written before each crash, MB (`BENCH_RECOVERY_WAL_MB`, 512).
+    pub wal_mb: u64,
+    /// Pools of the fleet restarting together (`BENCH_RECOVERY_FLEET`, 100; 0 skips it).
+    pub fleet_pools: usize,
+    /// Servers of the fleet (`BENCH_RECOVERY_FLEET_TARGETS`, 10).
+    pub fleet_targets: usize,
+    /// Restarts of the fleet (`BENCH_RECOVERY_FLEET_RUNS`, 3).
+    pub fleet_runs: usize,
+}
+
+impl RecoveryRuns {
+    fn from_env() -> Self {
+        let n = |name: &str, default: u64| env_u64(name).unwrap_or(default) as usize;
+        Self {
+            short_runs: n("BENCH_RECOVERY_SHORT", 20),
+            long_runs: n("BENCH_RECOVERY_LONG", 5),
+            crash_runs: n("BENCH_RECOVERY_CRASH", 2),
+            wal_mb: env_u64("BENCH_RECOVERY_WAL_MB").unwrap_or(512),
+            fleet_pools: n("BENCH_RECOVERY_FLEET", 100),
+            fleet_targets: n("BENCH_RECOVERY_FLEET_TARGETS", 10).max(1),
+            fleet_runs: n("BENCH_RECOVERY_FLEET_RUNS", 3),
+        }
+    }
 }
 
 /// A whole number from the environment; panics on anything else (a typo must not pass silently).
@@ -141,7 +177,14 @@ impl Settings {
                 .map(|p| p.trim().to_owned())
                 .collect(),
             out: std::env::var_os("BENCH_OUT").map(PathBuf::from),
+            recovery: RecoveryRuns::from_env(),
         }
+    }
+
+    /// Whether a phase other than `recovery` (which brings servers and pools of its own) runs:
+    /// only then does a run start its `targets` servers and create its N pools.
+    pub fn needs_pools(&self) -> bool {
+        self.phases.iter().any(|p| p != "recovery")
     }
 
     /// The steady-state window: five intervals for 1,000 pools and more, three below.

@@ -72,6 +72,8 @@ struct Run {
     notes: Vec<(EventType, &'static str, String)>,
     /// The probe stream this reconcile asked (see `sharing`), if it did.
     stream: Option<ShareKey>,
+    /// Whether this reconcile took a readiness edge (its target was seen accepting again).
+    readiness_edge: bool,
 }
 
 /// Reconciles one pool: see the module comment for the steps.

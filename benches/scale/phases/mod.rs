@@ -11,6 +11,8 @@
 //! - `force_reopen`: the annotation on the sample (breaker Open, database up);
 //! - `restart`: SIGKILL into a new operator, resume spread, writes and memory;
 //! - `coalescing`: shared connections against one connection per pool;
+//! - `recovery` (opt-in): default-spec pools of its own; server ready → watch sees Ready after
+//!   outages, crash recovery and a fleet restart;
 //! - `floor` (last): the apiserver's own time for the fault's N status writes, operator stopped.
 //!
 //! Must not live here: helpers more than one phase uses (`run`), formatting (`report`), /proc
@@ -23,6 +25,7 @@ mod fault;
 mod floor;
 mod force_reopen;
 mod isolated;
+mod recovery;
 mod restart;
 mod setup;
 mod steady;

@@ -65,9 +65,14 @@ impl Run {
     }
 
     /// Asks the pool's target what to do (see `targets`). A requested probe and an early trial
-    /// (the target was seen accepting again) do not wait for the target's shared attempt.
+    /// (the target was seen accepting again) do not wait for the target's shared attempt; nor
+    /// does a due probe in the reconcile of a readiness edge: the engine grants no trial when
+    /// the pool's own scheduled probe is due already ("it goes ahead as it is"), and a pool
+    /// whose target is down has that probe waiting for the target's next shared attempt,
+    /// seconds to a minute away, so the edge would otherwise be lost.
     fn claim_target(&mut self, pool: &DbPool, ctx: &Context) -> Claim {
-        if self.memory.state.probe_requested || self.memory.state.trial_requested {
+        let state = &self.memory.state;
+        if state.probe_requested || state.trial_requested || self.readiness_edge {
             return Claim::Probe;
         }
         let now = Timestamp::now();

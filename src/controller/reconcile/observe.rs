@@ -39,6 +39,7 @@ impl Run {
             effects: Vec::new(),
             notes: Vec::new(),
             stream: None,
+            readiness_edge: false,
         }
     }
 
@@ -132,6 +133,7 @@ impl Run {
         if let Some(at) = edge.filter(|_| self.memory.state.trial_requested) {
             self.memory.wants.edge(at);
         }
+        self.readiness_edge = edge.is_some();
     }
 
     /// What a fired trigger changes in the memory besides the engine: the generation seen, the
