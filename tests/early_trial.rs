@@ -321,7 +321,7 @@ async fn pools_sharing_a_down_target_are_ready_at_the_edge_not_at_its_next_attem
     pg.start().await;
     let start = ready_at(&pg);
     for (name, watch) in names.iter().zip(watches) {
-        let end = tokio::time::timeout(Duration::from_secs(90), watch)
+        let (end, _readiness) = tokio::time::timeout(Duration::from_secs(90), watch)
             .await
             .expect("Ready again within 90s")
             .expect("watch task")
