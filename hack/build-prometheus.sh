@@ -31,6 +31,13 @@ if [[ -x "$BIN_DIR/prometheus" ]]; then
 fi
 
 mkdir -p "$BIN_DIR"
+# One build at a time: a second caller waits for the first and takes its binary.
+exec 9>"$BIN_DIR.lock"
+flock 9
+if [[ -x "$BIN_DIR/prometheus" ]]; then
+  echo "$BIN_DIR/prometheus"
+  exit 0
+fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)

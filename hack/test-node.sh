@@ -52,7 +52,6 @@ start=$(date +%s)
 CARGO="$CARGO" hack/build-image.sh >/dev/null
 "$CARGO" build -p kubectl-dbpool >&2
 HELM="$(hack/build-helm.sh)/helm"
-PROMETHEUS="$(hack/build-prometheus.sh)"
 image_done=$(date +%s)
 
 export DBPOOL_CLUSTER_DIR
@@ -264,6 +263,7 @@ EOF
 k -n "$APP_NS" wait pod/gate-client --for=condition=Ready --timeout="${TIMEOUT}s" >&2 || true
 
 # Failures, failover and the ops kit (checks 5, 1, 4, 2, 3 of the issue; its header).
+PROMETHEUS="$(hack/build-prometheus.sh)"
 # shellcheck source=hack/test-node-ops.sh
 source hack/test-node-ops.sh
 
