@@ -168,8 +168,22 @@ gate_refused() {
   [[ "$(http_code "http://$GATE_CLIENT_IP:8080/orders/count" "$S/gate.out")" == 503 ]] && grep -qi 'refused' "$S/gate.out"
 }
 reject_rule() { nsx iptables-save -t filter | grep -q -- "$APP_NS/orders-gate:postgres has no endpoints.*REJECT"; }
+# fresh_gate_client: gate-client-2, a copy of gate-client with a new pool. The gate refuses new
+# connects only (kube-proxy's REJECT); gate-client's pooled sessions, opened before, go on.
+fresh_gate_client() {
+  k -n "$APP_NS" get pod gate-client -o json | python3 -c 'import json, sys
+p = json.load(sys.stdin); c = p["spec"]["containers"][0]
+c = {k: c[k] for k in ("name", "image", "imagePullPolicy", "env", "ports", "securityContext") if k in c}
+spec = {"automountServiceAccountToken": False, "securityContext": p["spec"].get("securityContext", {}), "containers": [c]}
+print(json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gate-client-2"}, "spec": spec}))' |
+    k -n "$APP_NS" apply -f - >&2
+  k -n "$APP_NS" wait pod/gate-client-2 --for=condition=Ready --timeout="${TIMEOUT}s" >&2
+  GATE_CLIENT_IP="$(pod_ip gate-client-2)"
+}
 if wait_for "the gate serving before the hold" 90 gate_serves; then
   plugin hold orders --reason "test-node: the gate under a hold" >&2 || true
+  wait_for "DbPool orders held Open" 60 breaker_is Open || true
+  fresh_gate_client || true
   # (The client service is not asked here: it follows the DbPool's breaker as a hint and tries
   # the database again after its own openTimeout; a hold is not among its hints.)
   if wait_for "the gate refusing" 90 gate_refused && reject_rule; then
