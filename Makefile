@@ -107,5 +107,5 @@ cluster-down: ## Stop the one-node cluster and delete its state
 # The chart in a one-node cluster with the daemonless image (needs root; docs/cluster.md).
 test: test-node
 .PHONY: test-node
-test-node: ## The in-cluster test: image, one-node cluster, helm install, RBAC audit, /proc (hack/test-node.sh)
+test-node: ## The in-cluster test: image, one-node cluster, helm install, RBAC audit, /proc, outage, failover, PDB, gate, Prometheus (hack/test-node.sh)
 	@CARGO="$(CARGO)" hack/test-node.sh

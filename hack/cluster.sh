@@ -9,6 +9,7 @@
 #   hack/cluster.sh down     # stop everything, delete the namespace and the state (idempotent;
 #                            # DBPOOL_CLUSTER_KEEP_LOGS=1 keeps logs/)
 #   hack/cluster.sh status   # exit 0 when the node is Ready
+#   hack/cluster.sh db-kill  # SIGKILL the PostgreSQL server (an outage); db-start starts it again
 #
 # State lives in DBPOOL_CLUSTER_DIR (default .local/cluster): PKI, etcd, containerd's root and
 # state and its private socket, kubelet's root, the CNI configuration and IPAM, the audit log, the
@@ -394,10 +395,33 @@ postgres() {
     --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --no-locale --no-sync >"$S/logs/initdb.log" 2>&1 ||
     fail_with_log initdb
   echo "host all all $POD_CIDR scram-sha-256" >>"$data/pg_hba.conf"
-  start postgres "${as_pg[@]}" "$PG_BIN/postgres" -D "$data" -c listen_addresses="$DB_IP" -c port=5432 \
+  postgres_start
+  log "PostgreSQL at $DB_IP:5432 (user postgres, password in $S/postgres.pw)"
+}
+
+# postgres_start: the server on its data directory (made by postgres), until it accepts connections.
+postgres_start() {
+  local as_pg=()
+  ((EUID == 0)) && as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups --reset-env --)
+  start postgres "${as_pg[@]}" "$PG_BIN/postgres" -D "$S/postgres" -c listen_addresses="$DB_IP" -c port=5432 \
     -c unix_socket_directories="$S/pg-run" -c fsync=off
   wait_for postgres 60 nsx "$PG_BIN/pg_isready" -q -h "$DB_IP" -p 5432 -t 2 || fail_with_log postgres
-  log "PostgreSQL at $DB_IP:5432 (user postgres, password in $S/postgres.pw)"
+}
+
+# db_kill, db_start: an outage of the database outside the cluster. SIGKILL to every server
+# process (as a crash or a lost machine would do: no goodbye to the clients); the start after it
+# runs the server's crash recovery on the same data.
+db_kill() {
+  [[ -s "$S/netns" ]] || die "no cluster in $S"
+  alive postgres || die "PostgreSQL is not running"
+  stop_pid postgres KILL
+  log "PostgreSQL killed"
+}
+db_start() {
+  [[ -s "$S/netns" ]] || die "no cluster in $S"
+  alive postgres && die "PostgreSQL is already running"
+  postgres_start
+  log "PostgreSQL at $DB_IP:5432 again"
 }
 
 print_env() {
@@ -547,6 +571,8 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
+  db-kill) db_kill ;;
+  db-start) db_start ;;
   print) print_env ;;
-  *) echo "usage: $0 up|down|status|print" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|print|db-kill|db-start" >&2; exit 2 ;;
 esac

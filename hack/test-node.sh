@@ -17,6 +17,10 @@
 #      node has no cluster DNS) of the PostgreSQL outside the cluster goes Healthy; the
 #      dbpool-client example service (its own image) follows it and is Ready; a DbPool without its
 #      Secret is ConfigError with an event.
+#   Then hack/test-node-ops.sh (sourced): Prometheus through kubernetes_sd_configs and the
+#   breaker-open alert, the database's outage, `kubectl dbpool reopen`, the gate and the client
+#   service under a hold, failover (leader pod deleted, leader SIGSTOPped) with the audit log as
+#   the fence's witness, the PodDisruptionBudget against two evictions. Its header lists them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -46,6 +50,7 @@ wait_for() {
 
 start=$(date +%s)
 CARGO="$CARGO" hack/build-image.sh >/dev/null
+"$CARGO" build -p kubectl-dbpool >&2
 HELM="$(hack/build-helm.sh)/helm"
 image_done=$(date +%s)
 
@@ -55,8 +60,10 @@ DBPOOL_CLUSTER_NETNS=""
 nsx() { nsenter --net="$DBPOOL_CLUSTER_NETNS" -- "$@"; }
 k() { nsx "$(cat "$DBPOOL_CLUSTER_DIR/bin")/kubectl" "$@"; }
 ctr_() { ctr --address "$DBPOOL_CLUSTER_CONTAINERD" -n k8s.io "$@"; }
+PROM_PID=""
 cleanup() {
   local rc=$?
+  [[ -n "$PROM_PID" ]] && { kill "$PROM_PID" 2>/dev/null; wait "$PROM_PID" 2>/dev/null; }
   if ((rc != 0)) || ((failed > 0)); then
     mkdir -p "$DBPOOL_CLUSTER_DIR/logs"
     cp "$DBPOOL_CLUSTER_DIR/audit.log" "$DBPOOL_CLUSTER_DIR/logs/" 2>/dev/null || true
@@ -91,8 +98,10 @@ done
 OPERATOR_REF="$(cat target/image/dbpool-operator.ref)"
 log "imported $OPERATOR_REF"
 
-# 1. helm install with default values, the image as built (same tag as the chart's appVersion).
+# 1. helm install with default values, the image as built (same tag as the chart's appVersion),
+# and spec.gate allowed (off by default; the gate is checked in hack/test-node-ops.sh).
 nsx "$HELM" install "$RELEASE" charts/dbpool-operator --namespace "$NS" --create-namespace \
+  --set gates.enabled=true \
   --set image.repository="${OPERATOR_REF%:*}" --set image.tag="${OPERATOR_REF##*:}" \
   --set "hostAliases[0].ip=$DBPOOL_CLUSTER_DB_IP" --set "hostAliases[0].hostnames[0]=$DB_NAME" >&2
 if k -n "$NS" rollout status deployment/"$RELEASE"-dbpool-operator --timeout="${TIMEOUT}s" >&2; then
@@ -133,6 +142,11 @@ spec:
     dbname: postgres
     user: postgres
     passwordSecretRef: {name: orders-db, key: password}
+  # Quick to open and to try again: the outage checks wait on these, not on the defaults.
+  healthCheck: {interval: 3s, timeout: 2s}
+  backoff: {initialDelay: 500ms, maxDelay: 2s}
+  breaker: {failureThreshold: 2, openTimeout: 10s}
+  gate: {serviceName: orders-gate, port: 5432}
 EOF
 phase() { k -n "$APP_NS" get dbpool orders -o jsonpath='{.status.phase}'; }
 if wait_for "DbPool orders Healthy" "$TIMEOUT" bash -c "[[ \"\$(nsenter --net='$DBPOOL_CLUSTER_NETNS' -- '$BIN/kubectl' -n '$APP_NS' get dbpool orders -o jsonpath='{.status.phase}')\" == Healthy ]]"; then
@@ -217,6 +231,41 @@ for pod in $pods; do
     fail "$pod (pid $pid): uid '$uids' gid '$gids' caps '$caps' no_new_privs '$nnp' root '$rootopts'"
   fi
 done
+
+# The gate's client: the client service again, without Kubernetes (PGHOST: the gate's Service
+# IP, no ServiceAccount token), so its connects go through kube-proxy's rules for orders-gate.
+wait_for "the gate's Service" 60 k -n "$APP_NS" get service orders-gate || true
+k -n "$APP_NS" apply -f - >&2 <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: gate-client
+spec:
+  automountServiceAccountToken: false
+  securityContext: {runAsNonRoot: true, seccompProfile: {type: RuntimeDefault}}
+  containers:
+    - name: app
+      image: $CLIENT_REF
+      imagePullPolicy: IfNotPresent
+      env:
+        - {name: PGHOST, value: "$(k -n "$APP_NS" get service orders-gate -o jsonpath='{.spec.clusterIP}' 2>/dev/null)"}
+        - {name: PGPORT, value: "5432"}
+        - {name: PGUSER, value: postgres}
+        - {name: PGDATABASE, value: postgres}
+        - {name: PGPASSWORD, value: "$(cat "$DBPOOL_CLUSTER_DIR/postgres.pw")"}
+        - {name: LISTEN_ADDR, value: "0.0.0.0:8080"}
+      ports: [{name: http, containerPort: 8080}]
+      securityContext:
+        readOnlyRootFilesystem: true
+        allowPrivilegeEscalation: false
+        capabilities: {drop: [ALL]}
+EOF
+k -n "$APP_NS" wait pod/gate-client --for=condition=Ready --timeout="${TIMEOUT}s" >&2 || true
+
+# Failures, failover and the ops kit (checks 5, 1, 4, 2, 3 of the issue; its header).
+PROMETHEUS="$(hack/build-prometheus.sh)"
+# shellcheck source=hack/test-node-ops.sh
+source hack/test-node-ops.sh
 
 # 2. The audit log against the chart's rules.
 SA="system:serviceaccount:$NS:$RELEASE-dbpool-operator"

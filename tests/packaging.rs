@@ -543,7 +543,13 @@ fn operator_rules(role: &Value) -> BTreeMap<(String, String), Vec<String>> {
 async fn gates_are_granted_only_when_enabled() {
     let services = (String::new(), "services".to_owned());
     let slices = ("discovery.k8s.io".to_owned(), "endpointslices".to_owned());
-    let verbs = vec!["get".to_owned(), "patch".to_owned(), "delete".to_owned()];
+    // create: a server-side apply that makes the object is authorized as a create.
+    let verbs = vec![
+        "get".to_owned(),
+        "create".to_owned(),
+        "patch".to_owned(),
+        "delete".to_owned(),
+    ];
 
     let docs = parse_docs(&template("dbpool-operator", "dbpool-system", &[]).await);
     let rules = operator_rules(one(&docs, "ClusterRole"));

@@ -79,12 +79,14 @@ explains each rule. Nothing here deletes, and nothing touches pods.
   verbs: [create, patch]
 {{- if .Values.gates.enabled }}
 # spec.gate (gates.enabled): the selector-less Service and EndpointSlice the operator owns.
+# create: a server-side apply that makes the object is authorized as a create (found by
+# hack/test-node.sh: with patch alone the first gate write is refused, 403).
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, patch, delete]
+  verbs: [get, create, patch, delete]
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
-  verbs: [get, patch, delete]
+  verbs: [get, create, patch, delete]
 {{- end }}
 {{- end }}
 
