@@ -2,8 +2,12 @@
 """The fence, witnessed by the apiserver: after a new leader's first status write to a pool, no
 status write to that pool from the old leader's pod is accepted.
 
-    hack/check-fence.py AUDIT_LOG USERNAME OLD_POD NEW_POD
+    hack/check-fence.py AUDIT_LOG USERNAME OLD_POD NEW_POD [SINCE]
     hack/check-fence.py --self-test
+
+SINCE (Unix seconds, the moment the failover was caused) leaves out what came before it: NEW_POD
+may have led in an earlier term (a pod that lost the lease and got it back), and OLD_POD's writes
+in its own term, after NEW_POD's earlier one, are not stale.
 
 Reads a kube-apiserver JSON audit log (level Metadata or more). A pod's identity is the pod name
 the apiserver records for a bound ServiceAccount token (user.extra
@@ -21,7 +25,7 @@ failover is caused (hack/test-node-ops.sh).
 
 import json
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 
 POD_NAME = "authentication.kubernetes.io/pod-name"
 WRITES = {"create", "update", "patch", "delete"}
@@ -51,8 +55,11 @@ def status_writes(events, username):
     return out
 
 
-def judge(writes, old, new):
-    """(first accepted write of `new` per pool, accepted stale writes of `old`, refused ones)."""
+def judge(writes, old, new, since=None):
+    """(first accepted write of `new` per pool, accepted stale writes of `old`, refused ones),
+    counting only writes that completed after `since` (a datetime), if given."""
+    if since is not None:
+        writes = [w for w in writes if w[2] >= since]
     first = {}
     for pod, pool, t, code in writes:
         if pod == new and 200 <= code < 300 and (pool not in first or t < first[pool]):
@@ -95,6 +102,12 @@ def self_test():
     _, stale, _ = judge(status_writes(log, "sa"), "a", "b")
     assert len(stale) == 1, stale
     assert not status_writes(log, "other")
+    # b led before (t=5) and a's term came after it (t=7): with SINCE after a's term began, b's
+    # new term's first write is the reference, and a's write before it is not stale.
+    log.append(ev("b", "p", "2026-01-01T00:00:09.000000Z", 200))
+    since = when("2026-01-01T00:00:08.000000Z")
+    first, stale, _ = judge(status_writes(log, "sa"), "a", "b", since)
+    assert first["shop/p"] == when("2026-01-01T00:00:09.000000Z") and not stale, (first, stale)
     print("check-fence self-test passed")
 
 
@@ -102,11 +115,12 @@ def main(argv):
     if argv[1:] == ["--self-test"]:
         self_test()
         return 0
-    if len(argv) != 5:
+    if len(argv) not in (5, 6):
         print(__doc__, file=sys.stderr)
         return 2
-    path, username, old, new = argv[1:]
-    first, stale, refused = judge(status_writes(read(path), username), old, new)
+    path, username, old, new = argv[1:5]
+    since = datetime.fromtimestamp(float(argv[5]), timezone.utc) if len(argv) == 6 else None
+    first, stale, refused = judge(status_writes(read(path), username), old, new, since)
     if not first:
         print(f"no accepted status write by {new}: nothing to judge the fence by")
         return 1

@@ -53,7 +53,9 @@ container_pid() {
   [[ -n "$pid" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q '^/dbpool-operator run' && echo "$pid"
 }
 restarts() { k -n "$NS" get pod "$1" -o jsonpath='{.status.containerStatuses[?(@.name=="operator")].restartCount}'; }
-fence() { python3 hack/check-fence.py "$S/audit.log" "$OPERATOR_SA" "$1" "$2"; }
+# fence OLD NEW SINCE: no accepted status write of OLD after NEW's first one since SINCE (the
+# failover's start; NEW may have led an earlier term).
+fence() { python3 hack/check-fence.py "$S/audit.log" "$OPERATOR_SA" "$1" "$2" "$3"; }
 prom() { nsx curl -fsS --max-time 5 "http://127.0.0.1:$PROM_PORT$1"; }
 
 # ---- 5. Prometheus, configured from the chart's ServiceMonitor --------------------------------
@@ -212,10 +214,10 @@ if wait_for "a new Lease holder" 60 other_leads "$old"; then
   new="$(leader_pod)"
   plugin reopen orders --timeout 60s >/dev/null 2>&1 || true # a status write by the new leader
   if awk -v t="$took" -v m="$((LEASE_SECONDS + RENEW_GRACE_SECONDS))" 'BEGIN {exit !(t <= m)}' &&
-    verdict="$(fence "$old" "$new")"; then
+    verdict="$(fence "$old" "$new" "$t0")"; then
     ok "leader pod $old deleted: $new leads after ${took}s (bound $((LEASE_SECONDS + RENEW_GRACE_SECONDS))s); audit: $(tr '\n' ' ' <<<"$verdict")"
   else
-    fail "leader pod $old deleted: $new after ${took}s; audit: ${verdict:-$(fence "$old" "$new" 2>&1)}"
+    fail "leader pod $old deleted: $new after ${took}s; audit: ${verdict:-$(fence "$old" "$new" "$t0" 2>&1)}"
   fi
 else
   fail "no new Lease holder after deleting $old"
@@ -246,10 +248,10 @@ else
       killed="$(since "$t0")"
       kill -CONT "$pid" 2>/dev/null || true # thawed: it now sees the kubelet's SIGTERM
       if wait_for "$frozen restarted and Ready" "$TIMEOUT" restarted "$frozen" "$before" &&
-        verdict="$(fence "$frozen" "$new")" && [[ "$(leader_pod)" == "$new" ]]; then
+        verdict="$(fence "$frozen" "$new" "$t0")" && [[ "$(leader_pod)" == "$new" ]]; then
         ok "leader $frozen frozen: $new leads after ${took}s (bound $((LEASE_SECONDS + RENEW_GRACE_SECONDS))s), liveness kill at ${killed}s, thawed and restarted by $(since "$t0")s; audit: $(tr '\n' ' ' <<<"$verdict")"
       else
-        fail "frozen $frozen: restarts $(restarts "$frozen") (before $before), leader $(leader_pod); audit: ${verdict:-$(fence "$frozen" "$new" 2>&1)}"
+        fail "frozen $frozen: restarts $(restarts "$frozen") (before $before), leader $(leader_pod); audit: ${verdict:-$(fence "$frozen" "$new" "$t0" 2>&1)}"
       fi
     else
       kill -CONT "$pid" 2>/dev/null || true

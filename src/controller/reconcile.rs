@@ -89,9 +89,11 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
     }
     let readiness_edge = ctx.parts.pings.take_edge(&run.key);
     run.apply_triggers(&pool, (connection_lost, readiness_edge), &credentials);
-    if let Some(source) = run.decide(&pool, &ctx, &credentials).await
-        && let Err(err) = run.probe(&pool, &ctx, credentials, source).await
-    {
+    let Some(source) = run.decide(&pool, &ctx, &credentials).await else {
+        run.await_readiness_without_result(&pool, &ctx, &credentials);
+        return Ok(run.finish(&pool, &ctx).await);
+    };
+    if let Err(err) = run.probe(&pool, &ctx, credentials, source).await {
         if matches!(err, Error::Deleted) || !ctx.exists(&pool, &run.key) {
             ctx.forget(&run.key);
             return Ok(Action::await_change());
@@ -99,21 +101,28 @@ pub(super) async fn reconcile(pool: Arc<DbPool>, ctx: Arc<Context>) -> Result<Ac
         ctx.store_memory(&run.key, run.memory, false);
         return Err(err);
     }
-    run.publish_state(&ctx);
-    run.write(&pool, &ctx).await;
-    let requeue = run.memory.requeue_after(&run.policy);
-    let next = run.memory.next(&run.policy, Timestamp::now());
-    debug!(pool = %run.key, at = %next.at, why = ?next.why, "next action");
-    // Deleted while this reconcile ran: remember nothing (no entry, series or probe connection).
-    if !ctx.exists(&pool, &run.key) {
-        ctx.forget(&run.key);
-        return Ok(Action::await_change());
-    }
-    ctx.store_memory(&run.key, run.memory, true);
-    Ok(Action::requeue(requeue))
+    Ok(run.finish(&pool, &ctx).await)
 }
 
 impl Run {
+    /// Steps 6 to 8: publish the state, write what a user would see changed, remember, and
+    /// say when to come back.
+    async fn finish(mut self, pool: &Arc<DbPool>, ctx: &Arc<Context>) -> Action {
+        self.publish_state(ctx);
+        self.write(pool, ctx).await;
+        let requeue = self.memory.requeue_after(&self.policy);
+        let next = self.memory.next(&self.policy, Timestamp::now());
+        debug!(pool = %self.key, at = %next.at, why = ?next.why, "next action");
+        // Deleted while this reconcile ran: remember nothing (no entry, series or probe
+        // connection).
+        if !ctx.exists(pool, &self.key) {
+            ctx.forget(&self.key);
+            return Action::await_change();
+        }
+        ctx.store_memory(&self.key, self.memory, true);
+        Action::requeue(requeue)
+    }
+
     /// Step 6: the pool's breaker and failure series, through the door (a deposed leader must
     /// not keep a stale breaker).
     fn publish_state(&self, ctx: &Context) {

@@ -17,11 +17,13 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 
-use super::Run;
+use super::{Run, decide::probe_target};
 use crate::{
     api::{DbPool, ProbeOutcome, ProbeSummary, ReadinessStatus},
     controller::{
         context::Context,
+        credentials::Credentials,
+        error::CredentialError,
         names::spec_target_key,
         pings::{Shown, awaits_readiness},
     },
@@ -29,6 +31,24 @@ use crate::{
 };
 
 impl Run {
+    /// A reconcile without a result (no probe was due): the pool still waits for its target's
+    /// readiness when its last result says so. A new leader restores a pool in CoolingDown or
+    /// Open from its status and reconciles it long before its next probe (the cooldown's end,
+    /// minutes away): without this its ping stream started only at that probe, and no early
+    /// trial came while the server was back (found by the in-cluster test's leader changes).
+    pub(super) fn await_readiness_without_result(
+        &mut self,
+        pool: &DbPool,
+        ctx: &Context,
+        credentials: &Result<Credentials, CredentialError>,
+    ) {
+        let ping = credentials
+            .as_ref()
+            .ok()
+            .map(|creds| PingTarget::from(&probe_target(pool, creds)));
+        self.await_readiness(pool, ctx, ping);
+    }
+
     /// After a result: the pool waits for its target's readiness (see `pings`) while its last
     /// result is an outage-class failure and its credentials loaded (`ping`); else it does not.
     /// Either way, the readiness its status shows is brought up to date.
