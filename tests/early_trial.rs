@@ -339,3 +339,68 @@ async fn pools_sharing_a_down_target_are_ready_at_the_edge_not_at_its_next_attem
     assert!(metric(&text, accepting) >= 1.0, "{text}");
     ns.cleanup().await;
 }
+
+/// A new operator restores a pool in CoolingDown from its status: it joins its target's ping
+/// stream at that first reconcile, with no probe due for minutes (the cooldown), so the server's
+/// return brings the early trial at once. Before, the stream started only at the pool's next
+/// probe, the cooldown's end (the in-cluster test's leader changes: Healthy 237 s after the
+/// database came back).
+#[tokio::test]
+async fn a_new_operator_pings_for_a_restored_cooling_down_pool() {
+    let client = support::kube::client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(&client).await;
+    let mut pg = PgServer::start().await;
+    create_consenting_secret(
+        &client,
+        ns.name(),
+        SECRET,
+        KEY,
+        APP_PASSWORD,
+        &["127.0.0.1"],
+    )
+    .await;
+    let first = RunningOperator::start(client.clone(), ns.name());
+    let mut timings = default_timings();
+    timings["backoff"] = serde_json::json!({ "initialDelay": "200ms", "multiplier": 2.0,
+        "maxDelay": "400ms", "maxAttempts": 3, "cooldown": "5m", "jitter": 0.0 });
+    timings["breaker"]["failureThreshold"] = serde_json::json!(2);
+    let spec = pool("orders", pg.port(), Some((SECRET, KEY)), timings);
+    create(&client, ns.name(), &spec).await;
+    wait_status(
+        &client,
+        ns.name(),
+        "orders",
+        "Ready",
+        Duration::from_secs(30),
+        is_ready,
+    )
+    .await;
+    pg.stop().await;
+    wait_status(
+        &client,
+        ns.name(),
+        "orders",
+        "CoolingDown",
+        Duration::from_secs(30),
+        |s| s.phase == Some(Phase::CoolingDown),
+    )
+    .await;
+    first.kill().await;
+    pg.start().await;
+    let second = RunningOperator::start(client.clone(), ns.name());
+    // The cooldown runs for five minutes: only an early trial brings the pool back sooner.
+    wait_status(
+        &client,
+        ns.name(),
+        "orders",
+        "Ready",
+        Duration::from_secs(60),
+        is_ready,
+    )
+    .await;
+    let text = second.metrics.encode();
+    let accepting = "dbpool_readiness_pings_total{result=\"Accepting\"}";
+    assert!(metric(&text, accepting) >= 1.0, "{text}");
+    ns.cleanup().await;
+}
