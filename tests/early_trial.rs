@@ -107,12 +107,12 @@ struct Outage {
     readiness: Vec<ReadinessStatus>,
 }
 
-/// An outage of `outage` of a pool with every knob at its default (and `earlyTrial` as given).
-async fn outage_of(outage: Duration, early_trial: bool) -> Outage {
+/// A namespace with the consenting Secret of a fresh PostgreSQL server (the CRD installed).
+async fn world() -> (kube::Client, TestNamespace, PgServer) {
     let client = support::kube::client().await;
     install_crd(&client).await;
     let ns = TestNamespace::new(&client).await;
-    let mut pg = PgServer::start().await;
+    let pg = PgServer::start().await;
     create_consenting_secret(
         &client,
         ns.name(),
@@ -122,6 +122,12 @@ async fn outage_of(outage: Duration, early_trial: bool) -> Outage {
         &["127.0.0.1"],
     )
     .await;
+    (client, ns, pg)
+}
+
+/// An outage of `outage` of a pool with every knob at its default (and `earlyTrial` as given).
+async fn outage_of(outage: Duration, early_trial: bool) -> Outage {
+    let (client, ns, mut pg) = world().await;
     let op = RunningOperator::start(client.clone(), ns.name());
     let mut timings = default_timings();
     timings["breaker"]["earlyTrial"] = serde_json::json!(early_trial);
@@ -267,19 +273,7 @@ async fn an_open_breaker_closes_within_500ms_of_the_database_after_a_30s_outage(
 #[tokio::test]
 async fn pools_sharing_a_down_target_are_ready_at_the_edge_not_at_its_next_attempt() {
     const POOLS: usize = 5;
-    let client = support::kube::client().await;
-    install_crd(&client).await;
-    let ns = TestNamespace::new(&client).await;
-    let mut pg = PgServer::start().await;
-    create_consenting_secret(
-        &client,
-        ns.name(),
-        SECRET,
-        KEY,
-        APP_PASSWORD,
-        &["127.0.0.1"],
-    )
-    .await;
+    let (client, ns, mut pg) = world().await;
     let op = RunningOperator::start(client.clone(), ns.name());
     let names: Vec<String> = (0..POOLS).map(|i| format!("orders-{i}")).collect();
     for name in &names {
@@ -347,19 +341,7 @@ async fn pools_sharing_a_down_target_are_ready_at_the_edge_not_at_its_next_attem
 /// database came back).
 #[tokio::test]
 async fn a_new_operator_pings_for_a_restored_cooling_down_pool() {
-    let client = support::kube::client().await;
-    install_crd(&client).await;
-    let ns = TestNamespace::new(&client).await;
-    let mut pg = PgServer::start().await;
-    create_consenting_secret(
-        &client,
-        ns.name(),
-        SECRET,
-        KEY,
-        APP_PASSWORD,
-        &["127.0.0.1"],
-    )
-    .await;
+    let (client, ns, mut pg) = world().await;
     let first = RunningOperator::start(client.clone(), ns.name());
     let mut timings = default_timings();
     timings["backoff"] = serde_json::json!({ "initialDelay": "200ms", "multiplier": 2.0,
