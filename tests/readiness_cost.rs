@@ -107,13 +107,11 @@ fn replayed_attempts(policy: &recovery::Policy, span: Duration) -> usize {
     attempts
 }
 
-#[tokio::test]
-async fn while_the_server_never_comes_back_attempts_keep_the_schedule_and_pings_stay_at_4_per_second()
- {
+/// A namespace (the CRD installed) with the Secret the pools log in with, consenting to loopback.
+async fn consenting_namespace() -> (kube::Client, TestNamespace) {
     let client = support::kube::client().await;
     install_crd(&client).await;
     let ns = TestNamespace::new(&client).await;
-    let server = CountingServer::start(Answer::StartingUp).await;
     create_consenting_secret(
         &client,
         ns.name(),
@@ -123,6 +121,14 @@ async fn while_the_server_never_comes_back_attempts_keep_the_schedule_and_pings_
         &["127.0.0.1"],
     )
     .await;
+    (client, ns)
+}
+
+#[tokio::test]
+async fn while_the_server_never_comes_back_attempts_keep_the_schedule_and_pings_stay_at_4_per_second()
+ {
+    let (client, ns) = consenting_namespace().await;
+    let server = CountingServer::start(Answer::StartingUp).await;
     let op = RunningOperator::start(client.clone(), ns.name());
     let spec = pool("stuck", server.port(), Some((SECRET, KEY)), short_timings());
     let policy = spec.spec.policy();
@@ -205,19 +211,8 @@ fn shows(s: &DbPoolStatus, code: &str) -> bool {
 #[tokio::test]
 async fn the_pools_of_one_secret_make_one_credentialed_early_trial_per_edge() {
     const POOLS: usize = 5;
-    let client = support::kube::client().await;
-    install_crd(&client).await;
-    let ns = TestNamespace::new(&client).await;
+    let (client, ns) = consenting_namespace().await;
     let server = CountingServer::start(Answer::StartingUp).await;
-    create_consenting_secret(
-        &client,
-        ns.name(),
-        SECRET,
-        KEY,
-        APP_PASSWORD,
-        &["127.0.0.1"],
-    )
-    .await;
     let op = RunningOperator::start(client.clone(), ns.name());
     // Scheduled retries 30 s apart: within the test every credentialed attempt after the edge
     // is an early trial.
