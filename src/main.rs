@@ -166,8 +166,8 @@ async fn shutdown_signal() {
 /// 500m CPU limit that is one: a single task that blocks its thread then stalls `/healthz`,
 /// `/metrics` and every probe together. The in-cluster test once saw a leader whose only worker
 /// stopped answering for minutes right after it took the lease (liveness-restarted five times;
-/// the cause is not found yet, see the closing note of session 5); with two workers the
-/// endpoints, the lease and the other pools keep going while one is held up.
+/// the cause is not found yet, see the closing note of session 5). Two workers keep one blocked
+/// task from stalling everything; they did not cure that stall, which came back once with two.
 const MIN_WORKER_THREADS: usize = 2;
 
 /// The operator's runtime: one worker per usable CPU, at least [`MIN_WORKER_THREADS`].
