@@ -147,7 +147,12 @@ network() {
   echo "$ns" >"$S/netns"
   nsx ip link set lo up
   # The node's address, on the bridge the CNI plugin then reuses as the pods' gateway.
-  nsx ip link add cni0 type bridge
+  # Its MAC is set, not inherited: a bridge without one takes the lowest MAC of its ports, so a
+  # pod's veth joining or leaving changes the gateway's MAC under every other pod, whose ARP entry
+  # for it goes stale: their replies to the kubelet's probes (and to Prometheus) vanish for
+  # 30-60 s until they re-ARP, and the kubelet restarts healthy operators for failed liveness
+  # probes. A locally administered address, the same in every cluster (one bridge per namespace).
+  nsx ip link add cni0 address 02:db:00:00:00:01 type bridge
   nsx ip addr add "$NODE_IP/24" dev cni0
   nsx ip link set cni0 up
   # The database's address: outside the cluster, routed to by the node (a /32 on lo, as in

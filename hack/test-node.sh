@@ -69,6 +69,9 @@ cleanup() {
     cp "$DBPOOL_CLUSTER_DIR/audit.log" "$DBPOOL_CLUSTER_DIR/logs/" 2>/dev/null || true
     { k get pods -A -o wide; k describe pods -n "$NS"; k logs -n "$NS" -l app.kubernetes.io/instance="$RELEASE" --tail=100 --prefix; } \
       >"$DBPOOL_CLUSTER_DIR/logs/pods.txt" 2>&1 || true
+    # kubectl logs needs the node's name to resolve (no cluster DNS here): copy the kubelet's
+    # container logs (every restart of every pod) straight from its log directory instead.
+    cp -r "$DBPOOL_CLUSTER_DIR/pod-logs" "$DBPOOL_CLUSTER_DIR/logs/" 2>/dev/null || true
   fi
   if [[ -n "${NODE_KEEP:-}" ]]; then
     log "cluster kept: source $DBPOOL_CLUSTER_DIR/env.sh"

@@ -163,11 +163,11 @@ async fn shutdown_signal() {
 }
 
 /// Fewest runtime worker threads. Tokio starts one per CPU it may use, and under the chart's
-/// 500m CPU limit that is one: a single task that blocks its thread then stalls `/healthz`,
-/// `/metrics` and every probe together. The in-cluster test once saw a leader whose only worker
-/// stopped answering for minutes right after it took the lease (liveness-restarted five times;
-/// the cause is not found yet, see the closing note of session 5). Two workers keep one blocked
-/// task from stalling everything; they did not cure that stall, which came back once with two.
+/// 500m CPU limit that is one: a single task that blocks its thread would then stall `/healthz`,
+/// `/metrics` and every probe together; two keep one blocked task from stalling everything.
+/// (The "leader stall" the in-cluster test once saw was not this: the test cluster's bridge
+/// changed its MAC as pods came and went, so pods' replies to the kubelet's probes were lost
+/// until they re-ARPed; hack/cluster.sh now sets the bridge's MAC.)
 const MIN_WORKER_THREADS: usize = 2;
 
 /// The operator's runtime: one worker per usable CPU, at least [`MIN_WORKER_THREADS`].
