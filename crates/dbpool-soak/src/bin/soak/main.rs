@@ -128,6 +128,31 @@ fn judge_again(path: &Path) -> ExitCode {
             history.writes.len()
         );
     }
+    // The operators' logs beside it give the terms' starts (a history recorded before they were
+    // kept lacks them).
+    if history.terms.is_empty() {
+        for i in 0..3 {
+            let log = std::fs::read_to_string(path.with_file_name(format!("op-{i}.log")));
+            let log = log.unwrap_or_default();
+            history
+                .terms
+                .extend(log.lines().filter_map(dbpool_soak::oplog::parse_term));
+        }
+        history.terms.sort_by_key(|t| t.time);
+        println!(
+            "read {} term starts from the operators' logs",
+            history.terms.len()
+        );
+    }
+    for c in dbpool_soak::checks::replay_cost(&history, &Default::default()) {
+        println!(
+            "cost {}: {} credentialed attempts, the replay allows {}, {} unexplained",
+            c.target,
+            c.seen,
+            c.allowed,
+            c.unexplained.len()
+        );
+    }
     let mut passed = true;
     for (name, violations) in dbpool_soak::checks::run(&history, &Default::default(), &[], &[]) {
         println!(

@@ -130,7 +130,8 @@ pub fn new_password() -> String {
 }
 
 /// The pools' policy: short timings, fixed 2s timeouts (a loaded 2-core machine must not time
-/// out a healthy login), early trials on.
+/// out a healthy login), early trials on. The cost checker replays these values
+/// (`dbpool_soak::checks::soak_policy`): change both together.
 pub fn policy() -> serde_json::Value {
     serde_json::json!({
         "healthCheck": { "interval": "3s", "timeout": "2s", "adaptiveTimeout": false },
