@@ -222,7 +222,10 @@ pub fn judge(
         let _ = writeln!(
             text,
             "  cost {}: {} credentialed attempts, the replay allows {}, {} unexplained",
-            c["target"], c["seen"], c["allowed"], c["unexplained"]
+            c["target"].as_str().unwrap_or_default(),
+            c["seen"],
+            c["allowed"],
+            c["unexplained"]
         );
     }
     let mut ok = true;

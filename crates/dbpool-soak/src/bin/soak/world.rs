@@ -1,5 +1,5 @@
 //! The world the nemesis attacks: PostgreSQL targets behind fault proxies, operator replicas as
-//! processes behind apiserver proxies, namespaces, Secrets and DbPools, and client tasks.
+//! processes behind apiserver proxies, namespaces, Secrets and DbPools, and client processes.
 //!
 //! Lives here: [`World`], [`Target`], [`Replica`], [`LivePool`], setting them up, finding the
 //! leader, and the superuser's side channel to each server (sessions, password changes, filler
@@ -10,7 +10,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex,
+        Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -112,8 +112,10 @@ pub struct World {
     pub counter: AtomicU64,
     /// The operator binary.
     pub operator_bin: PathBuf,
-    /// The client tasks stop when this is set.
+    /// The sampler and the live checks stop when this is set (the clients are finished then).
     pub stop_clients: AtomicBool,
+    /// The client processes, as (name, pid), for the sampler.
+    pub client_pids: Mutex<Vec<(String, u32)>>,
     /// Client queries that worked and that failed.
     pub client_ok: AtomicU64,
     /// Client queries that failed.
@@ -442,35 +444,21 @@ pub async fn namespaces_and_secrets(client: &Client, targets: &[Target]) -> Resu
     Ok(())
 }
 
-/// A client task on target `t`: dbpool-client against the proxy as the client role, one
-/// `SELECT 1` every 250ms until the world says stop.
-pub fn spawn_client(world: Arc<World>, t: usize) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let target = &world.targets[t];
-        let config = dbpool_client::PoolConfig::new(
-            &format!("client-{}", target.name),
-            "127.0.0.1",
-            target.proxy.port(),
-            "postgres",
-            CLIENT_ROLE.0,
-            Some(CLIENT_ROLE.1.to_owned()),
-        );
-        let pool = dbpool_client::Pool::new(config, None);
-        while !world.stop_clients.load(Ordering::Relaxed) {
-            let ok = match tokio::time::timeout(Duration::from_secs(5), pool.get()).await {
-                Ok(Ok(client)) => client.simple_query("SELECT 1").await.is_ok(),
-                _ => false,
-            };
-            let counter = if ok {
-                &world.client_ok
-            } else {
-                &world.client_err
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        pool.close();
-    })
+/// The client process on target `t`: dbpool-client against the proxy as the client role, one
+/// `SELECT 1` every 250ms until it is finished (`client` module); its pid joins the sampler's.
+pub fn spawn_client(world: &World, t: usize) -> Result<crate::client::ClientProc, String> {
+    let target = &world.targets[t];
+    let name = format!("client-{}", target.name);
+    let proc =
+        crate::client::ClientProc::spawn(&name, target.proxy.port(), CLIENT_ROLE.0, CLIENT_ROLE.1)?;
+    if let Some(pid) = proc.pid() {
+        world
+            .client_pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name, pid));
+    }
+    Ok(proc)
 }
 
 impl Drop for Replica {
