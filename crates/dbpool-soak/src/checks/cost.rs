@@ -58,7 +58,7 @@ use dbpool_recovery::{BreakerMode, Event, FailureKind, Policy, PoolState, apply,
 use jiff::Timestamp;
 
 use super::{Bounds, Violation};
-use crate::history::{ActionKind, FaultKind, History, Ms, Scope};
+use crate::history::{ActionKind, Fault, FaultKind, History, Ms, Scope};
 
 /// The soak pools' recovery policy (the binary's `world::policy()` writes the same values into
 /// every DbPool's spec): interval 3s, timeout 2s, backoff 300ms ×2 up to 2s without jitter, 10
@@ -236,8 +236,8 @@ fn ms(t: Timestamp) -> Ms {
 
 /// One pool's replay: its probes, and which of them allow a credentialed attempt.
 struct PoolReplay<'h> {
-    history: &'h History,
-    target: &'h str,
+    /// The faults on the pool's target.
+    faults: Vec<&'h Fault>,
     reconnect_ms: Ms,
     state: PoolState,
     policy: Policy,
@@ -250,12 +250,9 @@ impl PoolReplay<'_> {
     /// Whether a fault on the target is in force at `t` (from its start, up to its end) and
     /// matches `pick`.
     fn fault_at(&self, t: Ms, pick: impl Fn(FaultKind) -> bool) -> bool {
-        self.history.faults.iter().any(|f| {
-            pick(f.kind)
-                && matches!(&f.scope, Scope::Target(x) if x == self.target)
-                && f.start <= t
-                && f.end.is_none_or(|end| t < end)
-        })
+        self.faults
+            .iter()
+            .any(|f| pick(f.kind) && f.start <= t && f.end.is_none_or(|end| t < end))
     }
 
     /// A probe at `t`: its result from the truth, and whether it allows an attempt.
@@ -355,8 +352,11 @@ fn allowed_attempts(history: &History, bounds: &Bounds, end: Ms) -> BTreeMap<Str
             .find(|a| a.pool == pool.key && a.kind == ActionKind::Delete)
             .map_or(end, |a| a.time);
         let mut replay = PoolReplay {
-            history,
-            target: &pool.target,
+            faults: history
+                .faults
+                .iter()
+                .filter(|f| matches!(&f.scope, Scope::Target(t) if *t == pool.target))
+                .collect(),
             reconnect_ms: bounds.reconnect_ms,
             state: PoolState::new(0),
             policy: soak_policy(),

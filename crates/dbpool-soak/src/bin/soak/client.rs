@@ -126,3 +126,15 @@ fn parse_counts(text: &str) -> (u64, u64) {
     };
     (field("ok="), field("err="))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_counts;
+
+    #[test]
+    fn a_childs_counts_are_read_and_silence_is_zero() {
+        assert_eq!(parse_counts("ok=622 err=72\n"), (622, 72));
+        assert_eq!(parse_counts(""), (0, 0));
+        assert_eq!(parse_counts("ok=x err=3"), (0, 3));
+    }
+}
