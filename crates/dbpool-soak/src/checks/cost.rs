@@ -94,6 +94,9 @@ pub struct TargetCost {
     pub allowed: usize,
     /// The seen attempts no allowed one explains (their instants).
     pub unexplained: Vec<Ms>,
+    /// The largest lag of a seen attempt after the latest allowed instant it may match
+    /// (matching aside): the smallest late tolerance the attempts could live with, ms.
+    pub max_lag_ms: Option<Ms>,
 }
 
 /// What happens to a replayed pool at an instant.
@@ -419,21 +422,31 @@ pub fn replay_cost(history: &History, bounds: &Bounds) -> Vec<TargetCost> {
             let mut real = seen.get(&target).cloned().unwrap_or_default();
             real.sort_unstable();
             let slots = allowed.get(&target).cloned().unwrap_or_default();
-            let unexplained = unmatched(&real, &slots, bounds.cost_early_ms, bounds.cost_late_ms);
+            let (unexplained, max_lag_ms) =
+                unmatched(&real, &slots, bounds.cost_early_ms, bounds.cost_late_ms);
             TargetCost {
                 target,
                 seen: real.len(),
                 allowed: slots.len(),
                 unexplained,
+                max_lag_ms,
             }
         })
         .collect()
 }
 
 /// The instants of `real` (sorted) not matched one to one to an instant `a` of `slots` (sorted)
-/// with `a - early ≤ r ≤ a + late`; greedy, earliest slot first.
-fn unmatched(real: &[Ms], slots: &[Ms], early: Ms, late: Ms) -> Vec<Ms> {
+/// with `a - early ≤ r ≤ a + late`; greedy, earliest slot first. Also the largest lag of an
+/// attempt after the latest slot it could match (one to one aside).
+fn unmatched(real: &[Ms], slots: &[Ms], early: Ms, late: Ms) -> (Vec<Ms>, Option<Ms>) {
     let mut out = Vec::new();
+    let lag = real
+        .iter()
+        .filter_map(|&r| {
+            let i = slots.partition_point(|&a| a - early <= r);
+            i.checked_sub(1).map(|i| r - slots[i])
+        })
+        .max();
     let mut next = 0;
     for &r in real {
         while next < slots.len() && slots[next] + late < r {
@@ -445,7 +458,7 @@ fn unmatched(real: &[Ms], slots: &[Ms], early: Ms, late: Ms) -> Vec<Ms> {
             out.push(r);
         }
     }
-    out
+    (out, lag)
 }
 
 /// Cost: every credentialed attempt of the operator's role is one the replay allows (within the

@@ -150,11 +150,12 @@ fn judge_again(path: &Path) -> ExitCode {
     }
     for c in dbpool_soak::checks::replay_cost(&history, &Default::default()) {
         println!(
-            "cost {}: {} credentialed attempts, the replay allows {}, {} unexplained",
+            "cost {}: {} credentialed attempts, the replay allows {}, {} unexplained, largest lag {:?} ms",
             c.target,
             c.seen,
             c.allowed,
-            c.unexplained.len()
+            c.unexplained.len(),
+            c.max_lag_ms
         );
     }
     let mut passed = true;

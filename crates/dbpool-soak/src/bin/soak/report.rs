@@ -203,6 +203,7 @@ pub fn judge(
                 "seen": c.seen,
                 "allowed": c.allowed,
                 "unexplained": c.unexplained.len(),
+                "max_lag_ms": c.max_lag_ms,
             })
         })
         .collect();
@@ -221,11 +222,12 @@ pub fn judge(
     for c in &cost {
         let _ = writeln!(
             text,
-            "  cost {}: {} credentialed attempts, the replay allows {}, {} unexplained",
+            "  cost {}: {} credentialed attempts, the replay allows {}, {} unexplained, largest lag {} ms",
             c["target"].as_str().unwrap_or_default(),
             c["seen"],
             c["allowed"],
-            c["unexplained"]
+            c["unexplained"],
+            c["max_lag_ms"]
         );
     }
     let mut ok = true;
