@@ -340,7 +340,8 @@ async fn create_pools(world: &World, per_ns: usize) -> Result<(), String> {
         .await?;
     world
         .create_pool(NAMESPACES[2], "iso", 1, true, false)
-        .await
+        .await?;
+    Ok(())
 }
 
 async fn dumps(world: &World) -> Vec<(String, String)> {

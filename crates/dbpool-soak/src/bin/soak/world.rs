@@ -17,7 +17,11 @@ use std::{
 };
 
 use dbpool_api::DbPool;
-use dbpool_soak::{checks::ISOLATED_DB, history::PoolInfo, pglog::LOG_CONF};
+use dbpool_soak::{
+    checks::ISOLATED_DB,
+    history::{Ms, PoolInfo},
+    pglog::LOG_CONF,
+};
 use dbpool_testkit::{
     kube::create_consenting_secret,
     pools::pool,
@@ -369,7 +373,7 @@ impl World {
         t: usize,
         isolated: bool,
         gated: bool,
-    ) -> Result<(), String> {
+    ) -> Result<Ms, String> {
         let target = &self.targets[t];
         let mut overrides = policy();
         if isolated {
@@ -388,9 +392,13 @@ impl World {
             overrides,
         );
         let api: Api<DbPool> = Api::namespaced(self.client.clone(), ns);
-        api.create(&PostParams::default(), &spec)
-            .await
-            .map_err(|e| e.to_string())?;
+        let created = settle(30, "AlreadyExists", || async {
+            api.create(&PostParams::default(), &spec)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await?;
         let key = format!("{ns}/{name}");
         self.rec.lock().pools.push(PoolInfo {
             key: key.clone(),
@@ -407,8 +415,53 @@ impl World {
                 name: name.to_owned(),
                 isolated,
             });
-        Ok(())
+        Ok(created)
     }
+}
+
+/// Sends an idempotent apiserver call until it is accepted (one try a second, each bounded by
+/// 20s, for `tries` tries) and returns the instant it took effect. A failed answer does not say
+/// the call failed: a 504 after etcd took it, or a connection cut by an apiserver restart, may
+/// hide an applied change (a long run's delete answered 504 and the pool was gone; the driver,
+/// thinking it alive, then judged its convergence). So the instant is that of the first attempt
+/// whose failure leaves it open (a connect error never took effect), else the accepted one's; an
+/// answer that the effect is there already (`already`: `NotFound` for a delete, `AlreadyExists`
+/// for a create) after such an attempt is success, before any it is the error; `NotFound` is an
+/// error for any other call.
+pub async fn settle<Fut>(
+    tries: u32,
+    already: &str,
+    mut call: impl FnMut() -> Fut,
+) -> Result<Ms, String>
+where
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut took: Option<Ms> = None;
+    let mut last = String::new();
+    for _ in 0..tries.max(1) {
+        let at = crate::recorder::now_ms();
+        let answer = tokio::time::timeout(Duration::from_secs(20), call())
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()));
+        match answer {
+            Ok(()) => return Ok(took.unwrap_or(at)),
+            Err(e) if !already.is_empty() && e.contains(already) => return took.ok_or(e),
+            Err(e) if e.contains("NotFound") => return Err(e),
+            Err(e) => {
+                if !e.contains("(Connect)") {
+                    took.get_or_insert(at);
+                }
+                last = e;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let unknown = if took.is_some() {
+        " (it may have taken effect: not recorded)"
+    } else {
+        ""
+    };
+    Err(format!("not accepted in {tries} tries{unknown}: {last}"))
 }
 
 /// Namespaces and one Secret per (namespace, target), consenting to 127.0.0.1 only.
