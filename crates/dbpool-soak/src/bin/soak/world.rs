@@ -519,3 +519,55 @@ impl Drop for Replica {
         self.kill();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::settle;
+    use std::sync::Mutex;
+
+    /// A call that answers `answers` in turn and notes when it was asked.
+    async fn run(already: &str, answers: &[&str]) -> (Result<i64, String>, Vec<i64>) {
+        let left = Mutex::new(answers.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        let asked = Mutex::new(Vec::new());
+        let result = settle(5, already, || {
+            asked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(crate::recorder::now_ms());
+            let answer = left.lock().unwrap_or_else(|e| e.into_inner()).remove(0);
+            async move { if answer == "ok" { Ok(()) } else { Err(answer) } }
+        })
+        .await;
+        (result, asked.into_inner().unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_delete_answered_504_that_took_effect_is_recorded_at_its_first_attempt() {
+        // The long run's soak-b/p7: a 504, then NotFound: the first attempt deleted it.
+        let (result, asked) =
+            run("NotFound", &["ApiError: 504 Timeout", "ApiError: NotFound"]).await;
+        assert_eq!(result, Ok(asked[0]));
+        // A refused connection never took effect: NotFound after it is the error.
+        let (result, _) = run(
+            "NotFound",
+            &["client error (Connect)", "ApiError: NotFound"],
+        )
+        .await;
+        assert!(result.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_edit_is_sent_again_until_accepted_and_a_missing_pool_is_an_error() {
+        let (result, asked) = run(
+            "",
+            &["client error (Connect)", "client error (SendRequest)", "ok"],
+        )
+        .await;
+        // Recorded at the attempt the cut connection may have applied, not at the refused one.
+        assert_eq!(result, Ok(asked[1]));
+        let (result, _) = run("", &["ApiError: NotFound", "ok"]).await;
+        assert!(result.is_err());
+        let (result, _) = run("", &["timed out"; 5]).await;
+        assert!(result.is_err_and(|e| e.contains("may have taken effect")));
+    }
+}
