@@ -231,6 +231,17 @@ pub struct Attempt {
     pub ok: bool,
 }
 
+/// A term an operator process started (its log's `leadership: term started`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Term {
+    /// When the process logged it.
+    pub time: Ms,
+    /// The process's leader-election identity.
+    pub identity: String,
+    /// The term's writer epoch.
+    pub epoch: i64,
+}
+
 /// One sample of a resource.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Sample {
@@ -301,6 +312,10 @@ pub struct History {
     pub leaks: Leaks,
     /// Events (reason, pool, reporting user) the audit log saw.
     pub events: Vec<(Ms, String, String, String)>,
+    /// Every term an operator process started, from the operators' logs (absent from histories
+    /// recorded before it was kept).
+    #[serde(default)]
+    pub terms: Vec<Term>,
 }
 
 impl History {

@@ -3,9 +3,10 @@
 //!
 //! Lives here: [`Violation`], [`Bounds`] (every tolerance a checker uses, stated once), [`run`]
 //! (all checkers of a run) and the checkers themselves: `writes` (no stale write, force-reopen
-//! tokens acted on once, every breaker move explained) and `world` (convergence, cost, leaks,
-//! passwords, isolation). Must not live here: gathering the history, clocks, processes.
+//! tokens acted on once, every breaker move explained), `cost` (the replay through
+//! `dbpool-recovery`) and `world` (convergence, leaks, passwords, isolation). Must not live here: gathering the history, clocks, processes.
 
+mod cost;
 mod world;
 mod writes;
 
@@ -16,9 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::history::{History, Ms};
 
-pub use world::{
-    check_convergence, check_cost, check_isolation, check_leaks, check_passwords, cost_bounds,
-};
+pub use cost::{TargetCost, check_cost, replay_cost, soak_policy};
+pub use world::{check_convergence, check_isolation, check_leaks, check_passwords};
 pub use writes::{check_breaker_moves, check_stale_writes, check_tokens};
 
 /// The database the isolated pools name: any login to it is an isolation breach.
@@ -66,10 +66,19 @@ pub struct Bounds {
     pub rss_ratio: f64,
     /// RSS is judged only for processes sampled at least this long, ms.
     pub rss_min_span_ms: Ms,
-    /// The cost model's smallest retry delay (the soak pools' backoff.initialDelay), ms.
-    pub min_retry_ms: Ms,
-    /// The cost model's reconnect period of a healthy shared connection, ms.
+    /// The cost replay's reconnect period of a healthy connection (the prober's
+    /// `reconnect_every`), ms.
     pub reconnect_ms: Ms,
+    /// The cost replay: how long before a new term's first write its leader may already log in
+    /// (it took the lease, restored its pools and probed them before writing), ms.
+    pub leader_lead_ms: Ms,
+    /// The cost replay: how much earlier than the allowed instant an attempt may come (fault
+    /// edges are recorded around the change, not at it), ms.
+    pub cost_early_ms: Ms,
+    /// The cost replay: how much later than the allowed instant an attempt may come (the
+    /// reconcile queue and write budget on a loaded machine, a login of three round trips under
+    /// added latency, the probe's timeout), ms.
+    pub cost_late_ms: Ms,
 }
 
 impl Default for Bounds {
@@ -81,8 +90,10 @@ impl Default for Bounds {
             fd_slack: 16.0,
             rss_ratio: 1.1,
             rss_min_span_ms: 10 * 60_000,
-            min_retry_ms: 300,
             reconnect_ms: 300_000,
+            leader_lead_ms: 4_000,
+            cost_early_ms: 2_000,
+            cost_late_ms: 10_000,
         }
     }
 }

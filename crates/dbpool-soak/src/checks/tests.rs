@@ -219,31 +219,90 @@ fn convergence_late_or_never_is_caught() {
     assert!(check_convergence(&h)[0].message.contains("never undone"));
 }
 
-#[test]
-fn a_retry_storm_breaks_the_cost_bound() {
-    let mut h = base();
-    let bound = cost_bounds(&h, &Bounds::default())[0].1;
-    let attempt = |i: i64| Attempt {
-        time: i,
+fn attempt(time: Ms) -> Attempt {
+    Attempt {
+        time,
         target: "t0".into(),
         user: "app".into(),
         db: "app".into(),
-        ok: false,
-    };
-    h.attempts = (0..bound).map(attempt).collect();
-    assert!(check_cost(&h, &Bounds::default()).is_empty());
-    h.attempts.push(attempt(bound));
-    assert_eq!(check_cost(&h, &Bounds::default()).len(), 1);
-    // Clients' logins (another role) do not count.
-    h.attempts.pop();
-    h.attempts.push(Attempt {
-        time: 0,
-        target: "t0".into(),
-        user: "client".into(),
-        db: "postgres".into(),
         ok: true,
-    });
+    }
+}
+
+fn unexplained(h: &History) -> Vec<Ms> {
+    replay_cost(h, &Bounds::default())
+        .into_iter()
+        .flat_map(|c| c.unexplained)
+        .collect()
+}
+
+#[test]
+fn the_cost_replay_allows_one_login_when_a_stopped_server_is_back_and_none_while_it_is_down() {
+    // base(): t0 stopped from 10 s to 40 s. The replay fails every probe inside the window
+    // without a password and grants the early trial at 40 s (readiness edge): one login.
+    let mut h = base();
+    h.attempts = vec![attempt(40_100)];
     assert!(check_cost(&h, &Bounds::default()).is_empty());
+    let cost = replay_cost(&h, &Bounds::default());
+    assert_eq!((cost[0].seen, cost[0].allowed), (1, 1), "{cost:?}");
+    // A login while the server is stopped (no password can reach it) is unexplained ...
+    h.attempts = vec![attempt(20_000), attempt(40_100)];
+    assert_eq!(unexplained(&h), vec![20_000]);
+    // ... and so is a second login after the return: the engine's schedule allows one.
+    h.attempts = vec![attempt(40_100), attempt(40_200)];
+    assert_eq!(unexplained(&h), vec![40_200]);
+    let v = check_cost(&h, &Bounds::default());
+    assert_eq!(v.len(), 1);
+    assert!(v[0].slice[0].contains("40200"), "{:?}", v[0].slice);
+    // A login in a quiet healthy stretch, with nothing to explain it.
+    h.attempts = vec![attempt(40_100), attempt(70_000)];
+    assert_eq!(unexplained(&h), vec![70_000]);
+    // A term an operator started at 69.5 s (its prober has no connection) explains it.
+    h.terms = vec![Term {
+        time: 69_500,
+        identity: "op-1".into(),
+        epoch: 2,
+    }];
+    assert!(unexplained(&h).is_empty());
+    // The clients' logins (another role and database) are not the operator's.
+    h.terms.clear();
+    h.attempts = vec![
+        attempt(40_100),
+        Attempt {
+            user: "client".into(),
+            db: "postgres".into(),
+            ..attempt(70_000)
+        },
+    ];
+    assert!(check_cost(&h, &Bounds::default()).is_empty());
+}
+
+#[test]
+fn a_retry_storm_during_a_secret_rotation_is_more_than_the_backoff_allows() {
+    // Secrets first at 10 s, the server's password at 12 s: the pool's probes fail with its new
+    // password at 10, 10.3 and 10.9 s (backoff 300 ms × 2), and the rotation's end re-keys the
+    // connection at 12 s: four logins (base()'s new term, at 30 s, is left out: its writes go).
+    let mut h = base();
+    h.writes.clear();
+    h.faults[0] = Fault {
+        kind: FaultKind::SecretRotation,
+        scope: Scope::Target("t0".into()),
+        start: 10_000,
+        end: Some(12_000),
+        detail: "Secrets first".into(),
+    };
+    h.attempts = [10_050, 10_350, 10_950, 12_050].map(attempt).to_vec();
+    assert!(
+        check_cost(&h, &Bounds::default()).is_empty(),
+        "{:?}",
+        replay_cost(&h, &Bounds::default())
+    );
+    // A login every 100 ms through the rotation: a retry storm.
+    h.attempts = (0..20).map(|i| attempt(10_000 + 100 * i)).collect();
+    let cost = replay_cost(&h, &Bounds::default());
+    assert_eq!(cost[0].allowed, 4, "{cost:?}");
+    assert_eq!(cost[0].unexplained.len(), 16);
+    assert_eq!(check_cost(&h, &Bounds::default())[0].subject, "t0");
 }
 
 #[test]

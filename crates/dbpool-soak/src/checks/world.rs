@@ -1,13 +1,12 @@
 //! The checkers over the world's resources: convergence, cost, leaks, passwords, isolation.
 //!
-//! Lives here: [`check_convergence`], [`check_cost`] (with [`cost_bounds`]), [`check_leaks`],
-//! [`check_passwords`], [`check_isolation`]. Must not live here: checkers over status writes
-//! (`writes`).
+//! Lives here: [`check_convergence`], [`check_leaks`], [`check_passwords`], [`check_isolation`].
+//! Must not live here: checkers over status writes (`writes`), the cost replay (`cost`).
 
 use std::collections::BTreeMap;
 
 use super::{Bounds, ISOLATED_DB, Violation};
-use crate::history::{History, Ms, Scope};
+use crate::history::{History, Ms};
 
 /// Convergence: every fault was undone, and after the last fault ended every pool showed what
 /// the truth says (server up, credentials right, spec applied: Healthy and Closed; an isolated
@@ -50,65 +49,6 @@ pub fn check_convergence(history: &History) -> Vec<Violation> {
                 lines,
             )),
             Some(_) => {}
-        }
-    }
-    out
-}
-
-/// The operator's credentialed attempts each target may see, as (target, bound): a stated upper
-/// bound, not a replay. Per pool that ever pointed at the target: two logins, one per reconnect
-/// period of the run, one per retry step (`min_retry_ms`) through every probe-failing fault on the
-/// target (widened by `explain_after_ms`), and two per user action on the pool, operator fault and
-/// control-plane fault (each may cost a fresh login).
-pub fn cost_bounds(history: &History, bounds: &Bounds) -> Vec<(String, i64)> {
-    let run_ms = (history.last_fault_end - history.start).max(0) + 10 * 60_000;
-    let disruptions = history
-        .faults
-        .iter()
-        .filter(|f| matches!(f.scope, Scope::Operator(_) | Scope::ControlPlane))
-        .count() as i64;
-    let mut per_target: BTreeMap<String, i64> = BTreeMap::new();
-    for pool in history.pools.iter().filter(|p| !p.isolated) {
-        let actions = history
-            .actions
-            .iter()
-            .filter(|a| a.pool == pool.key)
-            .count() as i64;
-        let retries: i64 = history
-            .faults
-            .iter()
-            .filter(|f| {
-                f.kind.fails_probes() && matches!(&f.scope, Scope::Target(t) if *t == pool.target)
-            })
-            .map(|f| {
-                let len =
-                    f.end.unwrap_or(history.last_fault_end) - f.start + bounds.explain_after_ms;
-                len / bounds.min_retry_ms.max(1) + 1
-            })
-            .sum();
-        let own = 2 + run_ms / bounds.reconnect_ms.max(1) + retries + 2 * (actions + disruptions);
-        *per_target.entry(pool.target.clone()).or_default() += own;
-    }
-    per_target.into_iter().collect()
-}
-
-/// Cost: the credentialed attempts PostgreSQL logged for the operator's role and database stay
-/// within [`cost_bounds`] on every target.
-pub fn check_cost(history: &History, bounds: &Bounds) -> Vec<Violation> {
-    let mut out = Vec::new();
-    for (target, bound) in cost_bounds(history, bounds) {
-        let seen = history
-            .attempts
-            .iter()
-            .filter(|a| a.target == target && a.user == "app" && a.db == "app")
-            .count() as i64;
-        if seen > bound {
-            out.push(Violation::new(
-                "cost",
-                &target,
-                format!("{seen} credentialed attempts, bound {bound}"),
-                history.fault_lines(history.start, history.last_fault_end),
-            ));
         }
     }
     out

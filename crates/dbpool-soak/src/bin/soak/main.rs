@@ -2,10 +2,13 @@
 //! with an audit log and one token per identity), three PostgreSQL servers behind fault proxies,
 //! three operator replicas as processes (each with its own apiserver user and its own apiserver
 //! proxy), DbPools in three namespaces (two gated, all sharing targets, two isolated), three
-//! in-process dbpool-client tasks; then runs the seeded nemesis, waits for convergence, reads the
-//! audit log and the servers' logs into a history and judges it with the library's checkers.
+//! dbpool-client processes (`dbpool-soak client …`, one per target); then runs the seeded
+//! nemesis, waits for convergence, reads the audit log, the servers' and the operators' logs
+//! into a history and judges it with the library's checkers.
 //!
 //!   SEED=27 SOAK_S=60 target/debug/dbpool-soak      # or: make soak SEED=27 SOAK_S=60
+//!
+//! `dbpool-soak client NAME PORT USER` is one of the run's client processes (its parent starts it).
 //!
 //! `dbpool-soak judge target/soak/…/history.json` runs the checkers again over a recorded history
 //! (with the run's audit logs read again when they are beside it).
@@ -16,11 +19,12 @@
 //! kube-apiserver; default: `hack/build-controlplane.sh`'s cache), `DBPOOL_OPERATOR_BIN`
 //! (default `target/debug/dbpool-operator`). Exit code 0 when every checker passed.
 //!
-//! Modules: `controlplane` (etcd, apiserver, tokens, audit), `world` (targets, replicas, pools,
+//! Modules: `client` (the client processes), `controlplane` (etcd, apiserver, tokens, audit), `world` (targets, replicas, pools,
 //! clients), `nemesis` (the plan carried out), `observe` (samples, baseline, convergence),
 //! `recorder` (the history being recorded, the clock), `report` (logs read, checkers, report).
 //! This file holds only the settings and the run's sequence.
 
+mod client;
 mod controlplane;
 mod nemesis;
 mod observe;
@@ -128,6 +132,32 @@ fn judge_again(path: &Path) -> ExitCode {
             history.writes.len()
         );
     }
+    // The operators' logs beside it give the terms' starts (a history recorded before they were
+    // kept lacks them).
+    if history.terms.is_empty() {
+        for i in 0..3 {
+            let log = std::fs::read_to_string(path.with_file_name(format!("op-{i}.log")));
+            let log = log.unwrap_or_default();
+            history
+                .terms
+                .extend(log.lines().filter_map(dbpool_soak::oplog::parse_term));
+        }
+        history.terms.sort_by_key(|t| t.time);
+        println!(
+            "read {} term starts from the operators' logs",
+            history.terms.len()
+        );
+    }
+    for c in dbpool_soak::checks::replay_cost(&history, &Default::default()) {
+        println!(
+            "cost {}: {} credentialed attempts, the replay allows {}, {} unexplained, largest lag {:?} ms",
+            c.target,
+            c.seen,
+            c.allowed,
+            c.unexplained.len(),
+            c.max_lag_ms
+        );
+    }
     let mut passed = true;
     for (name, violations) in dbpool_soak::checks::run(&history, &Default::default(), &[], &[]) {
         println!(
@@ -160,6 +190,24 @@ fn main() -> ExitCode {
         && cmd == "judge"
     {
         return judge_again(Path::new(path));
+    }
+    if let [_, cmd, name, port, user] = args.as_slice()
+        && cmd == "client"
+    {
+        let Ok(port) = port.parse::<u16>() else {
+            eprintln!("[soak client] bad port {port}");
+            return ExitCode::from(2);
+        };
+        return match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(client::client_main(name, port, user)),
+            Err(e) => {
+                eprintln!("[soak client] tokio: {e}");
+                ExitCode::from(2)
+            }
+        };
     }
     let settings = match settings() {
         Ok(s) => s,
@@ -267,6 +315,7 @@ async fn build_world(s: &Settings) -> Result<Arc<World>, String> {
         counter: Default::default(),
         operator_bin: s.operator.clone(),
         stop_clients: Default::default(),
+        client_pids: Default::default(),
         client_ok: Default::default(),
         client_err: Default::default(),
     }))
@@ -291,7 +340,8 @@ async fn create_pools(world: &World, per_ns: usize) -> Result<(), String> {
         .await?;
     world
         .create_pool(NAMESPACES[2], "iso", 1, true, false)
-        .await
+        .await?;
+    Ok(())
 }
 
 async fn dumps(world: &World) -> Vec<(String, String)> {
@@ -326,9 +376,9 @@ async fn run(s: &Settings) -> Result<bool, String> {
         r.start(&world.operator_bin)?;
     }
     create_pools(&world, s.per_ns).await?;
-    let clients: Vec<_> = (0..world.targets.len())
-        .map(|t| world::spawn_client(world.clone(), t))
-        .collect();
+    let clients = (0..world.targets.len())
+        .map(|t| world::spawn_client(&world, t))
+        .collect::<Result<Vec<_>, _>>()?;
     eprintln!(
         "[soak] {} pools created; waiting for the fleet to be healthy",
         world.live(true).len()
@@ -374,10 +424,12 @@ async fn run(s: &Settings) -> Result<bool, String> {
         .map(|a| a.pool.clone())
         .collect();
     let (sessions1, fds1, series1, stale) = observe::resources(&world, &deleted).await;
-    world.stop_clients.store(true, Ordering::Relaxed);
     for c in clients {
-        let _ = c.await;
+        let (ok, err) = c.finish().await;
+        world.client_ok.fetch_add(ok, Ordering::Relaxed);
+        world.client_err.fetch_add(err, Ordering::Relaxed);
     }
+    world.stop_clients.store(true, Ordering::Relaxed);
     let _ = sampler.await;
     let _ = live.await;
     let dumps = dumps(&world).await;

@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::{
     controlplane::signal,
-    world::{LivePool, NAMESPACES, World, new_password, superuser_query},
+    world::{LivePool, NAMESPACES, World, new_password, settle, superuser_query},
 };
 
 /// Runs every step of `plan` from now; returns when every step (and every fault's undo) is done.
@@ -125,10 +125,12 @@ async fn apply(world: &World, op: Op) -> Result<(), String> {
         Op::Create { target, ns } => {
             let ns = NAMESPACES[ns % NAMESPACES.len()];
             let name = format!("c{}", world.next());
-            timed(world.create_pool(ns, &name, target % world.targets.len(), false, false)).await?;
+            let at = world
+                .create_pool(ns, &name, target % world.targets.len(), false, false)
+                .await?;
             world
                 .rec
-                .action(&format!("{ns}/{name}"), ActionKind::Create);
+                .action_at(&format!("{ns}/{name}"), ActionKind::Create, at);
             Ok(())
         }
         Op::Delete { pool } => delete(world, pool).await,
@@ -160,13 +162,6 @@ async fn sleep(ms: i64) {
     tokio::time::sleep(Duration::from_millis(ms.max(0) as u64)).await;
 }
 
-/// An apiserver call with a deadline (the apiserver may be restarting, etcd frozen).
-async fn timed<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .map_err(|_| "timed out".to_owned())?
-}
-
 fn pick(world: &World, index: usize) -> Result<LivePool, String> {
     let live = world.live(false);
     live.get(index % live.len().max(1))
@@ -174,24 +169,37 @@ fn pick(world: &World, index: usize) -> Result<LivePool, String> {
         .ok_or_else(|| "no pool".to_owned())
 }
 
+/// An edit (an idempotent merge patch), recorded at the instant it took effect; sent again for
+/// up to 30s if the apiserver's answer leaves that open (`world::settle`).
 async fn edit(
     world: &World,
     p: &LivePool,
     patch: serde_json::Value,
     kind: ActionKind,
 ) -> Result<(), String> {
+    edit_for(world, p, patch, kind, 30).await
+}
+
+async fn edit_for(
+    world: &World,
+    p: &LivePool,
+    patch: serde_json::Value,
+    kind: ActionKind,
+    tries: u32,
+) -> Result<(), String> {
     let api: Api<DbPool> = Api::namespaced(world.client.clone(), &p.ns);
-    timed(async {
+    let at = settle(tries, "", || async {
         api.patch(&p.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
+            .map(|_| ())
             .map_err(|e| e.to_string())
     })
     .await?;
-    world.rec.action(&p.key, kind);
+    world.rec.action_at(&p.key, kind, at);
     Ok(())
 }
 
-/// An edit that ends a window (mode back to Auto, gate off): retried for up to a minute, since the
+/// An edit that ends a window (mode back to Auto, gate off): sent for up to a minute, since the
 /// apiserver may be restarting just then (a long run once left two pools ForcedOpen that way).
 async fn undo(
     world: &World,
@@ -199,16 +207,7 @@ async fn undo(
     patch: serde_json::Value,
     kind: ActionKind,
 ) -> Result<(), String> {
-    let mut last = String::new();
-    for _ in 0..60 {
-        match edit(world, p, patch.clone(), kind.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.contains("NotFound") || e.contains("not found") => return Err(e),
-            Err(e) => last = e,
-        }
-        sleep(1_000).await;
-    }
-    Err(format!("undo failed for a minute: {last}"))
+    edit_for(world, p, patch, kind, 60).await
 }
 
 async fn delete(world: &World, index: usize) -> Result<(), String> {
@@ -217,13 +216,14 @@ async fn delete(world: &World, index: usize) -> Result<(), String> {
         return Err("keeping at least 30 pools".into());
     }
     let api: Api<DbPool> = Api::namespaced(world.client.clone(), &p.ns);
-    timed(async {
+    let at = settle(30, "NotFound", || async {
         api.delete(&p.name, &DeleteParams::default())
             .await
+            .map(|_| ())
             .map_err(|e| e.to_string())
     })
     .await?;
-    world.rec.action(&p.key, ActionKind::Delete);
+    world.rec.action_at(&p.key, ActionKind::Delete, at);
     world
         .pools
         .lock()
@@ -302,9 +302,11 @@ async fn set_secrets(world: &World, t: usize, password: &str) -> Result<(), Stri
     for ns in NAMESPACES {
         let api: Api<Secret> = Api::namespaced(world.client.clone(), ns);
         let patch = json!({ "stringData": { "password": password } });
-        timed(async {
+        // Sent until accepted: a rotation left half done would leave the pools a wrong password.
+        settle(30, "", || async {
             api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
+                .map(|_| ())
                 .map_err(|e| e.to_string())
         })
         .await?;
@@ -345,7 +347,11 @@ async fn rotate(world: &World, t: usize, server_first: bool, gap_ms: i64) -> Res
                 .map(|_| ()),
         )
     };
-    world.rec.end(i);
+    // A rotation left half done (the server's password or a Secret not changed) is a fault
+    // still in force: left open, so the checkers name it instead of judging a false truth.
+    if result.is_ok() {
+        world.rec.end(i);
+    }
     *target.password.lock().unwrap_or_else(|e| e.into_inner()) = password;
     result.map(|_| ())
 }

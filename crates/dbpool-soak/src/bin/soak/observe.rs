@@ -62,6 +62,18 @@ pub fn spawn_sampler(world: Arc<World>) -> tokio::task::JoinHandle<()> {
                     }
                 }
             }
+            let clients = world
+                .client_pids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for (name, pid) in clients {
+                for what in ["rss_kib", "fds"] {
+                    if let Some(v) = proc_value(pid, what) {
+                        world.rec.sample(what, &name, v);
+                    }
+                }
+            }
             if tick.is_multiple_of(5) {
                 for t in &world.targets {
                     if let Some(n) = t.operator_sessions().await {

@@ -53,11 +53,11 @@ impl Recorder {
         h.last_fault_end = h.last_fault_end.max(t);
     }
 
-    /// A user action on `pool` the apiserver accepted just now.
-    pub fn action(&self, pool: &str, kind: ActionKind) {
+    /// A user action on `pool` that took effect at `time` (see `world::settle`).
+    pub fn action_at(&self, pool: &str, kind: ActionKind, time: Ms) {
         self.lock().actions.push(Action {
             pool: pool.to_owned(),
-            time: now_ms(),
+            time,
             kind,
         });
     }

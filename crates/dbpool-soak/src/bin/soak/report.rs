@@ -40,11 +40,13 @@ pub async fn collect(
         texts.push((format!("server log {}", t.name), log));
     }
     for r in &world.replicas {
-        texts.push((
-            format!("operator log {}", r.id),
-            std::fs::read_to_string(&r.log).unwrap_or_default(),
-        ));
+        let log = std::fs::read_to_string(&r.log).unwrap_or_default();
+        history
+            .terms
+            .extend(log.lines().filter_map(dbpool_soak::oplog::parse_term));
+        texts.push((format!("operator log {}", r.id), log));
     }
+    history.terms.sort_by_key(|t| t.time);
     texts
 }
 
@@ -193,15 +195,16 @@ pub fn judge(
     let bounds = Bounds::default();
     let verdicts = checks::run(history, &bounds, passwords, texts);
     let figures = figures(history, plan, clients);
-    let cost: Vec<(String, i64, usize)> = checks::cost_bounds(history, &bounds)
+    let cost: Vec<serde_json::Value> = checks::replay_cost(history, &bounds)
         .into_iter()
-        .map(|(t, b)| {
-            let seen = history
-                .attempts
-                .iter()
-                .filter(|a| a.target == t && a.user == "app" && a.db == "app")
-                .count();
-            (t, b, seen)
+        .map(|c| {
+            serde_json::json!({
+                "target": c.target,
+                "seen": c.seen,
+                "allowed": c.allowed,
+                "unexplained": c.unexplained.len(),
+                "max_lag_ms": c.max_lag_ms,
+            })
         })
         .collect();
     let mut text = String::new();
@@ -216,10 +219,15 @@ pub fn judge(
     for (k, v) in &figures {
         let _ = writeln!(text, "  {k}: {v}");
     }
-    for (t, bound, seen) in &cost {
+    for c in &cost {
         let _ = writeln!(
             text,
-            "  cost {t}: {seen} credentialed attempts, bound {bound}"
+            "  cost {}: {} credentialed attempts, the replay allows {}, {} unexplained, largest lag {} ms",
+            c["target"].as_str().unwrap_or_default(),
+            c["seen"],
+            c["allowed"],
+            c["unexplained"],
+            c["max_lag_ms"]
         );
     }
     let mut ok = true;

@@ -1,5 +1,5 @@
 //! The world the nemesis attacks: PostgreSQL targets behind fault proxies, operator replicas as
-//! processes behind apiserver proxies, namespaces, Secrets and DbPools, and client tasks.
+//! processes behind apiserver proxies, namespaces, Secrets and DbPools, and client processes.
 //!
 //! Lives here: [`World`], [`Target`], [`Replica`], [`LivePool`], setting them up, finding the
 //! leader, and the superuser's side channel to each server (sessions, password changes, filler
@@ -10,14 +10,18 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex,
+        Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use dbpool_api::DbPool;
-use dbpool_soak::{checks::ISOLATED_DB, history::PoolInfo, pglog::LOG_CONF};
+use dbpool_soak::{
+    checks::ISOLATED_DB,
+    history::{Ms, PoolInfo},
+    pglog::LOG_CONF,
+};
 use dbpool_testkit::{
     kube::create_consenting_secret,
     pools::pool,
@@ -112,8 +116,10 @@ pub struct World {
     pub counter: AtomicU64,
     /// The operator binary.
     pub operator_bin: PathBuf,
-    /// The client tasks stop when this is set.
+    /// The sampler and the live checks stop when this is set (the clients are finished then).
     pub stop_clients: AtomicBool,
+    /// The client processes, as (name, pid), for the sampler.
+    pub client_pids: Mutex<Vec<(String, u32)>>,
     /// Client queries that worked and that failed.
     pub client_ok: AtomicU64,
     /// Client queries that failed.
@@ -130,7 +136,8 @@ pub fn new_password() -> String {
 }
 
 /// The pools' policy: short timings, fixed 2s timeouts (a loaded 2-core machine must not time
-/// out a healthy login), early trials on.
+/// out a healthy login), early trials on. The cost checker replays these values
+/// (`dbpool_soak::checks::soak_policy`): change both together.
 pub fn policy() -> serde_json::Value {
     serde_json::json!({
         "healthCheck": { "interval": "3s", "timeout": "2s", "adaptiveTimeout": false },
@@ -366,7 +373,7 @@ impl World {
         t: usize,
         isolated: bool,
         gated: bool,
-    ) -> Result<(), String> {
+    ) -> Result<Ms, String> {
         let target = &self.targets[t];
         let mut overrides = policy();
         if isolated {
@@ -385,9 +392,13 @@ impl World {
             overrides,
         );
         let api: Api<DbPool> = Api::namespaced(self.client.clone(), ns);
-        api.create(&PostParams::default(), &spec)
-            .await
-            .map_err(|e| e.to_string())?;
+        let created = settle(30, "AlreadyExists", || async {
+            api.create(&PostParams::default(), &spec)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await?;
         let key = format!("{ns}/{name}");
         self.rec.lock().pools.push(PoolInfo {
             key: key.clone(),
@@ -404,8 +415,53 @@ impl World {
                 name: name.to_owned(),
                 isolated,
             });
-        Ok(())
+        Ok(created)
     }
+}
+
+/// Sends an idempotent apiserver call until it is accepted (one try a second, each bounded by
+/// 20s, for `tries` tries) and returns the instant it took effect. A failed answer does not say
+/// the call failed: a 504 after etcd took it, or a connection cut by an apiserver restart, may
+/// hide an applied change (a long run's delete answered 504 and the pool was gone; the driver,
+/// thinking it alive, then judged its convergence). So the instant is that of the first attempt
+/// whose failure leaves it open (a connect error never took effect), else the accepted one's; an
+/// answer that the effect is there already (`already`: `NotFound` for a delete, `AlreadyExists`
+/// for a create) after such an attempt is success, before any it is the error; `NotFound` is an
+/// error for any other call.
+pub async fn settle<Fut>(
+    tries: u32,
+    already: &str,
+    mut call: impl FnMut() -> Fut,
+) -> Result<Ms, String>
+where
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut took: Option<Ms> = None;
+    let mut last = String::new();
+    for _ in 0..tries.max(1) {
+        let at = crate::recorder::now_ms();
+        let answer = tokio::time::timeout(Duration::from_secs(20), call())
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()));
+        match answer {
+            Ok(()) => return Ok(took.unwrap_or(at)),
+            Err(e) if !already.is_empty() && e.contains(already) => return took.ok_or(e),
+            Err(e) if e.contains("NotFound") => return Err(e),
+            Err(e) => {
+                if !e.contains("(Connect)") {
+                    took.get_or_insert(at);
+                }
+                last = e;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let unknown = if took.is_some() {
+        " (it may have taken effect: not recorded)"
+    } else {
+        ""
+    };
+    Err(format!("not accepted in {tries} tries{unknown}: {last}"))
 }
 
 /// Namespaces and one Secret per (namespace, target), consenting to 127.0.0.1 only.
@@ -441,39 +497,77 @@ pub async fn namespaces_and_secrets(client: &Client, targets: &[Target]) -> Resu
     Ok(())
 }
 
-/// A client task on target `t`: dbpool-client against the proxy as the client role, one
-/// `SELECT 1` every 250ms until the world says stop.
-pub fn spawn_client(world: Arc<World>, t: usize) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let target = &world.targets[t];
-        let config = dbpool_client::PoolConfig::new(
-            &format!("client-{}", target.name),
-            "127.0.0.1",
-            target.proxy.port(),
-            "postgres",
-            CLIENT_ROLE.0,
-            Some(CLIENT_ROLE.1.to_owned()),
-        );
-        let pool = dbpool_client::Pool::new(config, None);
-        while !world.stop_clients.load(Ordering::Relaxed) {
-            let ok = match tokio::time::timeout(Duration::from_secs(5), pool.get()).await {
-                Ok(Ok(client)) => client.simple_query("SELECT 1").await.is_ok(),
-                _ => false,
-            };
-            let counter = if ok {
-                &world.client_ok
-            } else {
-                &world.client_err
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        pool.close();
-    })
+/// The client process on target `t`: dbpool-client against the proxy as the client role, one
+/// `SELECT 1` every 250ms until it is finished (`client` module); its pid joins the sampler's.
+pub fn spawn_client(world: &World, t: usize) -> Result<crate::client::ClientProc, String> {
+    let target = &world.targets[t];
+    let name = format!("client-{}", target.name);
+    let proc =
+        crate::client::ClientProc::spawn(&name, target.proxy.port(), CLIENT_ROLE.0, CLIENT_ROLE.1)?;
+    if let Some(pid) = proc.pid() {
+        world
+            .client_pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name, pid));
+    }
+    Ok(proc)
 }
 
 impl Drop for Replica {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settle;
+    use std::sync::Mutex;
+
+    /// A call that answers `answers` in turn and notes when it was asked.
+    async fn run(already: &str, answers: &[&str]) -> (Result<i64, String>, Vec<i64>) {
+        let left = Mutex::new(answers.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        let asked = Mutex::new(Vec::new());
+        let result = settle(5, already, || {
+            asked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(crate::recorder::now_ms());
+            let answer = left.lock().unwrap_or_else(|e| e.into_inner()).remove(0);
+            async move { if answer == "ok" { Ok(()) } else { Err(answer) } }
+        })
+        .await;
+        (result, asked.into_inner().unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_delete_answered_504_that_took_effect_is_recorded_at_its_first_attempt() {
+        // The long run's soak-b/p7: a 504, then NotFound: the first attempt deleted it.
+        let (result, asked) =
+            run("NotFound", &["ApiError: 504 Timeout", "ApiError: NotFound"]).await;
+        assert_eq!(result, Ok(asked[0]));
+        // A refused connection never took effect: NotFound after it is the error.
+        let (result, _) = run(
+            "NotFound",
+            &["client error (Connect)", "ApiError: NotFound"],
+        )
+        .await;
+        assert!(result.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_edit_is_sent_again_until_accepted_and_a_missing_pool_is_an_error() {
+        let (result, asked) = run(
+            "",
+            &["client error (Connect)", "client error (SendRequest)", "ok"],
+        )
+        .await;
+        // Recorded at the attempt the cut connection may have applied, not at the refused one.
+        assert_eq!(result, Ok(asked[1]));
+        let (result, _) = run("", &["ApiError: NotFound", "ok"]).await;
+        assert!(result.is_err());
+        let (result, _) = run("", &["timed out"; 5]).await;
+        assert!(result.is_err_and(|e| e.contains("may have taken effect")));
     }
 }
