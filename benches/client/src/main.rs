@@ -176,7 +176,10 @@ async fn bench(load: tokio::runtime::Handle) {
             .await
         {
             Ok(Ok(c)) => {
-                eprintln!("bench-client: DbPool mode: operator log {}", c.log.display());
+                eprintln!(
+                    "bench-client: DbPool mode: operator log {}",
+                    c.log.display()
+                );
                 dbpool_note = "dbpool-client standalone (no DbPool, no Kubernetes), and with a DbPool (the operator's release binary on a real kube-apiserver in the same namespace)".into();
                 let _ = cluster::CLUSTER.set(c);
             }

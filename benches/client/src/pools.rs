@@ -353,7 +353,9 @@ impl BenchPool {
                 BenchPool::Ours(dbpool_client::Pool::new(config, None))
             }
             PoolKind::OursDbPool => {
-                return Err("a DbPool-driven pool is made by the cluster (`cluster::Cluster::pool`)".into());
+                return Err(
+                    "a DbPool-driven pool is made by the cluster (`cluster::Cluster::pool`)".into(),
+                );
             }
             PoolKind::BouncerDefault | PoolKind::BouncerRetry1 => {
                 let bouncer = bouncer.ok_or("PgBouncer was not started")?;
