@@ -10,6 +10,7 @@
 //! Environment (all optional): `BENCH_CLIENT_SCENARIOS` (`3s,30s,idle`), `BENCH_CLIENT_POOLS`
 //! (`deadpool,deadpool-eq,bb8,bb8-eq,sqlx,sqlx-eq,pgbouncer,pgbouncer-retry1,ours,ours-short`),
 //! `BENCH_CLIENT_OPS` (`select,checkout`: the operations of the steady rounds),
+//! `BENCH_CLIENT_TLS_ROUNDS` (0: no select rounds on a server with ssl = on),
 //! `BENCH_CLIENT_STEADY_S` (5), `BENCH_CLIENT_CAP_S` (70), `BENCH_CLIENT_ROUNDS` (3 interleaved
 //! steady rounds of 2 s per configuration and operation; 0: none), `BENCH_CLIENT_LOG` (a tracing
 //! filter, e.g. `dbpool_client=debug`: the pools' decisions on stderr), `BENCH_CLIENT_OUT` (a file the
@@ -217,6 +218,48 @@ async fn bench(load: tokio::runtime::Handle) {
             }
             Err(e) => eprintln!("bench-client: steady rounds: {e}"),
         }
+    }
+    // Why an outside run saw fewer ops/s than deadpool (#30): dbpool-client's default sslmode
+    // is `prefer`, which takes TLS wherever the server offers it, while the peers connect with
+    // NoTls. The same select rounds on a server with ssl = on tell the statement path's TLS cost
+    // from the pool's own: deadpool (NoTls), ours at its defaults (TLS) and ours without TLS.
+    if rounds > 0 && std::env::var("BENCH_CLIENT_TLS_ROUNDS").map_or(true, |v| v != "0") {
+        let tls_kinds = [
+            PoolKind::DeadpoolDefault,
+            PoolKind::OursDefault,
+            PoolKind::OursNoTls,
+        ];
+        let tls_pg = PgServer::options().tls().start().await;
+        match steady::rounds(
+            &tls_kinds,
+            &tls_pg,
+            Op::SimpleSelect,
+            rounds,
+            settings.warmup,
+            Duration::from_secs(2),
+            &load,
+        )
+        .await
+        {
+            Ok(ops) => {
+                let (t, lines) = steady::table(&tls_kinds, Op::SimpleSelect, &ops);
+                let t = t.replacen(
+                    "interleaved rounds:",
+                    "interleaved rounds on a server with ssl = on:",
+                    1,
+                );
+                eprintln!("{t}");
+                out.push_str(&t);
+                let _ = writeln!(out, "\nLoad average after these rounds: {}\n", loadavg());
+                targets.extend(
+                    lines
+                        .into_iter()
+                        .map(|l| l.replacen("steady (", "steady on ssl = on (", 1)),
+                );
+            }
+            Err(e) => eprintln!("bench-client: TLS rounds: {e}"),
+        }
+        drop(tls_pg);
     }
     for &scenario in &scenarios {
         let mut runs = Vec::new();

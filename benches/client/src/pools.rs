@@ -48,6 +48,9 @@ pub enum PoolKind {
     OursDefault,
     /// dbpool-client with short timings: breaker openTimeout 1 s, the rest default.
     OursShort,
+    /// dbpool-client at its defaults but `sslmode=disable` (only in the TLS-server rounds: the
+    /// defaults' `prefer` takes TLS where the server offers it, the peers' NoTls never does).
+    OursNoTls,
     /// dbpool-client made by `from_dbpool`, following a DbPool at the API's defaults that the
     /// real operator reconciles (`cluster`): the readiness edge from `status.readiness`.
     OursDbPool,
@@ -114,6 +117,7 @@ impl PoolKind {
             PoolKind::OursDefault => "ours",
             PoolKind::OursShort => "ours-short",
             PoolKind::OursDbPool => "ours-dbpool",
+            PoolKind::OursNoTls => "ours-notls",
             PoolKind::BouncerDefault => "pgbouncer",
             PoolKind::BouncerRetry1 => "pgbouncer-retry1",
         }
@@ -131,6 +135,7 @@ impl PoolKind {
             PoolKind::OursDefault => "dbpool-client defaults",
             PoolKind::OursShort => "dbpool-client short",
             PoolKind::OursDbPool => "dbpool-client with a DbPool",
+            PoolKind::OursNoTls => "dbpool-client sslmode disable",
             PoolKind::BouncerDefault => "PgBouncer defaults",
             PoolKind::BouncerRetry1 => "PgBouncer login_retry 1",
         }
@@ -140,7 +145,10 @@ impl PoolKind {
     pub fn is_ours(self) -> bool {
         matches!(
             self,
-            PoolKind::OursDefault | PoolKind::OursShort | PoolKind::OursDbPool
+            PoolKind::OursDefault
+                | PoolKind::OursShort
+                | PoolKind::OursDbPool
+                | PoolKind::OursNoTls
         )
     }
 
@@ -181,6 +189,9 @@ impl PoolKind {
             ),
             PoolKind::OursShort => {
                 "dbpool-client, as defaults but breaker openTimeout 1 s".into()
+            }
+            PoolKind::OursNoTls => {
+                "dbpool-client, as defaults but sslmode disable (the TLS-server rounds only)".into()
             }
             PoolKind::OursDbPool => {
                 "dbpool-client from `from_dbpool` (default PoolOptions), following a DbPool with the API's default recovery settings (healthCheck 30 s / 5 s adaptive, backoff 1 s x2 to 60 s, breaker after 5, openTimeout 60 s; sslMode prefer, pool 1..10) reconciled by the operator's release binary (a child process, default flags) on a real kube-apiserver in the benchmark's namespace: no pings of its own while its watch is live, the readiness edge from `status.readiness`".into()
@@ -335,7 +346,7 @@ impl BenchPool {
                 }
                 BenchPool::Sqlx(b.connect_lazy_with(opts))
             }
-            PoolKind::OursDefault | PoolKind::OursShort => {
+            PoolKind::OursDefault | PoolKind::OursShort | PoolKind::OursNoTls => {
                 let mut config = PoolConfig::new(
                     kind.id(),
                     "127.0.0.1",
@@ -344,6 +355,9 @@ impl BenchPool {
                     APP_USER,
                     Some(APP_PASSWORD.to_owned()),
                 );
+                if kind == PoolKind::OursNoTls {
+                    config = config.ssl_mode(dbpool_client::SslMode::Disable);
+                }
                 if kind == PoolKind::OursShort {
                     config = config.policy(Policy {
                         open_timeout: Duration::from_secs(1),
