@@ -8,9 +8,10 @@
 #   hack/bench-client.sh                                   # everything (~13 minutes)
 #   BENCH_CLIENT_SCENARIOS=3s BENCH_CLIENT_POOLS=ours,bb8 hack/bench-client.sh   # a subset
 #
-# Scenarios: 3s, 30s, idle. Pools: deadpool, deadpool-eq, bb8, bb8-eq, sqlx, sqlx-eq, ours,
-# ours-short. BENCH_CLIENT_STEADY_S (5), BENCH_CLIENT_CAP_S (70) and BENCH_CLIENT_ROUNDS (3
-# interleaved steady rounds per configuration, 0 for none) change the windows.
+# Scenarios: 3s, 30s, idle. Pools: deadpool, deadpool-eq, bb8, bb8-eq, sqlx, sqlx-eq, pgbouncer,
+# pgbouncer-retry1, ours, ours-short, ours-dbpool (with a DbPool: needs the control plane below).
+# BENCH_CLIENT_STEADY_S (5), BENCH_CLIENT_CAP_S (70) and BENCH_CLIENT_ROUNDS (3 interleaved steady
+# rounds per configuration, 0 for none) change the windows.
 # Without root (no `ip netns`), it runs in the host's namespace and says so in the report.
 #
 # PgBouncer (a peer since #30) is Debian's `pgbouncer`, installed here when missing rather than
@@ -45,6 +46,17 @@ fi
 "$CARGO" build --release --manifest-path benches/client/Cargo.toml --target-dir "$ROOT/target"
 BIN="$ROOT/target/release/bench-client"
 
+# The "with a DbPool" column (pool `ours-dbpool`): the operator's release binary, run by the
+# benchmark as a child process, on a control plane of its own (hack/with-env.sh: etcd and
+# kube-apiserver, started inside the benchmark's network namespace so the client and the operator
+# reach it on that loopback). Skipped when BENCH_CLIENT_POOLS leaves it out.
+RUNNER=()
+if [[ -z "${BENCH_CLIENT_POOLS:-}" || ",${BENCH_CLIENT_POOLS}," == *",ours-dbpool,"* ]]; then
+  "$CARGO" build --release --bin dbpool-operator
+  export BENCH_CLIENT_OPERATOR="$ROOT/target/release/dbpool-operator"
+  RUNNER=(hack/with-env.sh bench-client-runs --)
+fi
+
 mkdir -p .local/bench-results
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 export BENCH_CLIENT_OUT="$ROOT/.local/bench-results/client-$STAMP.md"
@@ -54,9 +66,9 @@ NS="dbpool-bench-client-$$"
 if [[ $EUID -eq 0 ]] && command -v ip >/dev/null && ip netns add "$NS" 2>/dev/null; then
   trap 'ip netns del "$NS" 2>/dev/null || true' EXIT
   ip netns exec "$NS" ip link set lo up
-  BENCH_CLIENT_NETNS="$NS" ip netns exec "$NS" "$BIN"
+  BENCH_CLIENT_NETNS="$NS" ip netns exec "$NS" "${RUNNER[@]}" "$BIN"
 else
   echo "bench-client: no network namespace (needs root and ip): connect counts are machine-wide" >&2
-  "$BIN"
+  "${RUNNER[@]}" "$BIN"
 fi
 echo "bench-client: report saved as ${BENCH_CLIENT_OUT#"$ROOT"/}" >&2

@@ -10,12 +10,15 @@
 //! Environment (all optional): `BENCH_CLIENT_SCENARIOS` (`3s,30s,idle`), `BENCH_CLIENT_POOLS`
 //! (`deadpool,deadpool-eq,bb8,bb8-eq,sqlx,sqlx-eq,pgbouncer,pgbouncer-retry1,ours,ours-short`),
 //! `BENCH_CLIENT_OPS` (`select,checkout`: the operations of the steady rounds),
+//! `BENCH_CLIENT_TLS_ROUNDS` (0: no select rounds on a server with ssl = on),
 //! `BENCH_CLIENT_STEADY_S` (5), `BENCH_CLIENT_CAP_S` (70), `BENCH_CLIENT_ROUNDS` (3 interleaved
-//! steady rounds of 2 s per configuration and operation; 0: none), `BENCH_CLIENT_OUT` (a file the
+//! steady rounds of 2 s per configuration and operation; 0: none), `BENCH_CLIENT_LOG` (a tracing
+//! filter, e.g. `dbpool_client=debug`: the pools' decisions on stderr), `BENCH_CLIENT_OUT` (a file the
 //! report is also written to), `BENCH_CLIENT_PLOTS` (a directory for the SVG timelines, one per
 //! scenario; none when unset).
 
 mod bouncer;
+mod cluster;
 mod load;
 mod netcount;
 mod plot;
@@ -90,6 +93,12 @@ fn loadavg() -> String {
 /// a pool that starves its runtime shows as a pool that does not recover, not as a benchmark
 /// that stops.
 fn main() {
+    if let Ok(filter) = std::env::var("BENCH_CLIENT_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let runtimes = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -116,7 +125,7 @@ async fn bench(load: tokio::runtime::Handle) {
             .collect(),
         None => Scenario::ALL.to_vec(),
     };
-    let kinds: Vec<PoolKind> = match env_list("BENCH_CLIENT_POOLS") {
+    let mut kinds: Vec<PoolKind> = match env_list("BENCH_CLIENT_POOLS") {
         Some(ids) => PoolKind::ALL
             .into_iter()
             .filter(|k| ids.iter().any(|i| i == k.id()))
@@ -160,6 +169,31 @@ async fn bench(load: tokio::runtime::Handle) {
     let plots = std::env::var_os("BENCH_CLIENT_PLOTS").map(std::path::PathBuf::from);
 
     let mut pg = PgServer::start().await;
+    let mut dbpool_note = "dbpool-client standalone (no DbPool, no Kubernetes)".to_owned();
+    if kinds.iter().any(|k| k.follows_dbpool()) {
+        let logs = plots.clone().unwrap_or_else(std::env::temp_dir);
+        match load
+            .spawn(async move { cluster::Cluster::start(&logs).await })
+            .await
+        {
+            Ok(Ok(c)) => {
+                eprintln!(
+                    "bench-client: DbPool mode: operator log {}",
+                    c.log.display()
+                );
+                dbpool_note = "dbpool-client standalone (no DbPool, no Kubernetes), and with a DbPool (the operator's release binary on a real kube-apiserver in the same namespace)".into();
+                let _ = cluster::CLUSTER.set(c);
+            }
+            Ok(Err(why)) => {
+                eprintln!("bench-client: the DbPool mode is skipped: {why}");
+                kinds.retain(|k| !k.follows_dbpool());
+            }
+            Err(e) => {
+                eprintln!("bench-client: the DbPool mode is skipped: {e}");
+                kinds.retain(|k| !k.follows_dbpool());
+            }
+        }
+    }
     let syns = netcount::PortSyns::install(pg.port());
     let mut out = String::new();
     let mut targets = Vec::new();
@@ -184,6 +218,48 @@ async fn bench(load: tokio::runtime::Handle) {
             }
             Err(e) => eprintln!("bench-client: steady rounds: {e}"),
         }
+    }
+    // Why an outside run saw fewer ops/s than deadpool (#30): dbpool-client's default sslmode
+    // is `prefer`, which takes TLS wherever the server offers it, while the peers connect with
+    // NoTls. The same select rounds on a server with ssl = on tell the statement path's TLS cost
+    // from the pool's own: deadpool (NoTls), ours at its defaults (TLS) and ours without TLS.
+    if rounds > 0 && std::env::var("BENCH_CLIENT_TLS_ROUNDS").map_or(true, |v| v != "0") {
+        let tls_kinds = [
+            PoolKind::DeadpoolDefault,
+            PoolKind::OursDefault,
+            PoolKind::OursNoTls,
+        ];
+        let tls_pg = PgServer::options().tls().start().await;
+        match steady::rounds(
+            &tls_kinds,
+            &tls_pg,
+            Op::SimpleSelect,
+            rounds,
+            settings.warmup,
+            Duration::from_secs(2),
+            &load,
+        )
+        .await
+        {
+            Ok(ops) => {
+                let (t, lines) = steady::table(&tls_kinds, Op::SimpleSelect, &ops);
+                let t = t.replacen(
+                    "interleaved rounds:",
+                    "interleaved rounds on a server with ssl = on:",
+                    1,
+                );
+                eprintln!("{t}");
+                out.push_str(&t);
+                let _ = writeln!(out, "\nLoad average after these rounds: {}\n", loadavg());
+                targets.extend(
+                    lines
+                        .into_iter()
+                        .map(|l| l.replacen("steady (", "steady on ssl = on (", 1)),
+                );
+            }
+            Err(e) => eprintln!("bench-client: TLS rounds: {e}"),
+        }
+        drop(tls_pg);
     }
     for &scenario in &scenarios {
         let mut runs = Vec::new();
@@ -233,7 +309,7 @@ async fn bench(load: tokio::runtime::Handle) {
     );
     let _ = writeln!(
         doc,
-        "- Load: {} tasks, each looping get() + `SELECT 1` (simple query) + release; pools max 10; warm-up {:?}, steady window {:?}, cap after ready {:?}, tail {:?}; dbpool-client standalone (no DbPool, no Kubernetes)\n",
+        "- Load: {} tasks, each looping get() + `SELECT 1` (simple query) + release; pools max 10; warm-up {:?}, steady window {:?}, cap after ready {:?}, tail {:?}; {dbpool_note}\n",
         scenario::TASKS,
         settings.warmup,
         settings.steady,
@@ -246,6 +322,9 @@ async fn bench(load: tokio::runtime::Handle) {
     doc.push_str("### Targets (dbpool-client, #30)\n\n");
     for t in &targets {
         let _ = writeln!(doc, "{t}");
+    }
+    if let Some(c) = cluster::CLUSTER.get() {
+        let _ = load.spawn(async move { c.stop().await }).await;
     }
     println!("{doc}");
     if let Ok(path) = std::env::var("BENCH_CLIENT_OUT")

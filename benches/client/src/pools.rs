@@ -48,6 +48,12 @@ pub enum PoolKind {
     OursDefault,
     /// dbpool-client with short timings: breaker openTimeout 1 s, the rest default.
     OursShort,
+    /// dbpool-client at its defaults but `sslmode=disable` (only in the TLS-server rounds: the
+    /// defaults' `prefer` takes TLS where the server offers it, the peers' NoTls never does).
+    OursNoTls,
+    /// dbpool-client made by `from_dbpool`, following a DbPool at the API's defaults that the
+    /// real operator reconciles (`cluster`): the readiness edge from `status.readiness`.
+    OursDbPool,
     /// PgBouncer 1.18 (Debian) at its defaults; each task one tokio-postgres connection to it.
     BouncerDefault,
     /// PgBouncer with `server_login_retry = 1` (default 15 s), the rest default.
@@ -85,7 +91,7 @@ impl Op {
 
 impl PoolKind {
     /// Every kind, in the order of the tables' columns.
-    pub const ALL: [PoolKind; 10] = [
+    pub const ALL: [PoolKind; 11] = [
         PoolKind::DeadpoolDefault,
         PoolKind::DeadpoolEqual,
         PoolKind::Bb8Default,
@@ -96,6 +102,7 @@ impl PoolKind {
         PoolKind::BouncerRetry1,
         PoolKind::OursDefault,
         PoolKind::OursShort,
+        PoolKind::OursDbPool,
     ];
 
     /// Short name, used by the `BENCH_CLIENT_POOLS` filter.
@@ -109,6 +116,8 @@ impl PoolKind {
             PoolKind::SqlxEqual => "sqlx-eq",
             PoolKind::OursDefault => "ours",
             PoolKind::OursShort => "ours-short",
+            PoolKind::OursDbPool => "ours-dbpool",
+            PoolKind::OursNoTls => "ours-notls",
             PoolKind::BouncerDefault => "pgbouncer",
             PoolKind::BouncerRetry1 => "pgbouncer-retry1",
         }
@@ -125,6 +134,8 @@ impl PoolKind {
             PoolKind::SqlxEqual => "sqlx = ours",
             PoolKind::OursDefault => "dbpool-client defaults",
             PoolKind::OursShort => "dbpool-client short",
+            PoolKind::OursDbPool => "dbpool-client with a DbPool",
+            PoolKind::OursNoTls => "dbpool-client sslmode disable",
             PoolKind::BouncerDefault => "PgBouncer defaults",
             PoolKind::BouncerRetry1 => "PgBouncer login_retry 1",
         }
@@ -132,7 +143,18 @@ impl PoolKind {
 
     /// Whether this is dbpool-client.
     pub fn is_ours(self) -> bool {
-        matches!(self, PoolKind::OursDefault | PoolKind::OursShort)
+        matches!(
+            self,
+            PoolKind::OursDefault
+                | PoolKind::OursShort
+                | PoolKind::OursDbPool
+                | PoolKind::OursNoTls
+        )
+    }
+
+    /// Whether this is dbpool-client following a DbPool (`cluster`).
+    pub fn follows_dbpool(self) -> bool {
+        self == PoolKind::OursDbPool
     }
 
     /// Whether this is PgBouncer (a process the run starts and stops).
@@ -167,6 +189,12 @@ impl PoolKind {
             ),
             PoolKind::OursShort => {
                 "dbpool-client, as defaults but breaker openTimeout 1 s".into()
+            }
+            PoolKind::OursNoTls => {
+                "dbpool-client, as defaults but sslmode disable (the TLS-server rounds only)".into()
+            }
+            PoolKind::OursDbPool => {
+                "dbpool-client from `from_dbpool` (default PoolOptions), following a DbPool with the API's default recovery settings (healthCheck 30 s / 5 s adaptive, backoff 1 s x2 to 60 s, breaker after 5, openTimeout 60 s; sslMode prefer, pool 1..10) reconciled by the operator's release binary (a child process, default flags) on a real kube-apiserver in the benchmark's namespace: no pings of its own while its watch is live, the readiness edge from `status.readiness`".into()
             }
             PoolKind::BouncerDefault => format!(
                 "{}, every setting at its default (pool_mode session, default_pool_size 20, server_login_retry 15 s, query_wait_timeout 120 s, auth_type md5) except listen address and auth_file; started by the run as the postgres user; each task one tokio-postgres connection to it (no connect timeout), reconnecting at its next call after any error",
@@ -318,7 +346,7 @@ impl BenchPool {
                 }
                 BenchPool::Sqlx(b.connect_lazy_with(opts))
             }
-            PoolKind::OursDefault | PoolKind::OursShort => {
+            PoolKind::OursDefault | PoolKind::OursShort | PoolKind::OursNoTls => {
                 let mut config = PoolConfig::new(
                     kind.id(),
                     "127.0.0.1",
@@ -327,6 +355,9 @@ impl BenchPool {
                     APP_USER,
                     Some(APP_PASSWORD.to_owned()),
                 );
+                if kind == PoolKind::OursNoTls {
+                    config = config.ssl_mode(dbpool_client::SslMode::Disable);
+                }
                 if kind == PoolKind::OursShort {
                     config = config.policy(Policy {
                         open_timeout: Duration::from_secs(1),
@@ -334,6 +365,11 @@ impl BenchPool {
                     });
                 }
                 BenchPool::Ours(dbpool_client::Pool::new(config, None))
+            }
+            PoolKind::OursDbPool => {
+                return Err(
+                    "a DbPool-driven pool is made by the cluster (`cluster::Cluster::pool`)".into(),
+                );
             }
             PoolKind::BouncerDefault | PoolKind::BouncerRetry1 => {
                 let bouncer = bouncer.ok_or("PgBouncer was not started")?;
@@ -422,7 +458,15 @@ impl BenchPool {
             BenchPool::Deadpool(p) => p.close(),
             BenchPool::Bb8(p) => drop(p),
             BenchPool::Sqlx(p) => p.close().await,
-            BenchPool::Ours(p) => p.close(),
+            BenchPool::Ours(p) => {
+                p.close();
+                // A DbPool's pool (named namespace/name): its DbPool goes too.
+                if p.name().contains('/')
+                    && let Some(cluster) = crate::cluster::CLUSTER.get()
+                {
+                    cluster.delete(p.name()).await;
+                }
+            }
             BenchPool::Bouncer(b) => {
                 for slot in &b.slots {
                     slot.lock().await.take();

@@ -224,13 +224,15 @@ pub fn backoff_steps(down: Duration) -> u64 {
     steps + 1
 }
 
-/// dbpool-client's targets of #30 in `scenario` (standalone: no DbPool), one line each.
+/// dbpool-client's targets of #30 in `scenario` (standalone, and with a DbPool), one line each.
 pub fn targets(scenario: Scenario, runs: &[RunResult]) -> Vec<String> {
     let mut lines = Vec::new();
     for r in runs.iter().filter(|r| r.kind.is_ours()) {
         let who = format!("{} / {}", scenario.id(), r.kind.label());
         let (goal_ms, what) = if scenario == Scenario::IdleBlip {
             (100, "idle blip")
+        } else if r.kind.follows_dbpool() {
+            (500, "with a DbPool")
         } else {
             (1_000, "standalone")
         };
@@ -270,6 +272,13 @@ pub fn targets(scenario: Scenario, runs: &[RunResult]) -> Vec<String> {
                 ));
             }
             match (r.down_syns, r.down_connects) {
+                // With a DbPool the client pings nothing (the operator's pings are the SYNs).
+                (syn, _) if r.kind.follows_dbpool() => lines.push(format!(
+                    "- {who}: no pings of its own while its DbPool watch is live: {} (its status: {}; SYNs at the server's port, the operator's pings and attempts and the client's connects: {})",
+                    verdict(r.down_pings == Some(0)),
+                    r.down_pings.map_or_else(|| "–".into(), |p| p.to_string()),
+                    syn.map_or_else(|| "not counted".into(), |s| s.to_string())
+                )),
                 (Some(syn), Some(c)) => {
                     let pings = syn.saturating_sub(c);
                     let per_s = pings as f64 / r.down.as_secs_f64().max(1e-9);

@@ -143,9 +143,23 @@ pub async fn start_load(
         }
         _ => None,
     };
-    // The pool and its tasks live on the load runtime; the caller's clock does not.
+    let pool = if kind.follows_dbpool() {
+        let cluster = crate::cluster::CLUSTER
+            .get()
+            .ok_or("no cluster: the DbPool mode needs hack/bench-client.sh's control plane")?;
+        let port = pg.port();
+        // Made on the load runtime, where its follower (a watch) runs too.
+        let made = runtime
+            .spawn(async move { cluster.pool(port).await })
+            .await
+            .map_err(|e| format!("making the DbPool's pool: {e}"))??;
+        Arc::new(BenchPool::Ours(made))
+    } else {
+        // The pool and its tasks live on the load runtime; the caller's clock does not.
+        let _load_runtime = runtime.enter();
+        Arc::new(BenchPool::build(kind, pg.port(), bouncer)?)
+    };
     let _load_runtime = runtime.enter();
-    let pool = Arc::new(BenchPool::build(kind, pg.port(), bouncer)?);
     let load = Load::start(Arc::clone(&pool), Arc::clone(marks), TASKS, op);
     Ok((pool, load))
 }

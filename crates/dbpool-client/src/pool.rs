@@ -108,6 +108,9 @@ struct Shared {
     generation: u64,
     probe_in_flight: bool,
     ramp_started: Option<Instant>,
+    /// The last recovery (a recovery attempt's success, the breaker closing): for the policy's
+    /// timeout after it, connects wait the whole timeout, not the learned one (`conn::connect`).
+    recovered_at: Option<Instant>,
     /// The DbPool's breaker as last seen, and its force-reopen token.
     hint_breaker: Option<BreakerState>,
     hint_token: Option<String>,
@@ -140,6 +143,7 @@ impl Pool {
                 generation: 0,
                 probe_in_flight: false,
                 ramp_started: None,
+                recovered_at: None,
                 hint_breaker: None,
                 hint_token: None,
                 ready: readiness::ReadyState::default(),

@@ -1,7 +1,8 @@
 //! Adaptive connect timeouts (issue 28) against a real PostgreSQL 15 behind the fault proxy: a
 //! black-holed server whose connects normally take a few milliseconds fails the pool's next
 //! connect in a fraction of the 5 s timeout, and the pool with `adaptive_timeout: false` waits
-//! the whole 5 s. The figures are printed (`--nocapture`).
+//! the whole 5 s. The figures are printed (`--nocapture`). After a recovery, slow first logins are
+//! not cut at the learned timeout.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use dbpool_client::{Pool, PoolConfig, PoolOptions, SslMode};
 use dbpool_testkit::{
     postgres::{APP_DB, APP_PASSWORD, APP_USER, PgServer},
     proxy::{FaultProxy, Mode},
-    wait::wait_for,
+    wait::{wait_for, wait_until},
 };
 
 /// A pool on `port` with the default policy (5 s timeout) and adaptive timeouts on or off.
@@ -90,4 +91,55 @@ async fn a_black_hole_fails_a_connect_in_a_fraction_of_the_timeout() {
         "{adaptive_cause}"
     );
     assert!(fixed_took >= Duration::from_secs(5), "{fixed_took:?}");
+}
+
+/// The idle-blip burst found by bench-client: after a recovery, the first logins of a restarted
+/// server are slower than the learned (healthy) latency, and the ramp's connects were cut at the
+/// learned limit (250 ms at the floor), which made the pool suspect and gave callers fast
+/// failures after every task had been served. After a recovery, connects wait the policy's
+/// timeout. Here every chunk is delayed 150 ms once the pool has recovered, so a login (several
+/// round trips) takes far longer than 250 ms and far less than the 5 s timeout.
+#[tokio::test]
+async fn after_a_recovery_slow_logins_are_not_cut_at_the_learned_timeout() {
+    let pg = PgServer::start().await;
+    let proxy = FaultProxy::start(pg.addr()).await;
+    let pool = pool("after-recovery", proxy.port(), true);
+    warm_up(&pool).await;
+    // An outage: connects refused, the open connections cut.
+    proxy.set_mode(Mode::Refuse).await;
+    proxy.cut_all().await;
+    wait_until(
+        "the pool to see the outage",
+        Duration::from_secs(20),
+        || async { pool.status().last_error.is_some() && pool.get().await.is_err() },
+    )
+    .await;
+    let down_since = jiff::Timestamp::now();
+    proxy.set_mode(Mode::Pass).await;
+    // Recovered: a recovery attempt (the ping's early trial, or the backoff's) connected.
+    wait_until("the pool to recover", Duration::from_secs(30), || async {
+        pool.status().last_success.is_some_and(|t| t > down_since)
+    })
+    .await;
+    proxy
+        .set_mode(Mode::Delay(Duration::from_millis(150)))
+        .await;
+    // More connections than the recovery's one: the ramp opens them, each a slow login.
+    let gets = (0..5).map(|_| pool.get());
+    let results = futures::future::join_all(gets).await;
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "callers failed after a recovery: {failed:?}"
+    );
+    let cause = pool.status().last_error.map(|c| c.message);
+    assert!(
+        cause
+            .as_deref()
+            .is_none_or(|m| !m.contains("adaptive timeout")),
+        "a connect was cut at the learned timeout: {cause:?}"
+    );
 }

@@ -209,12 +209,23 @@ impl Inner {
 
 impl Inner {
     /// Opens a session to `target`, each stage within its learned timeout when the pool's
-    /// options want adaptive timeouts, and learns from what the stages took.
+    /// options want adaptive timeouts (not for the policy's timeout after a recovery: the first
+    /// logins after a restart are slow), and learns from what the stages took.
     pub(super) async fn connect(
         &self,
         target: ProbeTarget,
     ) -> Result<dbpool_probe::Session, SessionError> {
-        let adaptive = self.lock().options.adaptive_timeout;
+        let adaptive = {
+            let s = self.lock();
+            // The first logins after a restart are slower than the learned (healthy) latency:
+            // cut at the learned limit (250 ms at the floor), the ramp's connects failed and made
+            // the pool suspect, so callers got fast failures after a recovery (the idle-blip
+            // burst in bench-client). After a recovery, connects wait the policy's timeout.
+            let fresh = s
+                .recovered_at
+                .is_some_and(|t| t.elapsed() < s.policy.timeout);
+            s.options.adaptive_timeout && !fresh
+        };
         let limits = if adaptive {
             self.learned().timeouts(target.timeout)
         } else {

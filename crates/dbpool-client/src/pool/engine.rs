@@ -28,11 +28,13 @@ impl Inner {
                     }
                     if *to == BreakerState::Closed {
                         s.ramp_started = Some(Instant::now());
+                        s.recovered_at = s.ramp_started;
                     }
                 }
                 Effect::Recovered => {
                     info!(pool = %self.name, "recovered");
                     s.ramp_started = Some(Instant::now());
+                    s.recovered_at = s.ramp_started;
                 }
                 Effect::CooldownStarted { until } => {
                     warn!(pool = %self.name, %until, "cooldown started")

@@ -180,6 +180,7 @@ impl Inner {
         if failing {
             // Capacity comes back as a ramp, after a loss as after an outage.
             s.ramp_started = Some(Instant::now());
+            s.recovered_at = s.ramp_started;
         }
         debug!(pool = %self.name, ?effects, "probe connected");
         let conn = self.adopt(session, s.generation);
