@@ -46,7 +46,7 @@ mod events;
 mod fence;
 mod fleet;
 mod gate;
-mod heap;
+pub mod heap;
 mod launch;
 mod leadership;
 mod liveness;

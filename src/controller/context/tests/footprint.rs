@@ -209,7 +209,8 @@ fn what_a_waiting_task_costs() {
     let reconcile = output_size(crate::controller::reconcile::reconcile);
     eprintln!("\nfuture sizes: a pool's writer task {writer} bytes, a reconcile {reconcile} bytes");
     // The writer waits for its permit most of its life: the write itself is boxed, so the
-    // waiting task does not carry the request's state (it did: several KB per waiting pool).
+    // waiting task does not carry the request's state (it did: 14,928 bytes in a debug build,
+    // against 568 boxed; 10,000 pools' refresh writes waiting made it 140 MiB).
     assert!(writer <= 1024, "a waiting writer task holds {writer} bytes");
 }
 
