@@ -30,8 +30,6 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => {
             init_logging(args.log_format);
-            // Before the runtime's threads exist (each keeps the arena it first takes).
-            controller::heap::limit_arenas();
             let runtime = match runtime() {
                 Ok(rt) => rt,
                 Err(err) => {

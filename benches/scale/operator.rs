@@ -98,8 +98,6 @@ async fn run_operator(
 /// `P`/`W` lines (see `capture`), flushed every 20 ms, its /metrics on 127.0.0.1 at
 /// `BENCH_CHILD_METRICS_PORT`.
 pub fn child_main() {
-    // As the operator's binary does (src/main.rs), before any thread exists.
-    dbpool_operator::controller::heap::limit_arenas();
     let namespace = std::env::var("BENCH_CHILD_NS").expect("BENCH_CHILD_NS");
     let refresh = Duration::from_millis(env_u64("BENCH_CHILD_REFRESH_MS").unwrap_or(300_000));
     let instance = std::env::var("BENCH_CHILD_INSTANCE").unwrap_or_else(|_| "bench".to_owned());

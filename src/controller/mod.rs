@@ -46,7 +46,6 @@ mod events;
 mod fence;
 mod fleet;
 mod gate;
-pub mod heap;
 mod launch;
 mod leadership;
 mod liveness;

@@ -32,7 +32,6 @@ use super::{
     OperatorConfig,
     context::{Context, LostReceiver},
     fence::Fence,
-    heap,
     liveness::WatchHealth,
     names::from_owner_key,
     observer::Observer,
@@ -73,7 +72,6 @@ pub(super) async fn run_controller(
     let (ctx, lost_rx, edge_refs) =
         Context::start(client, config, metrics.clone(), observer, fence, stores);
     let (lost_task, lost_refs) = trigger_lost_connections(&ctx, lost_rx);
-    let trimmer = heap::spawn_trimmer();
     // Pools told that their target accepts connections again (see `pings`) reconcile at once.
     let triggered = futures::stream::select(
         tokio_stream::wrappers::UnboundedReceiverStream::new(lost_refs),
@@ -108,7 +106,6 @@ pub(super) async fn run_controller(
         () = deadline => warn!(grace = ?SHUTDOWN_GRACE, "controller did not stop in time; dropped"),
     }
     lost_task.abort();
-    trimmer.abort();
     metrics.set_ready(false);
     info!("dbpool-operator controller stopped");
 }
