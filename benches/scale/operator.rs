@@ -104,6 +104,7 @@ pub fn child_main() {
     let buffer = Arc::new(Mutex::new(Vec::<u8>::with_capacity(1 << 16)));
     spawn_stdout_flusher(buffer.clone());
     install_log();
+    spawn_heap_logger();
     let observer = Arc::new(BenchObserver::lines(buffer));
     let metrics = Arc::new(Metrics::new());
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -113,6 +114,59 @@ pub fn child_main() {
     runtime.block_on(run_operator(
         namespace, refresh, instance, observer, metrics,
     ));
+}
+
+/// glibc's `mallinfo2` (summed over every arena), for where the child's RSS goes.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[repr(C)]
+#[derive(Default)]
+struct MallInfo2 {
+    arena: usize,
+    ordblks: usize,
+    smblks: usize,
+    hblks: usize,
+    hblkhd: usize,
+    usmblks: usize,
+    fsmblks: usize,
+    uordblks: usize,
+    fordblks: usize,
+    keepcost: usize,
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+unsafe extern "C" {
+    fn mallinfo2() -> MallInfo2;
+}
+
+/// Every 10 s, one stderr line (the child's log file) with the heap the allocator holds: in
+/// use, free inside its arenas (held, not returned), and mapped apart; with VmRSS beside it.
+fn spawn_heap_logger() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    std::thread::spawn(|| {
+        loop {
+            // SAFETY: mallinfo2 takes no argument and only reads the allocator's counters.
+            let m = unsafe { mallinfo2() };
+            let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+            let rss = std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .map(|l| l.trim_start_matches("VmRSS:").trim().to_owned())
+                })
+                .unwrap_or_default();
+            eprintln!(
+                "bench heap: in use {:.1} MiB, free in arenas {:.1} MiB (arenas' total {:.1} \
+                 MiB), mmapped {:.1} MiB in {} blocks; VmRSS {rss}",
+                mib(m.uordblks),
+                mib(m.fordblks),
+                mib(m.arena),
+                mib(m.hblkhd),
+                m.hblks
+            );
+            std::thread::sleep(Duration::from_secs(10));
+        }
+    });
 }
 
 /// Serves `metrics` as text at /metrics on 127.0.0.1:`port` (the child's, for the bench).
@@ -249,20 +303,33 @@ fn start_child(
 ) -> OperatorKind {
     let log = std::fs::File::create(log).expect("operator log file");
     let metrics_port = support::ports::free_port();
-    let mut child =
-        tokio::process::Command::new(std::env::current_exe().expect("path of the bench binary"))
-            .env(CHILD_ENV, "1")
-            .env("BENCH_CHILD_NS", namespace)
-            .env("BENCH_CHILD_REFRESH_MS", refresh.as_millis().to_string())
-            .env("BENCH_CHILD_INSTANCE", instance)
-            .env("BENCH_CHILD_METRICS_PORT", metrics_port.to_string())
-            .env("DBPOOL_TEST_KUBECONFIG", kubeconfig_path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the operator process");
+    let exe = std::env::current_exe().expect("path of the bench binary");
+    // A diagnostic wrapper (`BENCH_OPERATOR_WRAPPER="heaptrack -o /tmp/op"`): the child runs
+    // under it; its CPU and RSS figures are then the wrapper's, not the operator's.
+    let wrapper: Vec<String> = std::env::var("BENCH_OPERATOR_WRAPPER")
+        .map(|w| w.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = tokio::process::Command::new(program);
+            command.args(args).arg(&exe);
+            command
+        }
+        None => tokio::process::Command::new(&exe),
+    };
+    let mut child = command
+        .env(CHILD_ENV, "1")
+        .env("BENCH_CHILD_NS", namespace)
+        .env("BENCH_CHILD_REFRESH_MS", refresh.as_millis().to_string())
+        .env("BENCH_CHILD_INSTANCE", instance)
+        .env("BENCH_CHILD_METRICS_PORT", metrics_port.to_string())
+        .env("DBPOOL_TEST_KUBECONFIG", kubeconfig_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the operator process");
     let pid = child.id().expect("operator pid");
     progress!("operator {instance}: pid {pid}");
     let stdout = child.stdout.take().expect("operator stdout");

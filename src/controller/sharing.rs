@@ -112,8 +112,12 @@ pub(super) enum Decision {
 }
 
 struct Stream {
-    /// When its first result finished: the origin of its grid (see `aligned_deadline`).
+    /// When its first result finished: with `phase`, the origin of its grid (see
+    /// `aligned_deadline` and [`Streams::anchor`]).
     anchor: Option<Timestamp>,
+    /// Where in the interval the stream's grid lies, as a share of it (in 2⁻³² units): see
+    /// [`stream_phase`].
+    phase: u32,
     latest: Option<SharedResult>,
     in_flight: usize,
     in_flight_since: Option<Timestamp>,
@@ -129,6 +133,19 @@ struct Stream {
 struct Inner {
     streams: HashMap<ShareKey, Stream>,
     owners: HashMap<ObjectRef<DbPool>, ShareKey>,
+    /// Streams created so far (each new one takes the next [`stream_phase`]).
+    created: u32,
+}
+
+/// The grid phase of the `n`-th stream this process created: the fractional parts of
+/// `n × φ` (the golden ratio), a sequence that keeps any number of streams spread over the
+/// interval (4 streams lie at least 14 % of it apart). Streams formed together (every
+/// stream's first result came within the same second of an operator's start) would otherwise
+/// put their grid points, and so the reconciles of all their owners, in the same second: at
+/// 10,000 pools on 4 streams the probing pool of one stream waited behind the other streams'
+/// 2,500 owners each (docs/benchmarks.md, issue 29: its probe 200–530 ms behind its grid).
+fn stream_phase(n: u32) -> u32 {
+    n.wrapping_mul(0x9e37_79b9)
 }
 
 impl Inner {
@@ -140,16 +157,22 @@ impl Inner {
         if let Some(previous) = self.owners.insert(pool.clone(), key.clone()) {
             self.release(&previous);
         }
+        let created = &mut self.created;
         self.streams
             .entry(key.clone())
-            .or_insert_with(|| Stream {
-                anchor: None,
-                latest: None,
-                in_flight: 0,
-                in_flight_since: None,
-                queued: Vec::new(),
-                ended: watch::Sender::new(0),
-                owners: 0,
+            .or_insert_with(|| {
+                let phase = stream_phase(*created);
+                *created = created.wrapping_add(1);
+                Stream {
+                    anchor: None,
+                    phase,
+                    latest: None,
+                    in_flight: 0,
+                    in_flight_since: None,
+                    queued: Vec::new(),
+                    ended: watch::Sender::new(0),
+                    owners: 0,
+                }
             })
             .owners += 1;
     }
@@ -313,12 +336,19 @@ impl Streams {
         }
     }
 
-    /// The origin of the grid of `key`'s stream: when its first result finished.
-    pub fn anchor(&self, key: &ShareKey) -> Option<Timestamp> {
-        lock(&self.inner)
-            .streams
-            .get(key)
-            .and_then(|stream| stream.anchor)
+    /// The origin of the grid of `key`'s stream for owners probing every `interval`: when its
+    /// first result finished, moved back by the stream's phase (a share of `interval`, see
+    /// [`stream_phase`]), so that streams formed together have their grid points apart.
+    pub fn anchor(&self, key: &ShareKey, interval: Duration) -> Option<Timestamp> {
+        let inner = lock(&self.inner);
+        let stream = inner.streams.get(key)?;
+        let first = stream.anchor?;
+        let share = u128::from(stream.phase);
+        let back = interval.as_micros().saturating_mul(share) >> 32;
+        let back = i64::try_from(back).ok()?;
+        first
+            .checked_sub(k8s_openapi::jiff::SignedDuration::from_micros(back))
+            .ok()
     }
 
     /// The other owners of `pool`'s stream: when the connection its probes use dies, they are

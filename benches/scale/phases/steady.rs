@@ -31,6 +31,7 @@ impl Run {
         let op = self.op().generation;
         let late = stats(self.interval_lateness(op, interval, from, to));
         let iv = GoDuration(interval);
+        self.note_stream_probes(op, interval, from, to);
         self.report.row(
             format!("schedule fidelity, {iv} interval (probe start − planned instant)"),
             show(late),
@@ -87,5 +88,49 @@ impl Run {
             "≤ 12",
             &verdict(per_hour + refresh <= 12.0 + 1e-9),
         );
+    }
+
+    /// Where the steady window's p99 comes from: a shared result's lateness is its stream's real
+    /// probe's, so the note lists, per server, each real probe's start within the interval
+    /// (its phase: streams whose phases lie close reconcile their owners together) and how much
+    /// later than one interval after the previous real probe it finished.
+    fn note_stream_probes(&mut self, op: u32, interval: std::time::Duration, from: i64, to: i64) {
+        let step = i64::try_from(interval.as_micros())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let mut lines = Vec::new();
+        for server in 0..self.s.targets as u32 {
+            let mut real: Vec<_> = self
+                .store
+                .probes()
+                .into_iter()
+                .filter(|e| e.op == op && !e.shared && e.pool % self.s.targets as u32 == server)
+                .filter(|e| e.start_us >= from && e.start_us <= to)
+                .collect();
+            real.sort_by_key(|e| e.start_us);
+            let phases: Vec<String> = real
+                .iter()
+                .map(|e| format!("{:.0}", (e.start_us % step) as f64 / 1000.0))
+                .collect();
+            let drift: Vec<String> = real
+                .windows(2)
+                .map(|w| {
+                    format!(
+                        "{:+.1}",
+                        (w[1].finish_us - w[0].finish_us - step) as f64 / 1000.0
+                    )
+                })
+                .collect();
+            lines.push(format!(
+                "server {server}: starts at ms {} of the interval; finish − previous finish − \
+                 interval (ms) {}",
+                phases.join(", "),
+                drift.join(", ")
+            ));
+        }
+        self.report.note(format!(
+            "steady window, real probes per stream: {}",
+            lines.join("; ")
+        ));
     }
 }

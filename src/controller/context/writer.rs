@@ -28,7 +28,7 @@ pub(crate) fn submit(ctx: &Arc<Context>, key: &PoolRef, outbox: Outbox) {
 /// The writer task of one pool: sends what waits, one write at a time, within the budget, until
 /// nothing waits. Holds only a weak reference to the context between writes, so it never keeps
 /// a stopped controller alive.
-async fn drain(weak: Weak<Context>, key: PoolRef) {
+pub(super) async fn drain(weak: Weak<Context>, key: PoolRef) {
     let mut failures: u32 = 0;
     loop {
         let Some(ctx) = weak.upgrade() else { return };
@@ -61,7 +61,10 @@ async fn drain(weak: Weak<Context>, key: PoolRef) {
             ctx.with_writer(&key, |w| w.stop());
             return;
         }
-        let sent = send(&ctx.write_io(), &key, &outbox, permit).await;
+        // Boxed: the request's state lives only while it is sent, not inline in every writer
+        // task waiting for its permit (thousands wait at once in a backlog; see the footprint
+        // test `what_a_waiting_task_costs`).
+        let sent = Box::pin(send(&ctx.write_io(), &key, &outbox, permit)).await;
         if !ctx.exists(&outbox.pool, &key) {
             // Deleted while the write was in flight: whatever it recorded (a write counted, an
             // error counted) must not outlive the pool.

@@ -111,7 +111,7 @@ impl Run {
         let anchor = self
             .stream
             .as_ref()
-            .and_then(|key| ctx.parts.streams.anchor(key));
+            .and_then(|key| ctx.parts.streams.anchor(key, self.policy.interval));
         self.align_on(anchor);
     }
 

@@ -242,3 +242,40 @@ fn nobody_waits_in_another_namespaces_permit_queue() {
         Decision::Join(_)
     ));
 }
+
+#[test]
+fn streams_formed_together_have_their_grids_apart() {
+    let (prober, _lost) = Prober::new(ProberConfig::default());
+    let streams = Streams::default();
+    let p = policy();
+    let interval = Duration::from_secs(30);
+    let mut anchors = Vec::new();
+    // Four streams (four servers), each with its first result in the same millisecond.
+    for server in 0..4 {
+        let key = ShareKey::of(&prober, &target("secret", &format!("app-{server}")));
+        let owner = pool(&format!("p{server}"));
+        let Decision::Probe(ticket) =
+            streams.decide(&owner, &key, &healthy(0), &p, at(2000), at(2000), BOUND)
+        else {
+            panic!("the first owner of stream {server} probes");
+        };
+        ticket.finish(success(at(2003), 3));
+        let anchor = streams.anchor(&key, interval).expect("a first result");
+        assert!(
+            anchor <= at(2003),
+            "the grid's origin is never after the first result"
+        );
+        anchors.push(anchor);
+    }
+    // The first stream's grid starts at its first result; the four grids lie at least 14 % of
+    // the interval (4.2 s) apart from each other, modulo the interval.
+    assert_eq!(anchors[0], at(2003));
+    let step = i64::try_from(interval.as_micros()).expect("fits");
+    for (i, a) in anchors.iter().enumerate() {
+        for b in &anchors[i + 1..] {
+            let gap = (a.as_microsecond() - b.as_microsecond()).rem_euclid(step);
+            let gap = gap.min(step - gap);
+            assert!(gap >= step * 14 / 100, "grids {gap} µs apart");
+        }
+    }
+}

@@ -194,6 +194,26 @@ fn where_the_bytes_of_a_pool_go() {
     drop((projected, registry, metrics, keys));
 }
 
+/// The size of what `f` returns (a future here: tokio allocates a spawned task with its future
+/// inline, so a task holds this much for as long as it lives, whatever it awaits).
+fn output_size<A, B, R>(_f: impl FnOnce(A, B) -> R) -> usize {
+    size_of::<R>()
+}
+
+/// What one waiting task costs. Each pool with a status to write has a writer task, and while
+/// thousands wait for a request permit (the setup of 10,000 pools, an outage, a restart) each
+/// holds its whole future; a reconcile is spawned by kube-runtime's controller for every run.
+#[test]
+fn what_a_waiting_task_costs() {
+    let writer = output_size(super::writer::drain);
+    let reconcile = output_size(crate::controller::reconcile::reconcile);
+    eprintln!("\nfuture sizes: a pool's writer task {writer} bytes, a reconcile {reconcile} bytes");
+    // The writer waits for its permit most of its life: the write itself is boxed, so the
+    // waiting task does not carry the request's state (it did: 14,928 bytes in a debug build,
+    // against 568 boxed; 10,000 pools' refresh writes waiting made it 140 MiB).
+    assert!(writer <= 1024, "a waiting writer task holds {writer} bytes");
+}
+
 /// The registry as a steady operator keeps it: every pool's memory rebuilt from its status,
 /// with a credentials fingerprint as a reconcile records it.
 fn registry(pools: &[DbPool], now: Timestamp) -> HashMap<PoolRef, Box<PoolEntry>> {
